@@ -1,0 +1,877 @@
+"""A custom LLM server for Agora's Conversational AI Engine.
+
+The engine POSTs an OpenAI Chat Completions request to this server; the server streams an
+OpenAI-compatible answer back over server-sent events:
+
+    /chat/completions        relays any OpenAI-compatible LLM, event by event, as it arrives
+    /rag/chat/completions    a waiting phrase first, then an answer grounded in ./knowledge
+    /audio/chat/completions  a transcript and 16 kHz mono PCM for a custom voice
+
+Read top to bottom: settings, request models, errors, the upstream client and SSE relay, the
+streaming response, the three endpoints' helpers, middleware, the app, the entry point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextvars
+import hmac
+import logging
+import math
+import os
+import random
+import re
+import secrets
+import struct
+import sys
+import time
+import uuid
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, AsyncIterator, Iterator, Literal, Union
+
+import anyio
+import httpx
+import orjson
+from dotenv import load_dotenv
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from knowledge import KnowledgeBase, Passage
+
+__version__ = "0.1.0"
+
+HERE = Path(__file__).resolve().parent
+log = logging.getLogger("custom_llm")
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+# Fields Agora's engine adds to the body (vendor "custom", and the routing ids its sample backend
+# puts into llm.params). They are ours to read; an OpenAI upstream would reject them, and the
+# tokens among them must not leak to a model provider.
+ENGINE_FIELDS = frozenset(
+    {"turn_id", "timestamp", "interruptable", "context",
+     "channel", "app_id", "user_uid", "agent_uid", "subscriber_token", "rtm_token", "rtm_uid"}
+)
+MESSAGE_ENGINE_FIELDS = ("turn_id", "timestamp", "metadata")
+
+WAITING_EN = ("Let me check that for you.", "One moment, let me look that up.", "Good question, let me find out.")
+WAITING_ZH = ("好的，我查一下。", "请稍等，我找一下资料。", "好问题，我来查查看。")
+
+
+def _split(value: str, sep: str = ",") -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(sep) if part.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server reads from the environment (and .env); see .env.example."""
+
+    llm_api_key: str = ""
+    llm_base_url: str = DEFAULT_BASE_URL
+    llm_model: str = "gpt-4o-mini"
+    llm_connect_timeout: float = 5.0
+    llm_read_timeout: float = 30.0
+    api_keys: tuple[str, ...] = ()
+    allow_unauthenticated: bool = False
+    host: str = "0.0.0.0"
+    port: int = 8000
+    max_body_bytes: int = 4 * 1024 * 1024
+    strip_fields: frozenset[str] = ENGINE_FIELDS
+    knowledge_dir: Path = HERE / "knowledge"
+    rag_top_k: int = 3
+    waiting_messages: dict[str, tuple[str, ...]] = field(
+        default_factory=lambda: {"en": WAITING_EN, "zh": WAITING_ZH}
+    )
+    audio_text_file: Path = HERE / "file.txt"
+    audio_pcm_file: Path = HERE / "file.pcm"
+    audio_head_start_ms: int = 200
+    log_level: str = "INFO"
+
+    @property
+    def upstream_configured(self) -> bool:
+        # OpenAI without a key can only fail; any other base URL may be a keyless local model.
+        return bool(self.llm_api_key) or self.llm_base_url.rstrip("/") != DEFAULT_BASE_URL
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        load_dotenv(override=False)  # the real environment wins over .env
+        env = os.environ
+        defaults = cls()
+        api_keys = _split(env.get("CUSTOM_LLM_API_KEY", ""))
+        allow_unauthenticated = env.get("ALLOW_UNAUTHENTICATED", "").lower() in ("1", "true", "yes")
+        if not api_keys and not allow_unauthenticated:
+            api_keys = (secrets.token_urlsafe(24),)
+            # Printed once, on purpose: a server is never open by accident, and the developer
+            # needs this value for the agent's llm.api_key.
+            print(f"CUSTOM_LLM_API_KEY is not set; callers must send this key: {api_keys[0]}", file=sys.stderr)
+        return cls(
+            llm_api_key=env.get("LLM_API_KEY", ""),
+            llm_base_url=env.get("LLM_BASE_URL", DEFAULT_BASE_URL),
+            llm_model=env.get("LLM_MODEL", defaults.llm_model),
+            llm_connect_timeout=float(env.get("LLM_CONNECT_TIMEOUT", defaults.llm_connect_timeout)),
+            llm_read_timeout=float(env.get("LLM_READ_TIMEOUT", defaults.llm_read_timeout)),
+            api_keys=api_keys,
+            allow_unauthenticated=allow_unauthenticated,
+            host=env.get("HOST", defaults.host),
+            port=int(env.get("PORT", defaults.port)),
+            max_body_bytes=int(env.get("MAX_BODY_BYTES", defaults.max_body_bytes)),
+            strip_fields=ENGINE_FIELDS | set(_split(env.get("STRIP_FIELDS", ""))),
+            knowledge_dir=Path(env.get("KNOWLEDGE_DIR", defaults.knowledge_dir)),
+            rag_top_k=int(env.get("RAG_TOP_K", defaults.rag_top_k)),
+            waiting_messages={
+                "en": _split(env.get("WAITING_MESSAGES_EN", ""), "|") or WAITING_EN,
+                "zh": _split(env.get("WAITING_MESSAGES_ZH", ""), "|") or WAITING_ZH,
+            },
+            audio_text_file=Path(env.get("AUDIO_TEXT_FILE", defaults.audio_text_file)),
+            audio_pcm_file=Path(env.get("AUDIO_PCM_FILE", defaults.audio_pcm_file)),
+            audio_head_start_ms=int(env.get("AUDIO_HEAD_START_MS", defaults.audio_head_start_ms)),
+            log_level=env.get("LOG_LEVEL", defaults.log_level).upper(),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Request models: they document and validate the fields we act on. Every model allows extra keys,
+# and the body is forwarded as the caller sent it, not as the model dumps it.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ImageURL(_Open):
+    url: str
+    detail: str | None = None
+
+
+class InputAudio(_Open):
+    data: str
+    format: str
+
+
+class ContentPart(_Open):
+    """`text`, `image_url` (OpenAI's `{"url": ...}` or Agora's plain string), `image`, `input_audio`."""
+
+    type: str
+    text: str | None = None
+    image_url: ImageURL | str | None = None
+    input_audio: InputAudio | None = None
+
+
+Content = Union[str, list[ContentPart]]
+
+
+class SystemMessage(_Open):
+    role: Literal["system", "developer"]
+    content: Content
+
+
+class UserMessage(_Open):
+    role: Literal["user"]
+    content: Content
+
+
+class AssistantMessage(_Open):
+    role: Literal["assistant"]
+    content: Content | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    audio: dict[str, Any] | None = None
+
+
+class ToolMessage(_Open):
+    role: Literal["tool", "function"]
+    content: Content | None = None
+    tool_call_id: str | None = None
+
+
+Message = Annotated[
+    Union[SystemMessage, UserMessage, AssistantMessage, ToolMessage], Field(discriminator="role")
+]
+
+
+class ToolFunction(_Open):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(_Open):
+    type: str = "function"
+    function: ToolFunction
+
+
+class ChatCompletionRequest(_Open):
+    """An OpenAI Chat Completions request as Agora's engine sends it (extra keys are kept)."""
+
+    messages: list[Message] = Field(min_length=1)
+    model: str | None = None
+    stream: bool | None = None  # missing means true: Agora always streams
+    stream_options: dict[str, Any] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    # Added by Agora's engine (llm.vendor "custom"); read here, never sent upstream.
+    turn_id: int | str | None = None
+    timestamp: int | float | None = None
+    interruptable: bool | None = None
+    context: dict[str, Any] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: one exception, rendered in OpenAI's shape as a status before the first byte and as an
+# event after it.
+# ---------------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def internal_error() -> ApiError:
+    return ApiError(500, "The server failed to handle this request; the log has details.", "server_error", "internal_error")
+
+
+def error_response(error: ApiError) -> Response:
+    return Response(orjson.dumps(error.body()), status_code=error.status, media_type="application/json")
+
+
+async def send_error(send, error: ApiError) -> None:
+    """Answer an ASGI request with an error, for middleware that runs before the app."""
+    await error_response(error)({"type": "http"}, None, send)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a request
+# ---------------------------------------------------------------------------------------------
+
+
+async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
+    """The request body as a JSON object, read with a size cap so a huge body costs nothing."""
+    content_type = request.headers.get("content-type", "application/json")
+    if "json" not in content_type.lower():
+        raise ApiError(415, f"Send the body as application/json, not {content_type[:60]}.",
+                       "invalid_request_error", "unsupported_media_type")
+    too_large = ApiError(413, f"The request body is larger than {limit} bytes.", "invalid_request_error", "body_too_large")
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise too_large
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise too_large
+        parts.append(part)
+    try:
+        body = orjson.loads(b"".join(parts))
+    except orjson.JSONDecodeError as error:
+        raise ApiError(400, f"The body is not valid JSON: {error.msg}.", "invalid_request_error", "invalid_json")
+    if not isinstance(body, dict):
+        raise ApiError(400, "The body must be a JSON object.", "invalid_request_error", "invalid_json")
+    return body
+
+
+def validate_chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"],
+                       "invalid_request_error", "invalid_value", param)
+
+
+def is_streaming(body: dict[str, Any]) -> bool:
+    return body.get("stream") is not False
+
+
+def upstream_body(body: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The body for the upstream: the caller's own, minus the engine's fields, plus defaults.
+
+    Every other key, known to OpenAI or not (vLLM's top_k, Ollama's options...), is forwarded."""
+    forwarded = {key: value for key, value in body.items() if key not in settings.strip_fields}
+    forwarded["model"] = body.get("model") or settings.llm_model
+    forwarded["stream"] = is_streaming(body)
+    forwarded["messages"] = [_upstream_message(message) for message in body["messages"]]
+    return forwarded
+
+
+def _upstream_message(message: dict[str, Any]) -> dict[str, Any]:
+    message = {key: value for key, value in message.items() if key not in MESSAGE_ENGINE_FIELDS}
+    if isinstance(message.get("content"), list):
+        message["content"] = [_openai_image_part(part) for part in message["content"]]
+    return message
+
+
+def _openai_image_part(part: dict[str, Any]) -> dict[str, Any]:
+    """Agora's guide shows images as {"type": "image", "image_url": "<url>"}; OpenAI wants an object."""
+    if part.get("type") in ("image", "image_url") and isinstance(part.get("image_url"), str):
+        return {**part, "type": "image_url", "image_url": {"url": part["image_url"]}}
+    return part
+
+
+def message_text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, list):
+        return " ".join(part.get("text") or "" for part in content if part.get("type") == "text")
+    return content or ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The upstream LLM: one pooled client for the process, and the SSE relay
+# ---------------------------------------------------------------------------------------------
+
+
+class Upstream:
+    """The OpenAI-compatible LLM behind this server, reached through one shared connection pool."""
+
+    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None):
+        self.url = settings.llm_base_url.rstrip("/") + "/chat/completions"
+        self.headers = {"content-type": "application/json"}
+        if settings.llm_api_key:
+            self.headers["authorization"] = f"Bearer {settings.llm_api_key}"
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.llm_read_timeout, connect=settings.llm_connect_timeout),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=60),
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def _request(self, body: dict[str, Any]) -> httpx.Request:
+        return self.client.build_request("POST", self.url, content=orjson.dumps(body), headers=self.headers)
+
+    @asynccontextmanager
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
+        """An open streaming response; leaving the block closes it, which aborts the upstream."""
+        with upstream_errors():
+            response = await self.client.send(self._request(body), stream=True)
+            try:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise upstream_refusal(response)
+                yield response
+            finally:
+                await response.aclose()
+
+    async def complete(self, body: dict[str, Any]) -> bytes:
+        """A non-streaming completion, returned as the upstream's JSON bytes."""
+        with upstream_errors():
+            response = await self.client.send(self._request(body))
+        if response.status_code >= 400:
+            raise upstream_refusal(response)
+        return response.content
+
+
+@contextmanager
+def upstream_errors() -> Iterator[None]:
+    """Turn network failures into the error a caller can act on; the details go to the log."""
+    try:
+        yield
+    except httpx.TimeoutException as error:
+        log.warning("upstream timed out: %s", type(error).__name__)
+        raise ApiError(504, "The upstream LLM did not answer in time.", "upstream_error", "upstream_timeout")
+    except httpx.HTTPError as error:
+        log.warning("upstream connection failed: %s: %s", type(error).__name__, error)
+        raise ApiError(502, "The upstream LLM could not be reached.", "upstream_error", "upstream_unreachable")
+
+
+def upstream_refusal(response: httpx.Response) -> ApiError:
+    status = response.status_code
+    try:
+        detail = orjson.loads(response.content).get("error") or {}
+        detail = detail if isinstance(detail, dict) else {"message": str(detail)}
+    except (orjson.JSONDecodeError, AttributeError):
+        detail = {}
+    log.warning("upstream answered %d: %.300s", status, detail.get("message") or response.text)
+    if status in (401, 403):
+        # The caller's key was fine; ours was not. Never echo the upstream's message: it may quote our key.
+        return ApiError(502, "The upstream LLM rejected this server's credentials (check LLM_API_KEY).",
+                        "upstream_error", "upstream_auth_failed")
+    if status >= 500:
+        return ApiError(502, f"The upstream LLM failed (status {status}).", "upstream_error", "upstream_failed")
+    message = detail.get("message")
+    return ApiError(
+        status,
+        message[:500] if isinstance(message, str) and message else f"The upstream LLM refused the request (status {status}).",
+        detail.get("type") if isinstance(detail.get("type"), str) else "invalid_request_error",
+        detail.get("code") if isinstance(detail.get("code"), str) else None,
+    )
+
+
+async def sse_payloads(response: httpx.Response) -> AsyncIterator[list[bytes]]:
+    """The data payloads of the upstream's events, a list per network read, until `[DONE]`.
+
+    Events are split on blank lines and passed on as bytes; JSON is never parsed here."""
+    pending = b""
+    async for piece in response.aiter_bytes():
+        pending += piece
+        if b"\r" in pending:
+            pending = pending.replace(b"\r\n", b"\n")
+        *blocks, pending = pending.split(b"\n\n")
+        payloads, done = _payloads(blocks)
+        if payloads:
+            yield payloads
+        if done:
+            return
+    payloads, done = _payloads([pending])
+    if payloads:
+        yield payloads
+    if not done:
+        log.warning("upstream stream ended without [DONE]")
+
+
+def _payloads(blocks: list[bytes]) -> tuple[list[bytes], bool]:
+    payloads = []
+    for block in blocks:
+        if block.startswith(b"data: ") and b"\n" not in block:
+            payload = block[6:]  # the common case: one data line
+        else:
+            payload = b"\n".join(line[5:].removeprefix(b" ") for line in block.split(b"\n") if line.startswith(b"data:"))
+        if payload == b"[DONE]":
+            return payloads, True
+        if payload:
+            payloads.append(payload)
+    return payloads, False
+
+
+def sse(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+async def relay(upstream: Upstream, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    """The upstream's stream as SSE bytes, event for event."""
+    async with upstream.stream(body) as response:
+        async for payloads in sse_payloads(response):
+            yield b"".join(map(sse, payloads))
+
+
+def chunk(completion_id: str, model: str, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+    """One `chat.completion.chunk` event of our own (waiting phrase, audio)."""
+    return sse(orjson.dumps({
+        "id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }))
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses that stop their work the moment the caller hangs up (a barge-in)
+# ---------------------------------------------------------------------------------------------
+
+DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # tell nginx and friends not to hold events back
+]
+
+
+class CancelOnDisconnect(Response):
+    """A response whose work runs beside a watch on the connection; a disconnect cancels the work.
+
+    Starlette only watches for disconnects on some ASGI servers and versions, and a barge-in must
+    stop the upstream at once, so the watch is ours."""
+
+    def __init__(self) -> None:
+        self.background = None
+        self.status_code = 200
+
+    async def __call__(self, scope, receive, send) -> None:
+        finished = False
+        async with anyio.create_task_group() as tasks:
+
+            async def watch() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                tasks.cancel_scope.cancel()
+
+            tasks.start_soon(watch)
+            await self.respond(send)
+            finished = True
+            tasks.cancel_scope.cancel()
+        scope.setdefault("state", {})["cancelled"] = not finished
+
+    async def respond(self, send) -> None:
+        raise NotImplementedError
+
+
+class EventStream(CancelOnDisconnect):
+    """SSE that always ends with `[DONE]`.
+
+    Headers go out with the first event, so an error before it (say the upstream refused) is a
+    plain HTTP error in OpenAI's shape; an error after it is one error event, then `[DONE]`."""
+
+    def __init__(self, events: AsyncIterator[bytes]):
+        super().__init__()
+        self.events = events
+
+    async def respond(self, send) -> None:
+        started = False
+
+        async def emit(data: bytes, more: bool = True) -> None:
+            nonlocal started
+            if not started:
+                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                started = True
+            await send({"type": "http.response.body", "body": data, "more_body": more})
+
+        try:
+            async for data in self.events:
+                await emit(data)
+        except Exception as error:
+            if not isinstance(error, ApiError):
+                log.exception("stream failed")
+                error = internal_error()
+            if not started:
+                await error_response(error)({"type": "http"}, None, send)
+                return
+            await emit(sse(orjson.dumps(error.body())))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.events.aclose()  # closes the upstream even when cancelled mid-send
+        await emit(DONE, more=False)
+
+
+class JSONReply(CancelOnDisconnect):
+    """A JSON answer computed under the disconnect watch (non-streaming calls)."""
+
+    def __init__(self, work):
+        super().__init__()
+        self.work = work
+
+    async def respond(self, send) -> None:
+        try:
+            body = await self.work
+        except ApiError as error:
+            response = error_response(error)
+        else:
+            response = Response(body, media_type="application/json")
+        await response({"type": "http"}, None, send)
+
+
+# ---------------------------------------------------------------------------------------------
+# /rag: waiting phrase, retrieval, context injection
+# ---------------------------------------------------------------------------------------------
+
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff]")
+
+
+def latest_question(messages: list[dict[str, Any]]) -> str:
+    return next((message_text(m) for m in reversed(messages) if m.get("role") == "user"), "")
+
+
+def waiting_phrase(settings: Settings, question: str) -> str:
+    language = "zh" if _CJK.search(question) else "en"
+    phrase = random.choice(settings.waiting_messages[language])
+    return phrase + ("" if language == "zh" else " ")  # a sentence of its own for the TTS
+
+
+def with_passages(messages: list[dict[str, Any]], passages: list[Passage]) -> list[dict[str, Any]]:
+    """The messages with the passages as a system message after the caller's own system messages."""
+    if not passages:
+        return messages
+    sources = "\n\n".join(f"[{i}] {p.citation()}\n{p.text}" for i, p in enumerate(passages, 1))
+    context = {
+        "role": "system",
+        "content": "Answer the user's question from these knowledge-base passages. Mention a source "
+                   "when it helps. If the passages do not cover the question, say you don't know "
+                   "rather than guessing.\n\n" + sources,
+    }
+    lead = next((i for i, m in enumerate(messages) if m.get("role") not in ("system", "developer")), len(messages))
+    return [*messages[:lead], context, *messages[lead:]]
+
+
+async def rag_events(settings: Settings, upstream: Upstream, kb: KnowledgeBase, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    question = latest_question(body["messages"])
+    # The waiting phrase goes out before any retrieval work, so the line is never silent.
+    yield chunk(completion_id(), body["model"], {"role": "assistant", "content": waiting_phrase(settings, question)})
+    passages = await asyncio.to_thread(kb.search, question, settings.rag_top_k)
+    body = {**body, "messages": with_passages(body["messages"], passages)}
+    async for data in relay(upstream, body):
+        yield data
+
+
+# ---------------------------------------------------------------------------------------------
+# /audio: a transcript and 16 kHz mono s16le PCM in 40 ms chunks, paced close to real time
+# ---------------------------------------------------------------------------------------------
+
+SAMPLE_RATE = 16_000
+CHUNK_MS = 40
+CHUNK_BYTES = SAMPLE_RATE * 2 * CHUNK_MS // 1000  # 1280
+
+
+def simulated_audio() -> tuple[str, bytes]:
+    """A spoken-answer stand-in when the audio files are missing: a soft one-second tone."""
+    samples = (int(3000 * math.sin(2 * math.pi * 440 * n / SAMPLE_RATE)) for n in range(SAMPLE_RATE))
+    return "This is a simulated audio answer.", struct.pack(f"<{SAMPLE_RATE}h", *samples)
+
+
+async def load_audio(settings: Settings) -> tuple[str, bytes]:
+    def read() -> tuple[str, bytes]:
+        return settings.audio_text_file.read_text(encoding="utf-8").strip(), settings.audio_pcm_file.read_bytes()
+
+    try:
+        text, pcm = await asyncio.to_thread(read)
+    except (OSError, UnicodeDecodeError) as error:
+        log.warning("audio files unavailable (%s); sending a simulated answer", error)
+        return simulated_audio()
+    return text, pcm[: len(pcm) // 2 * 2]  # whole 16-bit samples only
+
+
+async def audio_events(settings: Settings, model: str) -> AsyncIterator[bytes]:
+    text, pcm = await load_audio(settings)
+    response_id, audio_id = completion_id(), f"audio_{uuid.uuid4().hex}"
+    # The transcript comes first: it is what the engine stores as the agent's words.
+    yield chunk(response_id, model, {"role": "assistant", "audio": {"id": audio_id, "transcript": text}})
+    clock = asyncio.get_running_loop().time
+    start = clock() + settings.audio_head_start_ms / 1000  # a head start, then real time
+    for n, offset in enumerate(range(0, len(pcm), CHUNK_BYTES)):
+        delay = start + n * CHUNK_MS / 1000 - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        data = base64.b64encode(pcm[offset: offset + CHUNK_BYTES]).decode()
+        yield chunk(response_id, model, {"audio": {"id": audio_id, "data": data}})
+    yield chunk(response_id, model, {}, "stop")
+
+
+async def audio_completion(settings: Settings, model: str) -> bytes:
+    text, pcm = await load_audio(settings)
+    return orjson.dumps({
+        "id": completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {
+            "role": "assistant", "content": None,
+            "audio": {"id": f"audio_{uuid.uuid4().hex}", "data": base64.b64encode(pcm).decode(),
+                      "transcript": text, "expires_at": int(time.time()) + 3600},
+        }}],
+    })
+
+
+# ---------------------------------------------------------------------------------------------
+# Middleware (pure ASGI: BaseHTTPMiddleware would buffer and slow the streams)
+# ---------------------------------------------------------------------------------------------
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
+
+
+class BearerAuth:
+    """Rejects a request without a valid `Authorization: Bearer <key>` before it reaches any endpoint."""
+
+    PUBLIC = {"/health"}
+
+    def __init__(self, app, keys: tuple[str, ...]):
+        self.app = app
+        self.keys = [key.encode() for key in keys]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not self.keys or scope["path"] in self.PUBLIC:
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip():
+            return await send_error(send, ApiError(
+                401, "Missing API key: send it as 'Authorization: Bearer <key>'.", "authentication_error", "missing_api_key"))
+        token = token.strip()
+        valid = False
+        for key in self.keys:  # every key compared, in constant time
+            valid |= hmac.compare_digest(token, key)
+        if not valid:
+            return await send_error(send, ApiError(401, "Invalid API key.", "authentication_error", "invalid_api_key"))
+        await self.app(scope, receive, send)
+
+
+class RequestLog:
+    """One log line per request, and its id in `x-request-id`; message contents are never logged here."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = uuid.uuid4().hex[:16]
+        token = request_id.set(rid)
+        state = scope.setdefault("state", {})
+        started = time.perf_counter()
+        status, first_byte, chunks = 0, None, 0
+
+        async def logged_send(message) -> None:
+            nonlocal status, first_byte, chunks
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            elif message.get("body"):
+                chunks += 1
+                first_byte = first_byte or time.perf_counter()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, logged_send)
+        finally:
+            ms = lambda t: f"{(t - started) * 1000:.1f}" if t else "-"  # noqa: E731
+            log.info(
+                "request path=%s status=%s model=%s turn=%s ttfb_ms=%s total_ms=%s chunks=%d cancelled=%s",
+                scope["path"], status or "-", state.get("model", "-"), state.get("turn_id", "-"),
+                ms(first_byte), ms(time.perf_counter()), chunks, str(state.get("cancelled", False)).lower(),
+            )
+            request_id.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------
+
+CHAT_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    if settings.allow_unauthenticated and not settings.api_keys:
+        log.warning("ALLOW_UNAUTHENTICATED is set: anyone who can reach this server can use it")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.upstream = Upstream(settings)
+        app.state.knowledge = KnowledgeBase(settings.knowledge_dir)
+        await asyncio.to_thread(app.state.knowledge.index)
+        yield
+        await app.state.upstream.aclose()
+
+    app = FastAPI(title="Custom LLM server for Agora", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+
+    async def chat_request(request: Request) -> dict[str, Any]:
+        """The validated body, ready for the upstream; the engine's fields are kept on request.state."""
+        body = await read_json_body(request, settings.max_body_bytes)
+        validate_chat_request(body)
+        request.state.model = body.get("model") or settings.llm_model
+        request.state.turn_id = body.get("turn_id", "-")
+        request.state.engine = {key: body[key] for key in settings.strip_fields if key in body}
+        return body
+
+    def require_upstream() -> Upstream:
+        if not settings.upstream_configured:
+            raise ApiError(503, "No upstream LLM is configured: set LLM_API_KEY (and LLM_BASE_URL for "
+                                "a provider other than OpenAI).", "server_error", "no_upstream")
+        return app.state.upstream
+
+    @app.post("/chat/completions", openapi_extra=CHAT_BODY)
+    async def chat_completions(request: Request) -> Response:
+        """Relays the upstream LLM's answer as it arrives."""
+        body = upstream_body(await chat_request(request), settings)
+        upstream = require_upstream()
+        if body["stream"]:
+            return EventStream(relay(upstream, body))
+        return JSONReply(upstream.complete(body))
+
+    @app.post("/rag/chat/completions", openapi_extra=CHAT_BODY)
+    async def rag_chat_completions(request: Request) -> Response:
+        """A waiting phrase, then the answer grounded in the knowledge base."""
+        body = upstream_body(await chat_request(request), settings)
+        upstream = require_upstream()
+        if body["stream"]:
+            return EventStream(rag_events(settings, upstream, app.state.knowledge, body))
+        passages = await asyncio.to_thread(app.state.knowledge.search, latest_question(body["messages"]), settings.rag_top_k)
+        return JSONReply(upstream.complete({**body, "messages": with_passages(body["messages"], passages)}))
+
+    @app.post("/audio/chat/completions", openapi_extra=CHAT_BODY)
+    async def audio_chat_completions(request: Request) -> Response:
+        """The transcript of file.txt, then file.pcm as 40 ms base64 chunks of 16 kHz mono PCM."""
+        body = await chat_request(request)
+        model = request.state.model
+        if is_streaming(body):
+            return EventStream(audio_events(settings, model))
+        return JSONReply(audio_completion(settings, model))
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """Liveness for load balancers; needs no key."""
+        return {"status": "ok", "version": __version__}
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, error: ApiError) -> Response:
+        return error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, error: StarletteHTTPException) -> Response:
+        messages = {404: f"No such endpoint: {request.method} {request.url.path[:100]}.",
+                    405: f"{request.method} is not allowed on {request.url.path[:100]}."}
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return error_response(ApiError(error.status_code, messages.get(error.status_code, str(error.detail)),
+                                       "invalid_request_error", codes.get(error.status_code)))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, error: Exception) -> Response:
+        log.error("unhandled error", exc_info=error)
+        return error_response(internal_error())
+
+    def openapi() -> dict[str, Any]:
+        if not app.openapi_schema:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            _, definitions = models_json_schema([(ChatCompletionRequest, "validation")],
+                                                ref_template="#/components/schemas/{model}")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(definitions["$defs"])
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    app.add_middleware(BearerAuth, keys=settings.api_keys)
+    app.add_middleware(RequestLog)
+    return app
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def main() -> None:
+    import uvicorn
+
+    settings = Settings.from_env()
+    configure_logging(settings.log_level)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower(), access_log=False)
+
+
+if __name__ == "__main__":
+    main()
