@@ -431,7 +431,8 @@ async def sse_payloads(response: httpx.Response) -> AsyncIterator[list[bytes]]:
 
     Events are split on blank lines and passed on as bytes; JSON is never parsed here."""
     pending = b""
-    async for piece in response.aiter_bytes():
+    pieces = response.aiter_bytes()
+    async for piece in pieces:
         pending += piece
         if b"\r" in pending:
             pending = pending.replace(b"\r\n", b"\n")
@@ -440,6 +441,10 @@ async def sse_payloads(response: httpx.Response) -> AsyncIterator[list[bytes]]:
         if payloads:
             yield payloads
         if done:
+            # Read to the end of the body (normally just the closing chunk): a response left
+            # half-read cannot go back to the pool, and the next request would pay a new connection.
+            async for _ in pieces:
+                pass
             return
     payloads, done = _payloads([pending])
     if payloads:
@@ -655,7 +660,7 @@ async def audio_events(settings: Settings, model: str) -> AsyncIterator[bytes]:
     # The transcript comes first: it is what the engine stores as the agent's words.
     yield chunk(response_id, model, {"role": "assistant", "audio": {"id": audio_id, "transcript": text}})
     clock = asyncio.get_running_loop().time
-    start = clock() + settings.audio_head_start_ms / 1000  # a head start, then real time
+    start = clock() - settings.audio_head_start_ms / 1000  # a head start, then real time
     for n, offset in enumerate(range(0, len(pcm), CHUNK_BYTES)):
         delay = start + n * CHUNK_MS / 1000 - clock()
         if delay > 0:

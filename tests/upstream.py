@@ -76,7 +76,8 @@ class ScriptedUpstream:
                 break
         request = json.loads(body)
         self.requests.append({"path": scope["path"], "headers": {k.decode(): v.decode() for k, v in scope["headers"]},
-                              "body": request, "at": time.monotonic()})
+                              "body": request, "at": time.monotonic(),
+                              "client": tuple(scope["client"])})
         script = self.script
         if script.status != 200:
             return await self._json(send, script.status, script.error or {"error": {"message": "scripted failure"}})
