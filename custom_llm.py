@@ -11,8 +11,6 @@ Read top to bottom: settings, request models, errors, the upstream client and SS
 streaming response, the three endpoints' helpers, middleware, the app, the entry point.
 """
 
-from __future__ import annotations
-
 import asyncio
 import base64
 import contextvars
@@ -32,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, AsyncIterator, Iterator, Literal, Union
 
-import anyio
-import httpx
+import aiohttp
 import orjson
+import yarl
 from dotenv import load_dotenv
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
@@ -349,45 +347,56 @@ def message_text(message: dict[str, Any]) -> str:
 
 
 class Upstream:
-    """The OpenAI-compatible LLM behind this server, reached through one shared connection pool."""
+    """The OpenAI-compatible LLM behind this server, reached through one shared connection pool.
 
-    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None):
-        self.url = settings.llm_base_url.rstrip("/") + "/chat/completions"
+    aiohttp rather than httpx: its C HTTP parser and per-host pool keep both the per-chunk cost and
+    the cost of a burst of new streams flat (bench/README numbers)."""
+
+    def __init__(self, settings: Settings):
+        self.url = yarl.URL(settings.llm_base_url.rstrip("/") + "/chat/completions")  # parsed once
         self.headers = {"content-type": "application/json"}
         if settings.llm_api_key:
             self.headers["authorization"] = f"Bearer {settings.llm_api_key}"
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.llm_read_timeout, connect=settings.llm_connect_timeout),
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=60),
-            transport=transport,
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+            timeout=aiohttp.ClientTimeout(total=None, connect=settings.llm_connect_timeout,
+                                          sock_read=settings.llm_read_timeout),
+            cookie_jar=aiohttp.DummyCookieJar(),  # an API client has no cookies to keep
         )
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.session.close()
 
-    def _request(self, body: dict[str, Any]) -> httpx.Request:
-        return self.client.build_request("POST", self.url, content=orjson.dumps(body), headers=self.headers)
+    async def _post(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        response = await self.session.post(self.url, data=orjson.dumps(body), headers=self.headers)
+        if response.status >= 400:
+            try:
+                raise upstream_refusal(response.status, await response.read())
+            finally:
+                response.release()
+        return response
 
     @asynccontextmanager
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
-        """An open streaming response; leaving the block closes it, which aborts the upstream."""
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
+        """An open streaming response; leaving the block early closes it, which aborts the upstream."""
         with upstream_errors():
-            response = await self.client.send(self._request(body), stream=True)
+            response = await self._post(body)
             try:
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise upstream_refusal(response)
                 yield response
+            except BaseException:
+                response.close()  # half-read: drop the connection, the upstream's signal to stop
+                raise
             finally:
-                await response.aclose()
+                response.release()
 
     async def complete(self, body: dict[str, Any]) -> bytes:
         """A non-streaming completion, returned as the upstream's JSON bytes."""
         with upstream_errors():
-            response = await self.client.send(self._request(body))
-        if response.status_code >= 400:
-            raise upstream_refusal(response)
-        return response.content
+            response = await self._post(body)
+            try:
+                return await response.read()
+            finally:
+                response.release()
 
 
 @contextmanager
@@ -395,22 +404,21 @@ def upstream_errors() -> Iterator[None]:
     """Turn network failures into the error a caller can act on; the details go to the log."""
     try:
         yield
-    except httpx.TimeoutException as error:
+    except asyncio.TimeoutError as error:
         log.warning("upstream timed out: %s", type(error).__name__)
         raise ApiError(504, "The upstream LLM did not answer in time.", "upstream_error", "upstream_timeout")
-    except httpx.HTTPError as error:
+    except aiohttp.ClientError as error:
         log.warning("upstream connection failed: %s: %s", type(error).__name__, error)
         raise ApiError(502, "The upstream LLM could not be reached.", "upstream_error", "upstream_unreachable")
 
 
-def upstream_refusal(response: httpx.Response) -> ApiError:
-    status = response.status_code
+def upstream_refusal(status: int, content: bytes) -> ApiError:
     try:
-        detail = orjson.loads(response.content).get("error") or {}
+        detail = orjson.loads(content).get("error") or {}
         detail = detail if isinstance(detail, dict) else {"message": str(detail)}
     except (orjson.JSONDecodeError, AttributeError):
         detail = {}
-    log.warning("upstream answered %d: %.300s", status, detail.get("message") or response.text)
+    log.warning("upstream answered %d: %.300s", status, detail.get("message") or content[:300])
     if status in (401, 403):
         # The caller's key was fine; ours was not. Never echo the upstream's message: it may quote our key.
         return ApiError(502, "The upstream LLM rejected this server's credentials (check LLM_API_KEY).",
@@ -426,12 +434,12 @@ def upstream_refusal(response: httpx.Response) -> ApiError:
     )
 
 
-async def sse_payloads(response: httpx.Response) -> AsyncIterator[list[bytes]]:
+async def sse_payloads(response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
     """The data payloads of the upstream's events, a list per network read, until `[DONE]`.
 
     Events are split on blank lines and passed on as bytes; JSON is never parsed here."""
     pending = b""
-    pieces = response.aiter_bytes()
+    pieces = response.content.iter_any()
     async for piece in pieces:
         pending += piece
         if b"\r" in pending:
@@ -513,19 +521,26 @@ class CancelOnDisconnect(Response):
         self.status_code = 200
 
     async def __call__(self, scope, receive, send) -> None:
-        finished = False
-        async with anyio.create_task_group() as tasks:
+        work = asyncio.current_task()
+        hung_up = False
 
-            async def watch() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                tasks.cancel_scope.cancel()
+        async def watch() -> None:
+            nonlocal hung_up
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            hung_up = True
+            work.cancel()
 
-            tasks.start_soon(watch)
+        watcher = asyncio.ensure_future(watch())
+        try:
             await self.respond(send)
-            finished = True
-            tasks.cancel_scope.cancel()
-        scope.setdefault("state", {})["cancelled"] = not finished
+        except asyncio.CancelledError:
+            if not hung_up:
+                raise  # a cancellation that is not ours (server shutdown) goes on
+            work.uncancel()
+        finally:
+            watcher.cancel()
+        scope.setdefault("state", {})["cancelled"] = hung_up
 
     async def respond(self, send) -> None:
         raise NotImplementedError
@@ -563,8 +578,7 @@ class EventStream(CancelOnDisconnect):
                 return
             await emit(sse(orjson.dumps(error.body())))
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.events.aclose()  # closes the upstream even when cancelled mid-send
+            await asyncio.shield(self.events.aclose())  # closes the upstream even when cancelled mid-send
         await emit(DONE, more=False)
 
 
@@ -748,6 +762,9 @@ class RequestLog:
 
         try:
             await self.app(scope, receive, logged_send)
+        except Exception:
+            status = status or 500  # the error handler outside this middleware answers it
+            raise
         finally:
             ms = lambda t: f"{(t - started) * 1000:.1f}" if t else "-"  # noqa: E731
             log.info(
