@@ -14,6 +14,7 @@ streaming response, the three endpoints' helpers, middleware, the app, the entry
 import asyncio
 import base64
 import contextvars
+import gc
 import hmac
 import logging
 import math
@@ -793,6 +794,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.upstream = Upstream(settings)
         app.state.knowledge = KnowledgeBase(settings.knowledge_dir)
         await asyncio.to_thread(app.state.knowledge.index)
+        # Everything made at start lives as long as the process: keep it out of the garbage
+        # collector's full passes, which otherwise pause every stream now and then.
+        gc.freeze()
         yield
         await app.state.upstream.aclose()
 

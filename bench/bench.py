@@ -221,7 +221,7 @@ class Bench:
                  "10k-chunk index")
 
     async def chunks(self) -> None:
-        s = await self.interleaved(10, body(n=50, interval=0.02))
+        s = await self.interleaved(20, body(n=50, interval=0.02))
         lat = {k: [lat for x in v for lat in x.chunk_latencies()] for k, v in s.items()}
         stalls = {k: str(sum(g > 40e6 for x in v for g in x.gaps())) for k, v in s.items()}
         for p, target in ((50, "≤ 0.1 ms added"), (99, "-")):
@@ -249,9 +249,9 @@ class Bench:
     async def sweep(self) -> None:
         for c in (1, 10, 50, 100, 200):
             results: dict[str, list[Sample]] = {"direct": [], "server": []}
-            for order in (("direct", "server"), ("server", "direct")):
+            for order in (("direct", "server"), ("server", "direct")) * 2:
                 for name in order:
-                    results[name] += await self.lanes(*self.paths()[name], c, seconds=3.0)
+                    results[name] += await self.lanes(*self.paths()[name], c, seconds=2.0)
             d = [x.ttft for x in results["direct"] if x.ttft]
             v = [x.ttft for x in results["server"] if x.ttft]
             errors = sum(1 for x in results["server"] if x.status != 200 or len(x.events) != 52)
