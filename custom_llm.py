@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from knowledge import KnowledgeBase, Passage
+from tools import ToolRegistry, sample_tools
 
 __version__ = "0.1.0"
 
@@ -72,6 +73,12 @@ def _split(value: str, sep: str = ",") -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(sep) if part.strip())
 
 
+def _tool_names(value: str | None) -> tuple[str, ...] | None:
+    if value is None or value.strip().lower() in ("", "all"):
+        return None
+    return () if value.strip().lower() == "none" else _split(value)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the server reads from the environment (and .env); see .env.example."""
@@ -95,6 +102,9 @@ class Settings:
     audio_text_file: Path = HERE / "file.txt"
     audio_pcm_file: Path = HERE / "file.pcm"
     audio_head_start_ms: int = 200
+    server_tools: tuple[str, ...] | None = None  # None: every tool in tools.sample_tools()
+    tool_max_rounds: int = 3
+    tool_bridge_ms: int = 1000
     log_level: str = "INFO"
 
     @property
@@ -135,6 +145,9 @@ class Settings:
             audio_text_file=Path(env.get("AUDIO_TEXT_FILE", defaults.audio_text_file)),
             audio_pcm_file=Path(env.get("AUDIO_PCM_FILE", defaults.audio_pcm_file)),
             audio_head_start_ms=int(env.get("AUDIO_HEAD_START_MS", defaults.audio_head_start_ms)),
+            server_tools=_tool_names(env.get("SERVER_TOOLS")),
+            tool_max_rounds=int(env.get("TOOL_MAX_ROUNDS", defaults.tool_max_rounds)),
+            tool_bridge_ms=int(env.get("TOOL_BRIDGE_MS", defaults.tool_bridge_ms)),
             log_level=env.get("LOG_LEVEL", defaults.log_level).upper(),
         )
 
@@ -342,6 +355,13 @@ def message_text(message: dict[str, Any]) -> str:
     return content or ""
 
 
+def latest_question(messages: list[dict[str, Any]]) -> str:
+    return next((message_text(m) for m in reversed(messages) if m.get("role") == "user"), "")
+
+
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff]")
+
+
 # ---------------------------------------------------------------------------------------------
 # The upstream LLM: one pooled client for the process, and the SSE relay
 # ---------------------------------------------------------------------------------------------
@@ -500,6 +520,191 @@ def completion_id() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Tools: the server's own run here between rounds; calls to the caller's tools stream back to it
+# ---------------------------------------------------------------------------------------------
+
+BRIDGE_EN = ("One moment.", "Just a second.")
+BRIDGE_ZH = ("稍等一下。", "马上就好。")
+
+
+def caller_tool_names(body: dict[str, Any]) -> set[str]:
+    return {(tool.get("function") or {}).get("name") for tool in body.get("tools") or []}
+
+
+def offered_tools(body: dict[str, Any], tools: ToolRegistry) -> list[dict[str, Any]]:
+    """The server's tools to offer beside the caller's (a caller's tool of the same name wins)."""
+    if body.get("tool_choice") == "none":
+        return []
+    taken = caller_tool_names(body)
+    return [schema for schema in tools.schemas() if schema["function"]["name"] not in taken]
+
+
+def with_tools(body: dict[str, Any], messages: list[dict[str, Any]], offered: list[dict[str, Any]]) -> dict[str, Any]:
+    request = {**body, "messages": messages}
+    every_tool = [*(body.get("tools") or []), *offered]
+    if every_tool:
+        request["tools"] = every_tool
+    else:  # the last round offers no server tool, and the caller had none
+        for key in ("tools", "tool_choice", "parallel_tool_calls"):
+            request.pop(key, None)
+    return request
+
+
+class ToolCalls:
+    """The tool-call deltas of one streamed round, assembled by index and sorted by owner.
+
+    Calls to the caller's tools pass on, renumbered from 0; the rest are the server's to run (an
+    unknown name included: it gets an error result the model can recover from)."""
+
+    def __init__(self, caller_tools: set[str]):
+        self.caller_tools = caller_tools
+        self.calls: list[dict[str, Any]] = []
+        self.by_index: dict[int, dict[str, Any]] = {}
+        self.for_caller = 0
+
+    def route(self, deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Record the deltas; return the caller's, renumbered."""
+        forward = []
+        for delta in deltas:
+            function = delta.get("function") or {}
+            call = self.by_index.get(delta.get("index", 0))
+            # Some providers put every call on index 0; a new id means a new call.
+            if call is None or (delta.get("id") and delta["id"] != call["id"]):
+                name = function.get("name") or ""
+                call = {"id": delta.get("id") or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                        "function": {"name": name, "arguments": ""}, "owner": "server"}
+                if name in self.caller_tools:
+                    call["owner"], call["index"] = "caller", self.for_caller
+                    self.for_caller += 1
+                self.by_index[delta.get("index", 0)] = call
+                self.calls.append(call)
+            call["function"]["arguments"] += function.get("arguments") or ""
+            if call["owner"] == "caller":
+                forward.append({**delta, "index": call["index"]})
+        return forward
+
+    def server_calls(self) -> list[dict[str, Any]]:
+        return [{key: c[key] for key in ("id", "type", "function")} for c in self.calls if c["owner"] == "server"]
+
+
+def tool_call_event(payload: bytes) -> dict[str, Any] | None:
+    """The event parsed if it carries tool calls, else None (the common case: one byte search)."""
+    if b'"tool_calls"' not in payload:
+        return None
+    try:
+        event = orjson.loads(payload)
+        return event if isinstance(event["choices"][0], dict) else None
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+        return None  # not ours to judge: relayed as it came
+
+
+def without_tool_calls(chunk: dict[str, Any], forward: list[dict[str, Any]]) -> bytes:
+    """The chunk with only the caller's tool-call deltas left in it."""
+    choice = chunk["choices"][0]
+    delta = {key: value for key, value in (choice.get("delta") or {}).items() if key != "tool_calls"}
+    if forward:
+        delta["tool_calls"] = forward
+    return orjson.dumps({**chunk, "choices": [{**choice, "delta": delta}, *chunk["choices"][1:]]})
+
+
+def round_text(payloads: list[bytes]) -> str:
+    """The text the model said in a round, read back from the events already relayed."""
+    text = []
+    for payload in payloads:
+        try:
+            text.append(orjson.loads(payload)["choices"][0]["delta"].get("content") or "")
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
+            pass
+    return "".join(text)
+
+
+async def run_calls(tools: ToolRegistry, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every call at once; their results as `tool` messages, in the calls' order."""
+    results = await asyncio.gather(*(tools.run(c["function"]["name"], c["function"]["arguments"]) for c in calls))
+    return [{"role": "tool", "tool_call_id": c["id"], "content": result} for c, result in zip(calls, results)]
+
+
+async def answer(upstream: Upstream, body: dict[str, Any], tools: ToolRegistry, settings: Settings) -> AsyncIterator[bytes]:
+    """The upstream's answer as SSE, running the server's tool calls between rounds.
+
+    Events without tool calls are relayed as they arrive, untouched. A round whose calls are all
+    the server's is run here (in parallel) and the model is called again, up to TOOL_MAX_ROUNDS,
+    then once more without server tools so the caller always gets an answer. A round with any call
+    to the caller's tools ends the response with those calls (finish_reason "tool_calls"); the
+    server's calls of that round are not run, so the model asks again once the caller's results
+    are in, and no call is lost or run twice."""
+    offered = offered_tools(body, tools)
+    if not offered:
+        async for data in relay(upstream, body):
+            yield data
+        return
+    caller_tools = caller_tool_names(body)
+    messages = list(body["messages"])
+    bridged = False
+    for round_number in range(settings.tool_max_rounds + 1):
+        last = round_number == settings.tool_max_rounds
+        calls, relayed, finish = ToolCalls(caller_tools), [], None
+        async with upstream.stream(with_tools(body, messages, [] if last else offered)) as response:
+            async for payloads in sse_payloads(response):
+                out = []
+                for payload in payloads:
+                    event = tool_call_event(payload)
+                    if event is None:
+                        relayed.append(payload)
+                        out.append(payload)
+                        continue
+                    choice = event["choices"][0]
+                    forward = calls.route((choice.get("delta") or {}).get("tool_calls") or [])
+                    if choice.get("finish_reason") == "tool_calls":
+                        finish = (event, forward)  # its fate depends on the whole round
+                    elif forward or (choice.get("delta") or {}).get("content"):
+                        out.append(without_tool_calls(event, forward))
+                if out:
+                    yield b"".join(map(sse, out))
+        server_calls = calls.server_calls()
+        if last or not server_calls or calls.for_caller:
+            if finish is not None:
+                yield sse(without_tool_calls(*finish))
+            return
+        messages += [{"role": "assistant", "content": round_text(relayed) or None, "tool_calls": server_calls}]
+        results = asyncio.ensure_future(run_calls(tools, server_calls))
+        try:
+            if not bridged and not (await asyncio.wait({results}, timeout=settings.tool_bridge_ms / 1000))[0]:
+                bridged = True  # the tools are slow: say something so the line is not silent
+                phrases = BRIDGE_ZH if _CJK.search(latest_question(messages)) else BRIDGE_EN
+                yield chunk(completion_id(), body["model"], {"role": "assistant", "content": random.choice(phrases) + " "})
+            messages += await results
+        finally:
+            results.cancel()  # a barge-in while tools run cancels them
+
+
+async def complete(upstream: Upstream, body: dict[str, Any], tools: ToolRegistry, settings: Settings) -> bytes:
+    """The non-streaming twin of answer(): the same rounds, one JSON completion at the end."""
+    offered = offered_tools(body, tools)
+    if not offered:
+        return await upstream.complete(body)
+    caller_tools = caller_tool_names(body)
+    messages = list(body["messages"])
+    for round_number in range(settings.tool_max_rounds + 1):
+        last = round_number == settings.tool_max_rounds
+        completion = await upstream.complete(with_tools(body, messages, [] if last else offered))
+        try:
+            completion = orjson.loads(completion)
+            message = completion["choices"][0]["message"]
+            calls = message.get("tool_calls") or []
+            mine = [c for c in calls if c["function"]["name"] not in caller_tools]
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+            raise ApiError(502, "The upstream LLM sent an answer this server cannot read.", "upstream_error",
+                           "upstream_invalid_response")
+        if last or not mine or len(mine) < len(calls):
+            if mine:  # a mixed round: the caller gets its own calls; the model asks for ours again
+                message["tool_calls"] = [c for c in calls if c not in mine] or None
+            return orjson.dumps(completion)
+        messages += [message, *await run_calls(tools, mine)]
+    raise AssertionError("unreachable: the last round always returns")
+
+
+# ---------------------------------------------------------------------------------------------
 # Responses that stop their work the moment the caller hangs up (a barge-in)
 # ---------------------------------------------------------------------------------------------
 
@@ -604,13 +809,6 @@ class JSONReply(CancelOnDisconnect):
 # /rag: waiting phrase, retrieval, context injection
 # ---------------------------------------------------------------------------------------------
 
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff]")
-
-
-def latest_question(messages: list[dict[str, Any]]) -> str:
-    return next((message_text(m) for m in reversed(messages) if m.get("role") == "user"), "")
-
-
 def waiting_phrase(settings: Settings, question: str) -> str:
     language = "zh" if _CJK.search(question) else "en"
     phrase = random.choice(settings.waiting_messages[language])
@@ -632,13 +830,18 @@ def with_passages(messages: list[dict[str, Any]], passages: list[Passage]) -> li
     return [*messages[:lead], context, *messages[lead:]]
 
 
-async def rag_events(settings: Settings, upstream: Upstream, kb: KnowledgeBase, body: dict[str, Any]) -> AsyncIterator[bytes]:
-    question = latest_question(body["messages"])
+async def retrieve(settings: Settings, kb: KnowledgeBase, body: dict[str, Any]) -> dict[str, Any]:
+    """The body with the knowledge base's passages for the latest question injected."""
+    passages = await asyncio.to_thread(kb.search, latest_question(body["messages"]), settings.rag_top_k)
+    return {**body, "messages": with_passages(body["messages"], passages)}
+
+
+async def rag_events(settings: Settings, upstream: Upstream, kb: KnowledgeBase, tools: ToolRegistry,
+                     body: dict[str, Any]) -> AsyncIterator[bytes]:
     # The waiting phrase goes out before any retrieval work, so the line is never silent.
-    yield chunk(completion_id(), body["model"], {"role": "assistant", "content": waiting_phrase(settings, question)})
-    passages = await asyncio.to_thread(kb.search, question, settings.rag_top_k)
-    body = {**body, "messages": with_passages(body["messages"], passages)}
-    async for data in relay(upstream, body):
+    phrase = waiting_phrase(settings, latest_question(body["messages"]))
+    yield chunk(completion_id(), body["model"], {"role": "assistant", "content": phrase})
+    async for data in answer(upstream, await retrieve(settings, kb, body), tools, settings):
         yield data
 
 
@@ -784,16 +987,19 @@ CHAT_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}}
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, tools: ToolRegistry | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     if settings.allow_unauthenticated and not settings.api_keys:
         log.warning("ALLOW_UNAUTHENTICATED is set: anyone who can reach this server can use it")
+    knowledge = KnowledgeBase(settings.knowledge_dir)
+    tools = (tools or sample_tools(knowledge)).select(settings.server_tools)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.upstream = Upstream(settings)
-        app.state.knowledge = KnowledgeBase(settings.knowledge_dir)
-        await asyncio.to_thread(app.state.knowledge.index)
+        app.state.knowledge = knowledge
+        app.state.tools = tools
+        await asyncio.to_thread(knowledge.index)
         # Everything made at start lives as long as the process: keep it out of the garbage
         # collector's full passes, which otherwise pause every stream now and then.
         gc.freeze()
@@ -824,8 +1030,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body = upstream_body(await chat_request(request), settings)
         upstream = require_upstream()
         if body["stream"]:
-            return EventStream(relay(upstream, body))
-        return JSONReply(upstream.complete(body))
+            return EventStream(answer(upstream, body, tools, settings))
+        return JSONReply(complete(upstream, body, tools, settings))
 
     @app.post("/rag/chat/completions", openapi_extra=CHAT_BODY)
     async def rag_chat_completions(request: Request) -> Response:
@@ -833,9 +1039,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body = upstream_body(await chat_request(request), settings)
         upstream = require_upstream()
         if body["stream"]:
-            return EventStream(rag_events(settings, upstream, app.state.knowledge, body))
-        passages = await asyncio.to_thread(app.state.knowledge.search, latest_question(body["messages"]), settings.rag_top_k)
-        return JSONReply(upstream.complete({**body, "messages": with_passages(body["messages"], passages)}))
+            return EventStream(rag_events(settings, upstream, knowledge, tools, body))
+        return JSONReply(complete(upstream, await retrieve(settings, knowledge, body), tools, settings))
 
     @app.post("/audio/chat/completions", openapi_extra=CHAT_BODY)
     async def audio_chat_completions(request: Request) -> Response:

@@ -68,11 +68,11 @@ def settings_for(upstream_server, **overrides) -> Settings:
 
 @pytest.fixture
 def make_server(upstream_server):
-    """Start a server with some settings changed: make_server(rag_top_k=1)."""
+    """Start a server with some settings changed, or other tools: make_server(rag_top_k=1, tools=registry)."""
     started = []
 
-    def make(**overrides) -> ServerThread:
-        server = ServerThread(create_app(settings_for(upstream_server, **overrides))).__enter__()
+    def make(tools=None, **overrides) -> ServerThread:
+        server = ServerThread(create_app(settings_for(upstream_server, **overrides), tools)).__enter__()
         started.append(server)
         return server
 

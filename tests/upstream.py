@@ -27,6 +27,9 @@ class Script:
     stall_after: int | None = None  # stop sending (but keep the connection) after this many events
     raw: bytes | None = None  # send these bytes verbatim as the whole stream body
     usage: bool = False  # a final usage chunk with choices: []
+    # Tool-calling turns: each request takes the next (the last one repeats), e.g.
+    # {"say": ["Let me check. "], "calls": [("calculate", '{"expression": "2+2"}')], "after": ["Done."]}
+    turns: list[dict[str, Any]] = field(default_factory=list)
 
 
 def chunk_event(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -48,6 +51,35 @@ class ScriptedUpstream:
         self.disconnected = threading.Event()
         self.disconnected_at: float | None = None
         self.active = 0
+
+    def turn(self) -> dict[str, Any] | None:
+        turns = self.script.turns
+        return (turns.pop(0) if len(turns) > 1 else turns[0]) if turns else None
+
+    @staticmethod
+    def turn_events(turn: dict[str, Any]) -> list[bytes]:
+        """A turn streamed as providers do: argument fragments of 3 characters, calls interleaved by index."""
+        events = [chunk_event(0, {"role": "assistant", "content": ""})]
+        events += [chunk_event(1, {"content": text}) for text in turn.get("say", [])]
+        calls = turn.get("calls", [])
+        for index, (name, _) in enumerate(calls):
+            events.append(chunk_event(2, {"tool_calls": [{"index": index, "id": f"call_{index}_{name}", "type": "function",
+                                                          "function": {"name": name, "arguments": ""}}]}))
+        fragments = [[arguments[i:i + 3] for i in range(0, len(arguments), 3)] for _, arguments in calls]
+        for step in range(max(map(len, fragments), default=0)):
+            for index, pieces in enumerate(fragments):
+                if step < len(pieces):
+                    events.append(chunk_event(3, {"tool_calls": [{"index": index, "function": {"arguments": pieces[step]}}]}))
+        events += [chunk_event(4, {"content": text}) for text in turn.get("after", [])]
+        events.append(chunk_event(5, {}, "tool_calls" if calls else "stop"))
+        return events
+
+    @staticmethod
+    def turn_message(turn: dict[str, Any]) -> dict[str, Any]:
+        calls = [{"id": f"call_{i}_{name}", "type": "function", "function": {"name": name, "arguments": arguments}}
+                 for i, (name, arguments) in enumerate(turn.get("calls", []))]
+        text = "".join(turn.get("say", []) + turn.get("after", []))
+        return {"role": "assistant", "content": text or None, **({"tool_calls": calls} if calls else {})}
 
     def events(self) -> list[bytes]:
         """The events the current script streams, in order."""
@@ -81,20 +113,22 @@ class ScriptedUpstream:
         script = self.script
         if script.status != 200:
             return await self._json(send, script.status, script.error or {"error": {"message": "scripted failure"}})
+        turn = self.turn()
         if not request.get("stream"):
+            message = self.turn_message(turn) if turn else {"role": "assistant", "content": "".join(script.words)}
             return await self._json(send, 200, {
                 "id": "chatcmpl-upstream", "object": "chat.completion", "created": 1700000000, "model": "scripted-model",
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": "".join(script.words)}}],
+                "choices": [{"index": 0, "finish_reason": "tool_calls" if message.get("tool_calls") else "stop",
+                             "message": message}],
                 "usage": {"prompt_tokens": 7, "completion_tokens": len(script.words), "total_tokens": 7 + len(script.words)},
             })
         self.active += 1
         try:
-            await self._race_disconnect(receive, self._stream(send, script))
+            await self._race_disconnect(receive, self._stream(send, script, self.turn_events(turn) if turn else None))
         finally:
             self.active -= 1
 
-    async def _stream(self, send, script: Script) -> None:
+    async def _stream(self, send, script: Script, events: list[bytes] | None) -> None:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})
         if script.first_delay:
@@ -102,7 +136,7 @@ class ScriptedUpstream:
         if script.raw is not None:
             await send({"type": "http.response.body", "body": script.raw, "more_body": True})
         else:
-            for n, event in enumerate(self.events()):
+            for n, event in enumerate(events or self.events()):
                 if script.stall_after is not None and n >= script.stall_after:
                     await asyncio.sleep(3600)
                 await send({"type": "http.response.body", "body": event, "more_body": True})
