@@ -42,6 +42,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+import metrics
 from knowledge import KnowledgeBase, Passage
 from tools import ToolRegistry, sample_tools
 
@@ -86,13 +87,22 @@ class Settings:
     llm_api_key: str = ""
     llm_base_url: str = DEFAULT_BASE_URL
     llm_model: str = "gpt-4o-mini"
-    llm_connect_timeout: float = 5.0
-    llm_read_timeout: float = 30.0
+    llm_connect_timeout: float = 3.0
+    llm_first_token_timeout: float = 8.0
+    llm_idle_timeout: float = 15.0
+    llm_fallback_base_url: str = ""
+    llm_fallback_api_key: str = ""
+    llm_fallback_model: str = ""
     api_keys: tuple[str, ...] = ()
     allow_unauthenticated: bool = False
     host: str = "0.0.0.0"
     port: int = 8000
     max_body_bytes: int = 4 * 1024 * 1024
+    max_messages: int = 2048
+    max_streams_per_key: int = 0  # 0: no limit
+    max_upstream_streams: int = 1000
+    shutdown_grace_seconds: float = 10.0
+    workers: int = 1
     strip_fields: frozenset[str] = ENGINE_FIELDS
     knowledge_dir: Path = HERE / "knowledge"
     rag_top_k: int = 3
@@ -129,12 +139,21 @@ class Settings:
             llm_base_url=env.get("LLM_BASE_URL", DEFAULT_BASE_URL),
             llm_model=env.get("LLM_MODEL", defaults.llm_model),
             llm_connect_timeout=float(env.get("LLM_CONNECT_TIMEOUT", defaults.llm_connect_timeout)),
-            llm_read_timeout=float(env.get("LLM_READ_TIMEOUT", defaults.llm_read_timeout)),
+            llm_first_token_timeout=float(env.get("LLM_FIRST_TOKEN_TIMEOUT", defaults.llm_first_token_timeout)),
+            llm_idle_timeout=float(env.get("LLM_IDLE_TIMEOUT", defaults.llm_idle_timeout)),
+            llm_fallback_base_url=env.get("LLM_FALLBACK_BASE_URL", ""),
+            llm_fallback_api_key=env.get("LLM_FALLBACK_API_KEY", ""),
+            llm_fallback_model=env.get("LLM_FALLBACK_MODEL", ""),
             api_keys=api_keys,
             allow_unauthenticated=allow_unauthenticated,
             host=env.get("HOST", defaults.host),
             port=int(env.get("PORT", defaults.port)),
             max_body_bytes=int(env.get("MAX_BODY_BYTES", defaults.max_body_bytes)),
+            max_messages=int(env.get("MAX_MESSAGES", defaults.max_messages)),
+            max_streams_per_key=int(env.get("MAX_STREAMS_PER_KEY", defaults.max_streams_per_key)),
+            max_upstream_streams=int(env.get("MAX_UPSTREAM_STREAMS", defaults.max_upstream_streams)),
+            shutdown_grace_seconds=float(env.get("SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_seconds)),
+            workers=int(env.get("WORKERS", defaults.workers)),
             strip_fields=ENGINE_FIELDS | set(_split(env.get("STRIP_FIELDS", ""))),
             knowledge_dir=Path(env.get("KNOWLEDGE_DIR", defaults.knowledge_dir)),
             rag_top_k=int(env.get("RAG_TOP_K", defaults.rag_top_k)),
@@ -259,9 +278,12 @@ class ChatCompletionRequest(_Open):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type: str, code: str | None = None, param: str | None = None):
+    def __init__(self, status: int, message: str, type: str, code: str | None = None, param: str | None = None,
+                 retryable: bool = False, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.retryable = retryable  # an upstream failure another attempt might not have
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -272,7 +294,8 @@ def internal_error() -> ApiError:
 
 
 def error_response(error: ApiError) -> Response:
-    return Response(orjson.dumps(error.body()), status_code=error.status, media_type="application/json")
+    return Response(orjson.dumps(error.body()), status_code=error.status, media_type="application/json",
+                    headers=error.headers)
 
 
 async def send_error(send, error: ApiError) -> None:
@@ -368,90 +391,215 @@ _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff]")
 
 
 class Upstream:
-    """The OpenAI-compatible LLM behind this server, reached through one shared connection pool.
+    """One OpenAI-compatible LLM endpoint (the primary or the fallback)."""
 
-    aiohttp rather than httpx: its C HTTP parser and per-host pool keep both the per-chunk cost and
-    the cost of a burst of new streams flat (bench/README numbers)."""
+    def __init__(self, name: str, base_url: str, api_key: str, model: str, session: aiohttp.ClientSession):
+        self.name, self.model, self.session = name, model, session
+        base = base_url.rstrip("/")
+        self.url, self.models_url = yarl.URL(base + "/chat/completions"), yarl.URL(base + "/models")  # parsed once
+        self.headers = {"content-type": "application/json"}
+        if api_key:
+            self.headers["authorization"] = f"Bearer {api_key}"
+
+    async def post(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        """The response, its status checked; failures become ApiErrors."""
+        if self.model:  # the fallback may serve under another model name
+            body = {**body, "model": self.model}
+        with upstream_errors(self.name):
+            response = await self.session.post(self.url, data=orjson.dumps(body), headers=self.headers)
+            if response.status >= 400:
+                try:
+                    raise upstream_refusal(self.name, response.status, await response.read())
+                finally:
+                    response.release()
+        return response
+
+    async def probe(self) -> bool:
+        """A cheap call that opens a pooled connection and tells whether the upstream answers."""
+        try:
+            async with self.session.get(self.models_url, headers=self.headers,
+                                        timeout=aiohttp.ClientTimeout(total=3)) as response:
+                await response.read()
+                return response.status < 500 and response.status not in (401, 403)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
+
+
+class LLM:
+    """The upstream LLM as the endpoints see it: one pooled session, the primary, a retry, the fallback.
+
+    Until the first event arrives nothing has reached the caller, so a failed or slow call (no
+    connection, 5xx, 429, no first event within LLM_FIRST_TOKEN_TIMEOUT) is tried once more after a
+    short pause, then on the fallback when one is configured. After the first event nothing is
+    retried: the caller would hear words twice."""
+
+    RETRY_PAUSE = 0.2
 
     def __init__(self, settings: Settings):
-        self.url = yarl.URL(settings.llm_base_url.rstrip("/") + "/chat/completions")  # parsed once
-        self.headers = {"content-type": "application/json"}
-        if settings.llm_api_key:
-            self.headers["authorization"] = f"Bearer {settings.llm_api_key}"
+        # The idle timeout is aiohttp's per-read timeout, so it also bounds each wait before the first event.
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
             timeout=aiohttp.ClientTimeout(total=None, connect=settings.llm_connect_timeout,
-                                          sock_read=settings.llm_read_timeout),
+                                          sock_read=settings.llm_idle_timeout),
             cookie_jar=aiohttp.DummyCookieJar(),  # an API client has no cookies to keep
         )
+        self.primary = Upstream("primary", settings.llm_base_url, settings.llm_api_key, "", self.session)
+        self.fallback = None
+        if settings.llm_fallback_base_url:
+            self.fallback = Upstream("fallback", settings.llm_fallback_base_url, settings.llm_fallback_api_key,
+                                     settings.llm_fallback_model, self.session)
+        self.first_token_timeout = settings.llm_first_token_timeout
+        self.max_streams = settings.max_upstream_streams
+        self.streams = 0
+        self.last_success = 0.0
 
     async def aclose(self) -> None:
         await self.session.close()
 
-    async def _post(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
-        response = await self.session.post(self.url, data=orjson.dumps(body), headers=self.headers)
-        if response.status >= 400:
+    def attempts(self) -> list[tuple[Upstream, float]]:
+        attempts = [(self.primary, 0.0), (self.primary, self.RETRY_PAUSE)]
+        return attempts + [(self.fallback, 0.0)] if self.fallback else attempts
+
+    @contextmanager
+    def _slot(self) -> Iterator[None]:
+        """One of MAX_UPSTREAM_STREAMS; past the cap, a quick 503 beats a slow queue."""
+        if self.streams >= self.max_streams:
+            raise ApiError(503, "The server is at capacity; try again shortly.", "server_error", "overloaded",
+                           headers={"retry-after": "1"})
+        self.streams += 1
+        try:
+            yield
+        finally:
+            self.streams -= 1
+
+    async def _with_retries(self, call):
+        """call(upstream) on each attempt in turn until one succeeds or fails for good."""
+        attempts = self.attempts()
+        for n, (upstream, pause) in enumerate(attempts):
+            await asyncio.sleep(pause)
             try:
-                raise upstream_refusal(response.status, await response.read())
-            finally:
-                response.release()
-        return response
+                result = await call(upstream)
+            except ApiError as error:
+                metrics.UPSTREAM_ERRORS.labels(upstream.name, error.code or "error").inc()
+                if not error.retryable or n == len(attempts) - 1:
+                    raise
+                again = attempts[n + 1][0] is upstream
+                (metrics.RETRIES if again else metrics.FALLBACKS).inc()
+                log.warning("upstream %s failed (%s); trying %s", upstream.name, error.code,
+                            "again" if again else "the fallback")
+                continue
+            note(upstream=upstream.name)
+            self.last_success = time.monotonic()
+            return result
+
+    async def _first_event(self, upstream: Upstream, body: dict[str, Any]):
+        """An open response and its first batch of events, within the first-token timeout."""
+        started = time.perf_counter()
+
+        async def opened():
+            response = await upstream.post(body)
+            try:
+                batches = sse_payloads(response)
+                with upstream_errors(upstream.name):
+                    first = await anext(batches, None)
+                if first is None:
+                    raise ApiError(502, "The upstream LLM sent an empty answer.", "upstream_error", "upstream_empty",
+                                   retryable=True)
+                return upstream.name, response, first, batches
+            except BaseException:
+                response.close()
+                raise
+
+        try:
+            opened_response = await asyncio.wait_for(opened(), self.first_token_timeout)
+        except asyncio.TimeoutError:
+            log.warning("upstream %s sent nothing within %gs", upstream.name, self.first_token_timeout)
+            raise ApiError(504, "The upstream LLM did not start answering in time.", "upstream_error",
+                           "upstream_timeout", retryable=True) from None
+        metrics.UPSTREAM_FIRST_EVENT.labels(upstream.name).observe(time.perf_counter() - started)
+        return opened_response
 
     @asynccontextmanager
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
-        """An open streaming response; leaving the block early closes it, which aborts the upstream."""
-        with upstream_errors():
-            response = await self._post(body)
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[AsyncIterator[list[bytes]]]:
+        """The answer's events, a batch per network read; leaving the block early closes the
+        upstream connection, which is how an upstream learns to stop generating."""
+        with self._slot():
+            name, response, first, batches = await self._with_retries(lambda up: self._first_event(up, body))
+
+            async def events() -> AsyncIterator[list[bytes]]:
+                yield first
+                with upstream_errors(name):
+                    async for batch in batches:
+                        yield batch
+
             try:
-                yield response
+                yield events()
             except BaseException:
-                response.close()  # half-read: drop the connection, the upstream's signal to stop
+                response.close()  # half-read: drop the connection
                 raise
             finally:
                 response.release()
 
     async def complete(self, body: dict[str, Any]) -> bytes:
-        """A non-streaming completion, returned as the upstream's JSON bytes."""
-        with upstream_errors():
-            response = await self._post(body)
+        """A non-streaming completion, as the upstream's JSON bytes."""
+
+        async def call(upstream: Upstream) -> bytes:
+            response = await upstream.post(body)
             try:
-                return await response.read()
+                with upstream_errors(upstream.name):
+                    return await response.read()
             finally:
                 response.release()
 
+        with self._slot():
+            return await self._with_retries(call)
+
+    async def ready(self) -> bool:
+        """Answered in the last minute, or answers a probe now."""
+        if time.monotonic() - self.last_success < 60:
+            return True
+        if await self.primary.probe():
+            self.last_success = time.monotonic()
+            return True
+        return False
+
 
 @contextmanager
-def upstream_errors() -> Iterator[None]:
+def upstream_errors(name: str) -> Iterator[None]:
     """Turn network failures into the error a caller can act on; the details go to the log."""
     try:
         yield
     except asyncio.TimeoutError as error:
-        log.warning("upstream timed out: %s", type(error).__name__)
-        raise ApiError(504, "The upstream LLM did not answer in time.", "upstream_error", "upstream_timeout")
+        log.warning("upstream %s timed out: %s", name, type(error).__name__)
+        raise ApiError(504, "The upstream LLM stopped sending.", "upstream_error", "upstream_timeout",
+                       retryable=True) from None
     except aiohttp.ClientError as error:
-        log.warning("upstream connection failed: %s: %s", type(error).__name__, error)
-        raise ApiError(502, "The upstream LLM could not be reached.", "upstream_error", "upstream_unreachable")
+        log.warning("upstream %s connection failed: %s: %s", name, type(error).__name__, error)
+        raise ApiError(502, "The upstream LLM could not be reached.", "upstream_error", "upstream_unreachable",
+                       retryable=True) from None
 
 
-def upstream_refusal(status: int, content: bytes) -> ApiError:
+def upstream_refusal(name: str, status: int, content: bytes) -> ApiError:
     try:
         detail = orjson.loads(content).get("error") or {}
         detail = detail if isinstance(detail, dict) else {"message": str(detail)}
     except (orjson.JSONDecodeError, AttributeError):
         detail = {}
-    log.warning("upstream answered %d: %.300s", status, detail.get("message") or content[:300])
+    log.warning("upstream %s answered %d: %.300s", name, status, detail.get("message") or content[:300])
     if status in (401, 403):
         # The caller's key was fine; ours was not. Never echo the upstream's message: it may quote our key.
         return ApiError(502, "The upstream LLM rejected this server's credentials (check LLM_API_KEY).",
                         "upstream_error", "upstream_auth_failed")
     if status >= 500:
-        return ApiError(502, f"The upstream LLM failed (status {status}).", "upstream_error", "upstream_failed")
+        return ApiError(502, f"The upstream LLM failed (status {status}).", "upstream_error", "upstream_failed",
+                        retryable=True)
     message = detail.get("message")
     return ApiError(
         status,
         message[:500] if isinstance(message, str) and message else f"The upstream LLM refused the request (status {status}).",
         detail.get("type") if isinstance(detail.get("type"), str) else "invalid_request_error",
         detail.get("code") if isinstance(detail.get("code"), str) else None,
+        retryable=status == 429,
     )
 
 
@@ -500,10 +648,10 @@ def sse(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
-async def relay(upstream: Upstream, body: dict[str, Any]) -> AsyncIterator[bytes]:
+async def relay(llm: LLM, body: dict[str, Any]) -> AsyncIterator[bytes]:
     """The upstream's stream as SSE bytes, event for event."""
-    async with upstream.stream(body) as response:
-        async for payloads in sse_payloads(response):
+    async with llm.stream(body) as batches:
+        async for payloads in batches:
             yield b"".join(map(sse, payloads))
 
 
@@ -624,7 +772,7 @@ async def run_calls(tools: ToolRegistry, calls: list[dict[str, Any]]) -> list[di
     return [{"role": "tool", "tool_call_id": c["id"], "content": result} for c, result in zip(calls, results)]
 
 
-async def answer(upstream: Upstream, body: dict[str, Any], tools: ToolRegistry, settings: Settings) -> AsyncIterator[bytes]:
+async def answer(llm: LLM, body: dict[str, Any], tools: ToolRegistry, settings: Settings) -> AsyncIterator[bytes]:
     """The upstream's answer as SSE, running the server's tool calls between rounds.
 
     Events without tool calls are relayed as they arrive, untouched. A round whose calls are all
@@ -635,7 +783,7 @@ async def answer(upstream: Upstream, body: dict[str, Any], tools: ToolRegistry, 
     are in, and no call is lost or run twice."""
     offered = offered_tools(body, tools)
     if not offered:
-        async for data in relay(upstream, body):
+        async for data in relay(llm, body):
             yield data
         return
     caller_tools = caller_tool_names(body)
@@ -644,8 +792,8 @@ async def answer(upstream: Upstream, body: dict[str, Any], tools: ToolRegistry, 
     for round_number in range(settings.tool_max_rounds + 1):
         last = round_number == settings.tool_max_rounds
         calls, relayed, finish = ToolCalls(caller_tools), [], None
-        async with upstream.stream(with_tools(body, messages, [] if last else offered)) as response:
-            async for payloads in sse_payloads(response):
+        async with llm.stream(with_tools(body, messages, [] if last else offered)) as batches:
+            async for payloads in batches:
                 out = []
                 for payload in payloads:
                     event = tool_call_event(payload)
@@ -678,16 +826,16 @@ async def answer(upstream: Upstream, body: dict[str, Any], tools: ToolRegistry, 
             results.cancel()  # a barge-in while tools run cancels them
 
 
-async def complete(upstream: Upstream, body: dict[str, Any], tools: ToolRegistry, settings: Settings) -> bytes:
+async def complete(llm: LLM, body: dict[str, Any], tools: ToolRegistry, settings: Settings) -> bytes:
     """The non-streaming twin of answer(): the same rounds, one JSON completion at the end."""
     offered = offered_tools(body, tools)
     if not offered:
-        return await upstream.complete(body)
+        return await llm.complete(body)
     caller_tools = caller_tool_names(body)
     messages = list(body["messages"])
     for round_number in range(settings.tool_max_rounds + 1):
         last = round_number == settings.tool_max_rounds
-        completion = await upstream.complete(with_tools(body, messages, [] if last else offered))
+        completion = await llm.complete(with_tools(body, messages, [] if last else offered))
         try:
             completion = orjson.loads(completion)
             message = completion["choices"][0]["message"]
@@ -709,6 +857,7 @@ async def complete(upstream: Upstream, body: dict[str, Any], tools: ToolRegistry
 # ---------------------------------------------------------------------------------------------
 
 DONE = b"data: [DONE]\n\n"
+SHUTTING_DOWN = ApiError(503, "The server is shutting down; this answer was cut short.", "server_error", "shutting_down")
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -726,27 +875,27 @@ class CancelOnDisconnect(Response):
         self.background = None
         self.status_code = 200
 
+    hung_up = False
+
     async def __call__(self, scope, receive, send) -> None:
         work = asyncio.current_task()
-        hung_up = False
 
         async def watch() -> None:
-            nonlocal hung_up
             while (await receive())["type"] != "http.disconnect":
                 pass
-            hung_up = True
+            self.hung_up = True
             work.cancel()
 
         watcher = asyncio.ensure_future(watch())
         try:
             await self.respond(send)
         except asyncio.CancelledError:
-            if not hung_up:
+            if not self.hung_up:
                 raise  # a cancellation that is not ours (server shutdown) goes on
             work.uncancel()
         finally:
             watcher.cancel()
-        scope.setdefault("state", {})["cancelled"] = hung_up
+        scope.setdefault("state", {})["cancelled"] = self.hung_up
 
     async def respond(self, send) -> None:
         raise NotImplementedError
@@ -775,6 +924,11 @@ class EventStream(CancelOnDisconnect):
         try:
             async for data in self.events:
                 await emit(data)
+        except asyncio.CancelledError:
+            if started and not self.hung_up:  # the server is shutting down: close the stream properly
+                await emit(sse(orjson.dumps(SHUTTING_DOWN.body())))
+                await emit(DONE, more=False)
+            raise
         except Exception as error:
             if not isinstance(error, ApiError):
                 log.exception("stream failed")
@@ -832,16 +986,18 @@ def with_passages(messages: list[dict[str, Any]], passages: list[Passage]) -> li
 
 async def retrieve(settings: Settings, kb: KnowledgeBase, body: dict[str, Any]) -> dict[str, Any]:
     """The body with the knowledge base's passages for the latest question injected."""
+    started = time.perf_counter()
     passages = await asyncio.to_thread(kb.search, latest_question(body["messages"]), settings.rag_top_k)
+    metrics.RETRIEVAL.observe(time.perf_counter() - started)
     return {**body, "messages": with_passages(body["messages"], passages)}
 
 
-async def rag_events(settings: Settings, upstream: Upstream, kb: KnowledgeBase, tools: ToolRegistry,
+async def rag_events(settings: Settings, llm: LLM, kb: KnowledgeBase, tools: ToolRegistry,
                      body: dict[str, Any]) -> AsyncIterator[bytes]:
     # The waiting phrase goes out before any retrieval work, so the line is never silent.
     phrase = waiting_phrase(settings, latest_question(body["messages"]))
     yield chunk(completion_id(), body["model"], {"role": "assistant", "content": phrase})
-    async for data in answer(upstream, await retrieve(settings, kb, body), tools, settings):
+    async for data in answer(llm, await retrieve(settings, kb, body), tools, settings):
         yield data
 
 
@@ -904,23 +1060,33 @@ async def audio_completion(settings: Settings, model: str) -> bytes:
 # Middleware (pure ASGI: BaseHTTPMiddleware would buffer and slow the streams)
 # ---------------------------------------------------------------------------------------------
 
-request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+request_state: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("request_state")
+
+
+def note(**facts: Any) -> None:
+    """Record facts about the current request (which upstream served it...) for its log line."""
+    state = request_state.get(None)
+    if state is not None:
+        state.update(facts)
 
 
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id.get()
+        record.request_id = request_state.get({}).get("request_id", "-")
         return True
 
 
 class BearerAuth:
-    """Rejects a request without a valid `Authorization: Bearer <key>` before it reaches any endpoint."""
+    """Rejects a request without a valid `Authorization: Bearer <key>` before it reaches any endpoint,
+    and holds each key to MAX_STREAMS_PER_KEY requests at once."""
 
-    PUBLIC = {"/health"}
+    PUBLIC = {"/health", "/ready"}
 
-    def __init__(self, app, keys: tuple[str, ...]):
+    def __init__(self, app, keys: tuple[str, ...], max_per_key: int):
         self.app = app
         self.keys = [key.encode() for key in keys]
+        self.max_per_key = max_per_key
+        self.in_flight = [0] * len(keys)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or not self.keys or scope["path"] in self.PUBLIC:
@@ -930,17 +1096,27 @@ class BearerAuth:
         if scheme.lower() != b"bearer" or not token.strip():
             return await send_error(send, ApiError(
                 401, "Missing API key: send it as 'Authorization: Bearer <key>'.", "authentication_error", "missing_api_key"))
-        token = token.strip()
-        valid = False
-        for key in self.keys:  # every key compared, in constant time
-            valid |= hmac.compare_digest(token, key)
-        if not valid:
+        token, match = token.strip(), -1
+        for n, key in enumerate(self.keys):  # every key compared, in constant time
+            if hmac.compare_digest(token, key):
+                match = n
+        if match < 0:
             return await send_error(send, ApiError(401, "Invalid API key.", "authentication_error", "invalid_api_key"))
-        await self.app(scope, receive, send)
+        if self.max_per_key and self.in_flight[match] >= self.max_per_key:
+            return await send_error(send, ApiError(
+                429, f"This key already has {self.max_per_key} requests in flight.", "rate_limit_error",
+                "too_many_concurrent_requests", headers={"retry-after": "1"}))
+        self.in_flight[match] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight[match] -= 1
 
 
 class RequestLog:
-    """One log line per request, and its id in `x-request-id`; message contents are never logged here."""
+    """One log line and the metrics per request, and its id in `x-request-id`.
+
+    Message contents are never logged here."""
 
     def __init__(self, app):
         self.app = app
@@ -948,9 +1124,11 @@ class RequestLog:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        rid = uuid.uuid4().hex[:16]
-        token = request_id.set(rid)
         state = scope.setdefault("state", {})
+        state["request_id"] = rid = uuid.uuid4().hex[:16]
+        token = request_state.set(state)
+        endpoint = metrics.endpoint(scope["path"])
+        metrics.IN_FLIGHT.labels(endpoint).inc()
         started = time.perf_counter()
         status, first_byte, chunks = 0, None, 0
 
@@ -970,13 +1148,22 @@ class RequestLog:
             status = status or 500  # the error handler outside this middleware answers it
             raise
         finally:
+            ended = time.perf_counter()
+            cancelled = state.get("cancelled", False)
+            metrics.IN_FLIGHT.labels(endpoint).dec()
+            metrics.REQUESTS.labels(endpoint, str(status or 499)).inc()
+            metrics.DURATION.labels(endpoint).observe(ended - started)
+            if first_byte:
+                metrics.FIRST_BYTE.labels(endpoint).observe(first_byte - started)
+            if cancelled:
+                metrics.CANCELLED.labels(endpoint).inc()
             ms = lambda t: f"{(t - started) * 1000:.1f}" if t else "-"  # noqa: E731
             log.info(
-                "request path=%s status=%s model=%s turn=%s ttfb_ms=%s total_ms=%s chunks=%d cancelled=%s",
+                "request path=%s status=%s model=%s turn=%s upstream=%s ttfb_ms=%s total_ms=%s chunks=%d cancelled=%s",
                 scope["path"], status or "-", state.get("model", "-"), state.get("turn_id", "-"),
-                ms(first_byte), ms(time.perf_counter()), chunks, str(state.get("cancelled", False)).lower(),
+                state.get("upstream", "-"), ms(first_byte), ms(ended), chunks, str(cancelled).lower(),
             )
-            request_id.reset(token)
+            request_state.reset(token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -996,15 +1183,18 @@ def create_app(settings: Settings | None = None, tools: ToolRegistry | None = No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.upstream = Upstream(settings)
+        app.state.llm = LLM(settings)
         app.state.knowledge = knowledge
         app.state.tools = tools
         await asyncio.to_thread(knowledge.index)
+        if settings.upstream_configured and not await app.state.llm.primary.probe():
+            log.warning("the upstream LLM at %s does not answer yet", settings.llm_base_url)
+        # The probe left a warm connection in the pool, so the first caller skips the handshake.
         # Everything made at start lives as long as the process: keep it out of the garbage
         # collector's full passes, which otherwise pause every stream now and then.
         gc.freeze()
         yield
-        await app.state.upstream.aclose()
+        await app.state.llm.aclose()
 
     app = FastAPI(title="Custom LLM server for Agora", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
@@ -1013,16 +1203,19 @@ def create_app(settings: Settings | None = None, tools: ToolRegistry | None = No
         """The validated body, ready for the upstream; the engine's fields are kept on request.state."""
         body = await read_json_body(request, settings.max_body_bytes)
         validate_chat_request(body)
+        if len(body["messages"]) > settings.max_messages:
+            raise ApiError(400, f"messages: at most {settings.max_messages} messages are accepted.",
+                           "invalid_request_error", "too_many_messages", "messages")
         request.state.model = body.get("model") or settings.llm_model
         request.state.turn_id = body.get("turn_id", "-")
         request.state.engine = {key: body[key] for key in settings.strip_fields if key in body}
         return body
 
-    def require_upstream() -> Upstream:
+    def require_upstream() -> LLM:
         if not settings.upstream_configured:
             raise ApiError(503, "No upstream LLM is configured: set LLM_API_KEY (and LLM_BASE_URL for "
                                 "a provider other than OpenAI).", "server_error", "no_upstream")
-        return app.state.upstream
+        return app.state.llm
 
     @app.post("/chat/completions", openapi_extra=CHAT_BODY)
     async def chat_completions(request: Request) -> Response:
@@ -1056,6 +1249,24 @@ def create_app(settings: Settings | None = None, tools: ToolRegistry | None = No
         """Liveness for load balancers; needs no key."""
         return {"status": "ok", "version": __version__}
 
+    @app.get("/ready")
+    async def ready() -> Response:
+        """Readiness: the knowledge base is indexed and the upstream LLM answers; needs no key."""
+        problems = []
+        if not knowledge.loaded:
+            problems.append("the knowledge base is not indexed yet")
+        if not settings.upstream_configured:
+            problems.append("no upstream LLM is configured")
+        elif not await app.state.llm.ready():
+            problems.append("the upstream LLM does not answer")
+        body = {"status": "unavailable", "problems": problems} if problems else {"status": "ready"}
+        return Response(orjson.dumps(body), status_code=503 if problems else 200, media_type="application/json")
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        """Prometheus metrics, summed over worker processes."""
+        return Response(metrics.render(), media_type=metrics.CONTENT_TYPE_LATEST)
+
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, error: ApiError) -> Response:
         return error_response(error)
@@ -1083,7 +1294,7 @@ def create_app(settings: Settings | None = None, tools: ToolRegistry | None = No
         return app.openapi_schema
 
     app.openapi = openapi
-    app.add_middleware(BearerAuth, keys=settings.api_keys)
+    app.add_middleware(BearerAuth, keys=settings.api_keys, max_per_key=settings.max_streams_per_key)
     app.add_middleware(RequestLog)
     return app
 
@@ -1096,12 +1307,20 @@ def configure_logging(level: str) -> None:
 
 
 def main() -> None:
+    import tempfile
+
     import uvicorn
 
     settings = Settings.from_env()
     configure_logging(settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), access_log=False)
+    options = dict(host=settings.host, port=settings.port, log_level=settings.log_level.lower(), access_log=False,
+                   timeout_graceful_shutdown=settings.shutdown_grace_seconds)
+    if settings.workers <= 1:
+        return uvicorn.run(create_app(settings), **options)
+    # Worker processes read their settings anew: hand them the same key and a shared metrics folder.
+    os.environ.setdefault("CUSTOM_LLM_API_KEY", ",".join(settings.api_keys))
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="custom-llm-metrics-"))
+    uvicorn.run("custom_llm:create_app", factory=True, workers=settings.workers, **options)
 
 
 if __name__ == "__main__":

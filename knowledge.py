@@ -105,6 +105,7 @@ class KnowledgeBase:
         )
         self.files = 0
         self.chunks = 0
+        self.loaded = False
 
     def index(self) -> None:
         """(Re)build the index from the folder; unreadable files are skipped with a warning."""
@@ -131,7 +132,7 @@ class KnowledgeBase:
             self._db.execute("DELETE FROM chunks")
             self._db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?)", rows)
             self._db.commit()
-        self.files, self.chunks = files, len(rows)
+        self.files, self.chunks, self.loaded = files, len(rows), True
         log.info("knowledge indexed: %d files, %d chunks from %s", files, len(rows), self.folder)
 
     def search(self, question: str, limit: int = 3) -> list[Passage]:

@@ -26,6 +26,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import orjson
 from pydantic import Field, ValidationError, create_model
 
+import metrics
 from knowledge import KnowledgeBase
 
 log = logging.getLogger("custom_llm.tools")
@@ -88,8 +89,9 @@ class ToolRegistry:
         """Run one call and return its result as text for a `tool` message; failures are results too."""
         started = time.perf_counter()
         result = await self._run(name, arguments)
-        ok = not result.startswith('{"error"')
-        log.info("tool name=%s ok=%s ms=%.1f", name, str(ok).lower(), (time.perf_counter() - started) * 1000)
+        ok, seconds = str(not result.startswith('{"error"')).lower(), time.perf_counter() - started
+        metrics.TOOLS.labels(name if name in self.tools else "unknown", ok).observe(seconds)
+        log.info("tool name=%s ok=%s ms=%.1f", name, ok, seconds * 1000)
         return result
 
     async def _run(self, name: str, arguments: str) -> str:

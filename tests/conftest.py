@@ -26,11 +26,11 @@ UPSTREAM_KEY = "upstream-secret-key"
 class ServerThread:
     """A uvicorn server on a free loopback port, in a thread of the test process."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, **config) -> None:
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, **config))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self) -> "ServerThread":
@@ -60,9 +60,24 @@ def upstream(upstream_server) -> ScriptedUpstream:
     return upstream_server.upstream
 
 
+@pytest.fixture(scope="session")
+def fallback_server():
+    fallback = ScriptedUpstream()
+    with ServerThread(fallback) as server:
+        server.upstream = fallback
+        yield server
+
+
+@pytest.fixture
+def fallback(fallback_server) -> ScriptedUpstream:
+    """A second scripted LLM, for LLM_FALLBACK_BASE_URL."""
+    fallback_server.upstream.reset()
+    return fallback_server.upstream
+
+
 def settings_for(upstream_server, **overrides) -> Settings:
     base = Settings(llm_base_url=f"{upstream_server.url}/v1", llm_api_key=UPSTREAM_KEY, api_keys=(API_KEY,),
-                    llm_read_timeout=2.0)
+                    llm_first_token_timeout=2.0, llm_idle_timeout=2.0)
     return dataclasses.replace(base, **overrides)
 
 
@@ -71,8 +86,8 @@ def make_server(upstream_server):
     """Start a server with some settings changed, or other tools: make_server(rag_top_k=1, tools=registry)."""
     started = []
 
-    def make(tools=None, **overrides) -> ServerThread:
-        server = ServerThread(create_app(settings_for(upstream_server, **overrides), tools)).__enter__()
+    def make(tools=None, config=None, **overrides) -> ServerThread:
+        server = ServerThread(create_app(settings_for(upstream_server, **overrides), tools), **(config or {})).__enter__()
         started.append(server)
         return server
 

@@ -200,7 +200,7 @@ def test_unreachable_upstream_is_a_502(make_server, upstream):
 
 def test_slow_first_token_is_a_504(make_server, upstream):
     upstream.script.first_delay = 2
-    server = make_server(llm_read_timeout=0.3)
+    server = make_server(llm_first_token_timeout=0.3)
     response = httpx.post(f"{server.url}/chat/completions", headers={"authorization": f"Bearer {API_KEY}"},
                           json={"messages": USER})
     # Nothing was sent to the caller yet, so the timeout is still a plain HTTP status.
@@ -209,21 +209,21 @@ def test_slow_first_token_is_a_504(make_server, upstream):
 
 def test_stall_mid_stream_ends_with_an_error_event_and_done(make_server, upstream):
     upstream.script.stall_after = 3
-    server = make_server(llm_read_timeout=0.3)
+    server = make_server(llm_idle_timeout=0.3)
     response = httpx.post(f"{server.url}/chat/completions", headers={"authorization": f"Bearer {API_KEY}"},
                           json={"messages": USER})
     events = sse_events(response)
     assert [b"data: " + e + b"\n\n" for e in events[:3]] == upstream.events()[:3]
-    assert json.loads(events[3]) == {"error": {"message": "The upstream LLM did not answer in time.",
+    assert json.loads(events[3]) == {"error": {"message": "The upstream LLM stopped sending.",
                                                "type": "upstream_error", "param": None, "code": "upstream_timeout"}}
     assert events[4:] == [b"[DONE]"]
 
 
 def test_sdk_sees_a_mid_stream_error(make_server, upstream):
     upstream.script.stall_after = 3
-    server = make_server(llm_read_timeout=0.3)
+    server = make_server(llm_idle_timeout=0.3)
     sdk = openai.OpenAI(base_url=server.url, api_key=API_KEY, max_retries=0)
-    with pytest.raises(openai.APIError, match="did not answer in time"):
+    with pytest.raises(openai.APIError, match="stopped sending"):
         list(sdk.chat.completions.create(model="m", messages=USER, stream=True))
 
 

@@ -30,6 +30,7 @@ class Script:
     # Tool-calling turns: each request takes the next (the last one repeats), e.g.
     # {"say": ["Let me check. "], "calls": [("calculate", '{"expression": "2+2"}')], "after": ["Done."]}
     turns: list[dict[str, Any]] = field(default_factory=list)
+    fail_times: int | None = None  # only the first N requests get `status` (or the first delay); then all is well
 
 
 def chunk_event(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -51,6 +52,8 @@ class ScriptedUpstream:
         self.disconnected = threading.Event()
         self.disconnected_at: float | None = None
         self.active = 0
+        self.probes: list[tuple] = []
+        self.probe_status = 200
 
     def turn(self) -> dict[str, Any] | None:
         turns = self.script.turns
@@ -100,6 +103,9 @@ class ScriptedUpstream:
             while (message := await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
             return await send({"type": "lifespan.shutdown.complete"})
+        if scope["method"] == "GET":  # GET /models: the server's readiness probe
+            self.probes.append(tuple(scope["client"]))
+            return await self._json(send, self.probe_status, {"object": "list", "data": []})
         body = b""
         while True:
             message = await receive()
@@ -111,6 +117,9 @@ class ScriptedUpstream:
                               "body": request, "at": time.monotonic(),
                               "client": tuple(scope["client"])})
         script = self.script
+        if script.fail_times is not None:
+            if len(self.requests) > script.fail_times:
+                script = Script(turns=script.turns, words=script.words)
         if script.status != 200:
             return await self._json(send, script.status, script.error or {"error": {"message": "scripted failure"}})
         turn = self.turn()
