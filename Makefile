@@ -1,8 +1,9 @@
-# make run: start the server from a fresh clone; make test: the whole suite; make bench: latency.
+# make run: start the server from a fresh clone; make test: the whole suite;
+# make bench: the latency benchmark; make soak: thousands of streams with faults and hang-ups.
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench clean
+.PHONY: run test bench soak clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -18,6 +19,9 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench.py
+
+soak: $(VENV)/.installed
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

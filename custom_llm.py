@@ -1265,6 +1265,7 @@ def create_app(settings: Settings | None = None, tools: ToolRegistry | None = No
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         """Prometheus metrics, summed over worker processes."""
+        metrics.TASKS.set(len(asyncio.all_tasks()))
         return Response(metrics.render(), media_type=metrics.CONTENT_TYPE_LATEST)
 
     @app.exception_handler(ApiError)

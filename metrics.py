@@ -27,6 +27,8 @@ UPSTREAM_ERRORS = Counter("custom_llm_upstream_errors_total", "Failed upstream c
 RETRIES = Counter("custom_llm_upstream_retries_total", "Upstream calls tried again on the same upstream.")
 FALLBACKS = Counter("custom_llm_fallbacks_total", "Upstream calls served by the fallback LLM.")
 RETRIEVAL = Histogram("custom_llm_retrieval_seconds", "Knowledge base searches for /rag.", buckets=SECONDS)
+TASKS = Gauge("custom_llm_event_loop_tasks", "asyncio tasks alive in the worker, read at scrape time (leak check).",
+              multiprocess_mode="livesum")
 TOOLS = Histogram("custom_llm_tool_seconds", "Server tool runs, by tool and outcome.", ["tool", "ok"], buckets=SECONDS)
 
 

@@ -118,12 +118,12 @@ class Sample:
         return [b - a for a, b in zip(times, times[1:])]
 
 
-def body(n: int = 20, interval: float = 0.0, first_delay: float = 0.0, tag: str | None = None) -> bytes:
+def body(n: int = 20, interval: float = 0.0, first_delay: float = 0.0, tag: str | None = None, **faults) -> bytes:
     return json.dumps({
         "model": "bench-model", "stream": True,
         "messages": [{"role": "system", "content": "You are a helpful voice assistant."},
                      {"role": "user", "content": "What are your opening hours on weekends?"}],
-        "bench": {"n": n, "interval": interval, "first_delay": first_delay, "tag": tag},
+        "bench": {"n": n, "interval": interval, "first_delay": first_delay, "tag": tag, **faults},
     }).encode()
 
 

@@ -73,16 +73,27 @@ async def app(scope, receive, send):
 
 
 async def stream(send, spec):
+    """Faults for the soak test: "status" (an error answer), "stall_after" (chunks, then silence),
+    "truncate" (the connection ends without [DONE])."""
     n, interval, first_delay = spec.get("n", 20), spec.get("interval", 0.0), spec.get("first_delay", 0.0)
+    if spec.get("status"):
+        body = b'{"error": {"message": "injected fault", "type": "server_error"}}'
+        await send({"type": "http.response.start", "status": spec["status"], "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        return await send({"type": "http.response.body", "body": body})
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
     if first_delay:
         await asyncio.sleep(first_delay)
     for i in range(n):
+        if i == spec.get("stall_after"):
+            await asyncio.sleep(3600)
         await send({"type": "http.response.body", "more_body": True,
                     "body": b"data: " + (CHUNK % time.monotonic_ns()).encode() + b"\n\n"})
         if interval and i < n - 1:
             await asyncio.sleep(interval)
-    await send({"type": "http.response.body", "more_body": True, "body": b"data: " + FINISH.encode() + b"\n\ndata: [DONE]\n\n"})
+    if not spec.get("truncate"):
+        await send({"type": "http.response.body", "more_body": True,
+                    "body": b"data: " + FINISH.encode() + b"\n\ndata: [DONE]\n\n"})
     await send({"type": "http.response.body", "body": b""})
 
 
