@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 import metrics
+import speech
 from knowledge import KnowledgeBase, Passage
 from tools import ToolRegistry, sample_tools
 
@@ -112,6 +113,13 @@ class Settings:
     audio_text_file: Path = HERE / "file.txt"
     audio_pcm_file: Path = HERE / "file.pcm"
     audio_head_start_ms: int = 200
+    audio_source: str = "files"  # or "tts": the model's answer, spoken
+    tts_engine: str = "openai"  # or "espeak"
+    tts_base_url: str = ""  # empty: LLM_BASE_URL
+    tts_api_key: str = ""  # empty: LLM_API_KEY
+    tts_model: str = "gpt-4o-mini-tts"
+    tts_voice: str = ""  # empty: "alloy" for openai, "en-us" for espeak
+    tts_sample_rate: int = 24_000
     server_tools: tuple[str, ...] | None = None  # None: every tool in tools.sample_tools()
     tool_max_rounds: int = 3
     tool_bridge_ms: int = 1000
@@ -164,6 +172,13 @@ class Settings:
             audio_text_file=Path(env.get("AUDIO_TEXT_FILE", defaults.audio_text_file)),
             audio_pcm_file=Path(env.get("AUDIO_PCM_FILE", defaults.audio_pcm_file)),
             audio_head_start_ms=int(env.get("AUDIO_HEAD_START_MS", defaults.audio_head_start_ms)),
+            audio_source=env.get("AUDIO_SOURCE", defaults.audio_source).lower(),
+            tts_engine=env.get("TTS_ENGINE", defaults.tts_engine).lower(),
+            tts_base_url=env.get("TTS_BASE_URL", ""),
+            tts_api_key=env.get("TTS_API_KEY", ""),
+            tts_model=env.get("TTS_MODEL", defaults.tts_model),
+            tts_voice=env.get("TTS_VOICE", ""),
+            tts_sample_rate=int(env.get("TTS_SAMPLE_RATE", defaults.tts_sample_rate)),
             server_tools=_tool_names(env.get("SERVER_TOOLS")),
             tool_max_rounds=int(env.get("TOOL_MAX_ROUNDS", defaults.tool_max_rounds)),
             tool_bridge_ms=int(env.get("TOOL_BRIDGE_MS", defaults.tool_bridge_ms)),
@@ -1002,18 +1017,17 @@ async def rag_events(settings: Settings, llm: LLM, kb: KnowledgeBase, tools: Too
 
 
 # ---------------------------------------------------------------------------------------------
-# /audio: a transcript and 16 kHz mono s16le PCM in 40 ms chunks, paced close to real time
+# /audio: a transcript and 16 kHz mono s16le PCM in 40 ms chunks, paced close to real time.
+# Three sources: two files (the default), the model's answer spoken by a TTS engine (AUDIO_SOURCE
+# "tts"), or the upstream's own audio when the request asks for it (modalities with "audio").
 # ---------------------------------------------------------------------------------------------
-
-SAMPLE_RATE = 16_000
-CHUNK_MS = 40
-CHUNK_BYTES = SAMPLE_RATE * 2 * CHUNK_MS // 1000  # 1280
 
 
 def simulated_audio() -> tuple[str, bytes]:
     """A spoken-answer stand-in when the audio files are missing: a soft one-second tone."""
-    samples = (int(3000 * math.sin(2 * math.pi * 440 * n / SAMPLE_RATE)) for n in range(SAMPLE_RATE))
-    return "This is a simulated audio answer.", struct.pack(f"<{SAMPLE_RATE}h", *samples)
+    rate = speech.SAMPLE_RATE
+    samples = (int(3000 * math.sin(2 * math.pi * 440 * n / rate)) for n in range(rate))
+    return "This is a simulated audio answer.", struct.pack(f"<{rate}h", *samples)
 
 
 async def load_audio(settings: Settings) -> tuple[str, bytes]:
@@ -1028,32 +1042,120 @@ async def load_audio(settings: Settings) -> tuple[str, bytes]:
     return text, pcm[: len(pcm) // 2 * 2]  # whole 16-bit samples only
 
 
-async def audio_events(settings: Settings, model: str) -> AsyncIterator[bytes]:
+class AudioChunks:
+    """The chunk shapes of one audio answer: every piece under one audio id."""
+
+    def __init__(self, model: str):
+        self.model, self.id, self.audio_id, self.first = model, completion_id(), f"audio_{uuid.uuid4().hex}", True
+
+    def _chunk(self, audio: dict[str, Any]) -> bytes:
+        delta = {"audio": {"id": self.audio_id, **audio}}
+        if self.first:
+            delta, self.first = {"role": "assistant", **delta}, False
+        return chunk(self.id, self.model, delta)
+
+    def transcript(self, text: str) -> bytes:
+        return self._chunk({"transcript": text})
+
+    def data(self, pcm: bytes) -> bytes:
+        return self._chunk({"data": base64.b64encode(pcm).decode()})
+
+    def stop(self) -> bytes:
+        return chunk(self.id, self.model, {}, "stop")
+
+
+async def file_events(settings: Settings, model: str, head_start_ms: int) -> AsyncIterator[bytes]:
     text, pcm = await load_audio(settings)
-    response_id, audio_id = completion_id(), f"audio_{uuid.uuid4().hex}"
+    out, pacer = AudioChunks(model), speech.Pacer(head_start_ms)
     # The transcript comes first: it is what the engine stores as the agent's words.
-    yield chunk(response_id, model, {"role": "assistant", "audio": {"id": audio_id, "transcript": text}})
-    clock = asyncio.get_running_loop().time
-    start = clock() - settings.audio_head_start_ms / 1000  # a head start, then real time
-    for n, offset in enumerate(range(0, len(pcm), CHUNK_BYTES)):
-        delay = start + n * CHUNK_MS / 1000 - clock()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        data = base64.b64encode(pcm[offset: offset + CHUNK_BYTES]).decode()
-        yield chunk(response_id, model, {"audio": {"id": audio_id, "data": data}})
-    yield chunk(response_id, model, {}, "stop")
+    yield out.transcript(text)
+    for offset in range(0, len(pcm), speech.CHUNK_BYTES):
+        await pacer.wait()
+        yield out.data(pcm[offset: offset + speech.CHUNK_BYTES])
+    yield out.stop()
 
 
-async def audio_completion(settings: Settings, model: str) -> bytes:
-    text, pcm = await load_audio(settings)
+def spoken_separator(text: str) -> str:
+    """What joins this segment's transcript to the next: a space, except after Chinese or Japanese."""
+    return "" if _CJK.search(text[-1:]) else " "
+
+
+async def text_deltas(events: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """The text of an answer's SSE events (tool rounds and bridge phrases included)."""
+    async for data in events:
+        for block in data.split(b"\n\n"):
+            if not block.startswith(b"data: {"):
+                continue
+            event = orjson.loads(block[6:])
+            if isinstance(event.get("error"), dict):
+                raise ApiError(502, str(event["error"].get("message", "The upstream LLM failed."))[:300],
+                               "upstream_error", "upstream_failed")
+            content = ((event.get("choices") or [{}])[0].get("delta") or {}).get("content")
+            if content:
+                yield content
+
+
+async def one(text: str) -> AsyncIterator[str]:
+    yield text
+
+
+async def spoken_events(said: AsyncIterator[speech.Said], model: str) -> AsyncIterator[bytes]:
+    out = AudioChunks(model)
+    try:
+        async for step in said:
+            if step.transcript is not None:
+                yield out.transcript(step.transcript + spoken_separator(step.transcript))
+            else:
+                yield out.data(step.audio)
+    except speech.SpeechError as error:
+        log.warning("speech failed before any audio: %s", error)
+        raise ApiError(502, "The speech service failed.", "upstream_error", "speech_failed") from None
+    yield out.stop()
+
+
+async def upstream_audio_events(llm: "LLM", body: dict[str, Any], head_start_ms: int) -> AsyncIterator[bytes]:
+    """The upstream's own audio (gpt-4o-audio style: base64 pcm16 at 24 kHz), converted, not re-synthesized."""
+    out, pacer = AudioChunks(body["model"]), speech.Pacer(head_start_ms)
+    resample, framer = speech.Resampler(24_000), speech.Framer()
+    async with llm.stream(body) as batches:
+        async for payloads in batches:
+            for payload in payloads:
+                event = orjson.loads(payload)
+                audio = ((event.get("choices") or [{}])[0].get("delta") or {}).get("audio") or {}
+                if audio.get("transcript"):
+                    yield out.transcript(audio["transcript"])
+                for frame in framer.push(resample(base64.b64decode(audio.get("data") or ""))):
+                    await pacer.wait()
+                    yield out.data(frame)
+    for frame in framer.push(resample(b"", last=True)) + framer.flush():
+        await pacer.wait()
+        yield out.data(frame)
+    yield out.stop()
+
+
+async def audio_completion(events: AsyncIterator[bytes], model: str) -> bytes:
+    """The non-streaming answer: one message.audio with all the data and the whole transcript."""
+    transcript, pcm = [], []
+    async for data in events:
+        audio = orjson.loads(data[6:])["choices"][0]["delta"].get("audio") or {}
+        transcript.append(audio.get("transcript") or "")
+        pcm.append(base64.b64decode(audio.get("data") or ""))
     return orjson.dumps({
         "id": completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "finish_reason": "stop", "message": {
             "role": "assistant", "content": None,
-            "audio": {"id": f"audio_{uuid.uuid4().hex}", "data": base64.b64encode(pcm).decode(),
-                      "transcript": text, "expires_at": int(time.time()) + 3600},
+            "audio": {"id": f"audio_{uuid.uuid4().hex}", "data": base64.b64encode(b"".join(pcm)).decode(),
+                      "transcript": "".join(transcript).strip(), "expires_at": int(time.time()) + 3600},
         }}],
     })
+
+
+def speech_engine(settings: Settings, session: aiohttp.ClientSession) -> speech.Engine:
+    if settings.tts_engine == "espeak":
+        return speech.EspeakSpeech(voice=settings.tts_voice or "en-us")
+    return speech.OpenAISpeech(session, settings.tts_base_url or settings.llm_base_url,
+                               settings.tts_api_key or settings.llm_api_key, settings.tts_model,
+                               settings.tts_voice or "alloy", settings.tts_sample_rate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1237,12 +1339,28 @@ def create_app(settings: Settings | None = None, tools: ToolRegistry | None = No
 
     @app.post("/audio/chat/completions", openapi_extra=CHAT_BODY)
     async def audio_chat_completions(request: Request) -> Response:
-        """The transcript of file.txt, then file.pcm as 40 ms base64 chunks of 16 kHz mono PCM."""
+        """The answer as a transcript and 16 kHz mono PCM, from files, a TTS engine or the upstream."""
         body = await chat_request(request)
-        model = request.state.model
+        # Paced at real time when streaming; a non-streaming answer is wanted all at once.
+        head_start = settings.audio_head_start_ms if is_streaming(body) else 10**9
+        if settings.audio_source == "files" and "audio" not in (body.get("modalities") or []):
+            events = file_events(settings, request.state.model, head_start)
+        else:
+            body = upstream_body(body, settings)
+            if body["messages"][-1].get("role") == "assistant":
+                # Agora's greeting, failure message, silence prompt or /speak: say it as written.
+                texts = speech.segments(one(message_text(body["messages"][-1])))
+            elif "audio" in (body.get("modalities") or []):
+                texts = None
+                events = upstream_audio_events(require_upstream(), {**body, "stream": True}, head_start)
+            else:
+                texts = speech.segments(text_deltas(answer(require_upstream(), {**body, "stream": True}, tools, settings)))
+            if texts is not None:
+                engine = speech_engine(settings, app.state.llm.session)
+                events = spoken_events(speech.speak(texts, engine, head_start), body["model"])
         if is_streaming(body):
-            return EventStream(audio_events(settings, model))
-        return JSONReply(audio_completion(settings, model))
+            return EventStream(events)
+        return JSONReply(audio_completion(events, request.state.model))
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ class Script:
     # Tool-calling turns: each request takes the next (the last one repeats), e.g.
     # {"say": ["Let me check. "], "calls": [("calculate", '{"expression": "2+2"}')], "after": ["Done."]}
     turns: list[dict[str, Any]] = field(default_factory=list)
+    speech_status: int = 200  # the speech endpoint's answer
+    speech_fail_after: int | None = None  # the speech endpoint breaks off after this many requests' audio began
+    speech_delay: float = 0.0  # seconds between 100 ms pieces of speech
     fail_times: int | None = None  # only the first N requests get `status` (or the first delay); then all is well
 
 
@@ -53,6 +57,8 @@ class ScriptedUpstream:
         self.disconnected_at: float | None = None
         self.active = 0
         self.probes: list[tuple] = []
+        self.speech_requests: list[dict[str, Any]] = []
+        self.speech_disconnected = threading.Event()
         self.probe_status = 200
 
     def turn(self) -> dict[str, Any] | None:
@@ -113,6 +119,8 @@ class ScriptedUpstream:
             if not message.get("more_body"):
                 break
         request = json.loads(body)
+        if scope["path"].endswith("/audio/speech"):
+            return await self._speech(request, receive, send)
         self.requests.append({"path": scope["path"], "headers": {k.decode(): v.decode() for k, v in scope["headers"]},
                               "body": request, "at": time.monotonic(),
                               "client": tuple(scope["client"])})
@@ -154,6 +162,50 @@ class ScriptedUpstream:
             if script.done:
                 await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    SPEECH_RATE = 24_000
+
+    @classmethod
+    def speech_pcm(cls, text: str) -> bytes:
+        """What the scripted voice says for a text: a 440 Hz tone, 30 ms per character, at 24 kHz."""
+        samples = int(cls.SPEECH_RATE * max(0.1, 0.03 * len(text)))
+        return b"".join(int(8000 * math.sin(2 * math.pi * 440 * n / cls.SPEECH_RATE)).to_bytes(2, "little", signed=True)
+                        for n in range(samples))
+
+    async def _speech(self, request: dict[str, Any], receive, send) -> None:
+        self.speech_requests.append(request)
+        script = self.script
+        if script.speech_status != 200:
+            return await self._json(send, script.speech_status, {"error": {"message": "speech failed"}})
+        pcm = self.speech_pcm(request["input"])
+
+        async def play() -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"audio/pcm")]})
+            piece = self.SPEECH_RATE // 10 * 2
+            for offset in range(0, len(pcm), piece):
+                if script.speech_fail_after is not None and len(self.speech_requests) > script.speech_fail_after:
+                    raise RuntimeError("scripted speech failure")  # the connection breaks mid-answer
+                await send({"type": "http.response.body", "body": pcm[offset:offset + piece], "more_body": True})
+                if script.speech_delay:
+                    await asyncio.sleep(script.speech_delay)
+            await send({"type": "http.response.body", "body": b""})
+
+        task = asyncio.ensure_future(play())
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not task.done():
+                self.speech_disconnected.set()
+                task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await asyncio.wait({task})
+            if not task.cancelled() and task.exception():
+                raise task.exception()
+        finally:
+            watcher.cancel()
 
     async def _race_disconnect(self, receive, work) -> None:
         task = asyncio.ensure_future(work)
