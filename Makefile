@@ -19,6 +19,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench.py
+	$(PY) bench/voice.py
 
 soak: $(VENV)/.installed
 	$(PY) bench/soak.py

@@ -36,7 +36,9 @@ _FENCE = re.compile(r"```.*?(```|$)", re.S)
 _LINK = re.compile(r"\[([^\]]*)\]\([^)]*\)")
 _URL = re.compile(r"(https?://|www\.)\S*[^\s.,;:!?)\]]")
 _MARKS = re.compile(r"(^|\n)\s{0,3}(#{1,6}\s+|[-*+]\s+|>\s?|\d+[.)]\s+)|[*_`~]{1,3}")
-_END = re.compile(r"[.!?…]+[\"')\]]*(?=\s)|[。！？；]+|\n")
+# A sentence ends at .!? before a space, or at the end of the text so far unless a digit precedes
+# it (the next delta may be "14" after "3."): waiting for the next word would cost a whole delta.
+_END = re.compile(r"[.!?…]+[\"')\]]*(?=\s)|(?<!\d)[.!?…]+[\"')\]]*$|[。！？；]+|\n")
 _CLAUSE = re.compile(r"[,;:](?=\s)|[，、：]")
 FIRST_SEGMENT_MIN = 12  # characters before the first segment may end at a comma
 MAX_SEGMENT = 220  # a segment with no punctuation is cut at a space near this length

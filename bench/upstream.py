@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import os
 import sys
 import time
 
@@ -21,6 +23,12 @@ CHUNK = ('{"id":"chatcmpl-bench0123456789","object":"chat.completion.chunk","cre
          '"delta":{"content":" token"},"logprobs":null,"finish_reason":null}],"emit_ns":%d}')
 FINISH = ('{"id":"chatcmpl-bench0123456789","object":"chat.completion.chunk","created":1700000000,'
           '"model":"bench-model","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}')
+
+SPEECH_RATE = 24_000
+SPEECH_TTFB = float(os.environ.get("BENCH_SPEECH_TTFB_MS", "50")) / 1000
+SPEECH_MS_PER_CHAR = 60  # a speaking rate of about 16 characters a second
+TONE = b"".join(int(6000 * math.sin(2 * math.pi * 220 * n / SPEECH_RATE)).to_bytes(2, "little", signed=True)
+                for n in range(SPEECH_RATE))  # one second
 
 active = 0
 requests = 0
@@ -48,7 +56,10 @@ async def app(scope, receive, send):
         raw += message.get("body", b"")
         if not message.get("more_body"):
             break
-    spec = json.loads(raw).get("bench", {})
+    request = json.loads(raw)
+    if scope["path"].endswith("/audio/speech"):
+        return await speech(send, request["input"])
+    spec = request.get("bench", {})
     requests += 1
     tag = spec.get("tag")
     if tag:
@@ -72,6 +83,23 @@ async def app(scope, receive, send):
         active -= 1
 
 
+async def speech(send, text: str) -> None:
+    """24 kHz pcm of a tone as long as the text would take to say, after a fixed time to first byte."""
+    length = int(SPEECH_RATE * SPEECH_MS_PER_CHAR / 1000 * len(text)) * 2
+    pcm = (TONE * (length // len(TONE) + 1))[:length]
+    await asyncio.sleep(SPEECH_TTFB)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"audio/pcm")]})
+    for offset in range(0, len(pcm), 4800):
+        await send({"type": "http.response.body", "body": pcm[offset:offset + 4800], "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def text_chunk(text: str) -> bytes:
+    return b"data: " + json.dumps({"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000,
+                                   "model": "bench-model", "emit_ns": time.monotonic_ns(),
+                                   "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}).encode() + b"\n\n"
+
+
 async def stream(send, spec):
     """Faults for the soak test: "status" (an error answer), "stall_after" (chunks, then silence),
     "truncate" (the connection ends without [DONE])."""
@@ -84,12 +112,13 @@ async def stream(send, spec):
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
     if first_delay:
         await asyncio.sleep(first_delay)
-    for i in range(n):
+    texts = spec.get("text")  # the answer's words, when they matter (the voice benchmark)
+    for i in range(len(texts) if texts else n):
         if i == spec.get("stall_after"):
             await asyncio.sleep(3600)
         await send({"type": "http.response.body", "more_body": True,
-                    "body": b"data: " + (CHUNK % time.monotonic_ns()).encode() + b"\n\n"})
-        if interval and i < n - 1:
+                    "body": text_chunk(texts[i]) if texts else b"data: " + (CHUNK % time.monotonic_ns()).encode() + b"\n\n"})
+        if interval and i < (len(texts) if texts else n) - 1:
             await asyncio.sleep(interval)
     if not spec.get("truncate"):
         await send({"type": "http.response.body", "more_body": True,
