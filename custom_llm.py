@@ -36,6 +36,7 @@ import orjson
 import yarl
 from dotenv import load_dotenv
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import models_json_schema
@@ -106,7 +107,10 @@ class Settings:
     workers: int = 1
     strip_fields: frozenset[str] = ENGINE_FIELDS
     knowledge_dir: Path = HERE / "knowledge"
+    knowledge_index: str = ""  # empty: one file per folder under .index/
     rag_top_k: int = 3
+    rag_min_score: float = 0.5
+    rag_deadline_ms: int = 300
     waiting_messages: dict[str, tuple[str, ...]] = field(
         default_factory=lambda: {"en": WAITING_EN, "zh": WAITING_ZH}
     )
@@ -131,13 +135,13 @@ class Settings:
         return bool(self.llm_api_key) or self.llm_base_url.rstrip("/") != DEFAULT_BASE_URL
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls, quiet: bool = False) -> "Settings":
         load_dotenv(override=False)  # the real environment wins over .env
         env = os.environ
         defaults = cls()
         api_keys = _split(env.get("CUSTOM_LLM_API_KEY", ""))
         allow_unauthenticated = env.get("ALLOW_UNAUTHENTICATED", "").lower() in ("1", "true", "yes")
-        if not api_keys and not allow_unauthenticated:
+        if not api_keys and not allow_unauthenticated and not quiet:
             api_keys = (secrets.token_urlsafe(24),)
             # Printed once, on purpose: a server is never open by accident, and the developer
             # needs this value for the agent's llm.api_key.
@@ -164,7 +168,10 @@ class Settings:
             workers=int(env.get("WORKERS", defaults.workers)),
             strip_fields=ENGINE_FIELDS | set(_split(env.get("STRIP_FIELDS", ""))),
             knowledge_dir=Path(env.get("KNOWLEDGE_DIR", defaults.knowledge_dir)),
+            knowledge_index=env.get("KNOWLEDGE_INDEX", ""),
             rag_top_k=int(env.get("RAG_TOP_K", defaults.rag_top_k)),
+            rag_min_score=float(env.get("RAG_MIN_SCORE", defaults.rag_min_score)),
+            rag_deadline_ms=int(env.get("RAG_DEADLINE_MS", defaults.rag_deadline_ms)),
             waiting_messages={
                 "en": _split(env.get("WAITING_MESSAGES_EN", ""), "|") or WAITING_EN,
                 "zh": _split(env.get("WAITING_MESSAGES_ZH", ""), "|") or WAITING_ZH,
@@ -999,11 +1006,31 @@ def with_passages(messages: list[dict[str, Any]], passages: list[Passage]) -> li
     return [*messages[:lead], context, *messages[lead:]]
 
 
+_FOLLOW_UP = re.compile(r"^(and|but|so|or|also|then|what about|how about)\b|\b(it|its|that|this|they|them|those|"
+                        r"these|there|one)\b|^(那|还有|那么|它|这个|那个|另外)", re.I)
+
+
+def search_query(messages: list[dict[str, Any]]) -> str:
+    """The latest question, plus the one before when it is a follow-up ("and how much is it?")."""
+    questions = [message_text(m) for m in messages if m.get("role") == "user"]
+    latest = questions[-1] if questions else ""
+    short = len(latest.split()) <= 3 if not _CJK.search(latest) else len(latest) <= 8
+    if len(questions) > 1 and (short or _FOLLOW_UP.search(latest.strip())):
+        return f"{questions[-2]} {latest}"
+    return latest
+
+
 async def retrieve(settings: Settings, kb: KnowledgeBase, body: dict[str, Any]) -> dict[str, Any]:
-    """The body with the knowledge base's passages for the latest question injected."""
+    """The body with the knowledge base's passages injected; past RAG_DEADLINE_MS, without them."""
     started = time.perf_counter()
-    passages = await asyncio.to_thread(kb.search, latest_question(body["messages"]), settings.rag_top_k)
+    search = asyncio.to_thread(kb.search, search_query(body["messages"]), settings.rag_top_k)
+    try:
+        passages = await asyncio.wait_for(search, settings.rag_deadline_ms / 1000)
+    except asyncio.TimeoutError:
+        log.warning("retrieval passed its %d ms deadline; answering without passages", settings.rag_deadline_ms)
+        passages = []
     metrics.RETRIEVAL.observe(time.perf_counter() - started)
+    note(passages=len(passages))
     return {**body, "messages": with_passages(body["messages"], passages)}
 
 
@@ -1280,7 +1307,7 @@ def create_app(settings: Settings | None = None, tools: ToolRegistry | None = No
     settings = settings or Settings.from_env()
     if settings.allow_unauthenticated and not settings.api_keys:
         log.warning("ALLOW_UNAUTHENTICATED is set: anyone who can reach this server can use it")
-    knowledge = KnowledgeBase(settings.knowledge_dir)
+    knowledge = KnowledgeBase(settings.knowledge_dir, settings.knowledge_index or None, settings.rag_min_score)
     tools = (tools or sample_tools(knowledge)).select(settings.server_tools)
 
     @asynccontextmanager
@@ -1288,7 +1315,8 @@ def create_app(settings: Settings | None = None, tools: ToolRegistry | None = No
         app.state.llm = LLM(settings)
         app.state.knowledge = knowledge
         app.state.tools = tools
-        await asyncio.to_thread(knowledge.index)
+        # Indexing runs beside the requests: searches see what is indexed so far, /ready waits for all.
+        indexing = asyncio.ensure_future(asyncio.to_thread(knowledge.index))
         if settings.upstream_configured and not await app.state.llm.primary.probe():
             log.warning("the upstream LLM at %s does not answer yet", settings.llm_base_url)
         # The probe left a warm connection in the pool, so the first caller skips the handshake.
@@ -1296,6 +1324,7 @@ def create_app(settings: Settings | None = None, tools: ToolRegistry | None = No
         # collector's full passes, which otherwise pause every stream now and then.
         gc.freeze()
         yield
+        await indexing
         await app.state.llm.aclose()
 
     app = FastAPI(title="Custom LLM server for Agora", version=__version__, lifespan=lifespan,
@@ -1362,6 +1391,12 @@ def create_app(settings: Settings | None = None, tools: ToolRegistry | None = No
             return EventStream(events)
         return JSONReply(audio_completion(events, request.state.model))
 
+    @app.get("/knowledge/search")
+    async def knowledge_search(q: str, limit: int = 5) -> dict[str, Any]:
+        """What a question retrieves from the knowledge base (the passages /rag would inject)."""
+        passages = await asyncio.to_thread(knowledge.search, q[:2000], max(1, min(limit, 50)))
+        return {"query": q, "passages": [p.as_dict() for p in passages]}
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         """Liveness for load balancers; needs no key."""
@@ -1389,6 +1424,12 @@ def create_app(settings: Settings | None = None, tools: ToolRegistry | None = No
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, error: ApiError) -> Response:
         return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid_parameters(request: Request, error: RequestValidationError) -> Response:
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first["loc"][1:]) or None
+        return error_response(ApiError(400, f"{param}: {first['msg']}", "invalid_request_error", "invalid_value", param))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> Response:

@@ -1,30 +1,48 @@
-"""The knowledge base behind /rag: reads a folder of documents, indexes it in SQLite FTS5, searches it.
+"""The knowledge base behind /rag: ingests a folder of documents into a persistent SQLite FTS5
+index, keeps it in step with the folder, and searches it.
 
-Search is BM25 over an in-memory FTS5 table (standard library only). English words are stemmed by
-FTS5's porter tokenizer; Chinese and Japanese text has no spaces between words, so every CJK
-character is indexed as its own token and questions are split the same way.
+- Documents: .md, .txt, .html and .pdf, found recursively, cut along their own headings and
+  paragraphs into chunks of bounded size with a little overlap; every chunk keeps its file and
+  heading path, so answers can cite where they came from.
+- The index is a SQLite file. A restart with unchanged documents re-indexes nothing; a changed,
+  added or removed file updates only its own chunks (content hashes decide).
+- Search is BM25. English words are stemmed (FTS5's porter tokenizer); Chinese and Japanese,
+  written without spaces, are indexed character by character and questions are split the same
+  way; long words also match as prefixes, and every word is optional, so a misheard or cut-off
+  word in a spoken question does not lose the passage.
+
+`python3 knowledge.py index [DIR]` and `python3 knowledge.py search "question"` are for people.
 """
 
-from __future__ import annotations
-
+import argparse
+import hashlib
+import html.parser
 import logging
 import re
 import sqlite3
 import sys
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("custom_llm.knowledge")
 
-SUFFIXES = {".md", ".txt"}
+SUFFIXES = {".md", ".markdown", ".txt", ".html", ".htm", ".pdf"}
 MAX_CHUNK_CHARS = 1200
-MAX_FILE_BYTES = 5_000_000
+OVERLAP_CHARS = 150
+MAX_FILE_BYTES = 20_000_000
 MAX_QUERY_TERMS = 32
+PREFIX_MIN = 5  # words this long also match as prefixes ("configur" finds "configuration")
 
 _CJK = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af])")
 _WORD = re.compile(r"\w+", re.UNICODE)
 _HEADING = re.compile(r"^(#{1,6})\s+(.*)$")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, hash TEXT, size INTEGER, mtime REAL);
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks USING fts5(
+    terms, text UNINDEXED, source UNINDEXED, heading UNINDEXED, tokenize = 'porter unicode61 remove_diacritics 2');
+"""
 
 
 @dataclass(frozen=True)
@@ -37,14 +55,93 @@ class Passage:
     def citation(self) -> str:
         return f"{self.source} › {self.heading}" if self.heading else self.source
 
+    def as_dict(self) -> dict:
+        return {"source": self.source, "heading": self.heading, "score": round(self.score, 3), "text": self.text}
+
+
+@dataclass
+class IndexReport:
+    files: int = 0  # documents in the folder
+    indexed: int = 0  # of them, (re)indexed now
+    removed: int = 0
+    chunks: int = 0  # chunks written now
+    skipped: list[str] = field(default_factory=list)  # "path: why"
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading documents
+# ---------------------------------------------------------------------------------------------
+
+
+class _HTMLText(html.parser.HTMLParser):
+    """HTML as markdown-ish text: headings become '#' lines, blocks become paragraphs."""
+
+    BLOCKS = {"p", "div", "li", "tr", "br", "section", "article", "table", "ul", "ol", "pre", "blockquote"}
+    SKIP = {"script", "style", "noscript", "template", "svg"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+        self.skipping = 0
+
+    def handle_starttag(self, tag, attrs) -> None:
+        if tag in self.SKIP:
+            self.skipping += 1
+        elif re.fullmatch(r"h[1-6]", tag):
+            self.parts.append("\n\n" + "#" * int(tag[1]) + " ")
+        elif tag in self.BLOCKS:
+            self.parts.append("\n\n")
+
+    def handle_endtag(self, tag) -> None:
+        if tag in self.SKIP:
+            self.skipping = max(0, self.skipping - 1)
+        elif re.fullmatch(r"h[1-6]", tag) or tag in self.BLOCKS:
+            self.parts.append("\n\n")
+
+    def handle_data(self, data) -> None:
+        if not self.skipping:
+            self.parts.append(re.sub(r"\s+", " ", data))
+
+    def text(self) -> str:
+        return re.sub(r"\n\s*\n\s*", "\n\n", "".join(self.parts)).strip()
+
+
+def read_document(path: Path) -> str:
+    """A document's text, with headings as '#' lines where the format has them."""
+    if path.suffix.lower() == ".pdf":
+        from pypdf import PdfReader  # imported only when a PDF is there
+
+        pages = [page.extract_text() or "" for page in PdfReader(path).pages]
+        return "\n\n".join(page.strip() for page in pages if page.strip())
+    raw = path.read_bytes()
+    if b"\0" in raw[:8000]:
+        raise ValueError("binary content")
+    text = raw.decode("utf-8")
+    if path.suffix.lower() in (".html", ".htm"):
+        parser = _HTMLText()
+        parser.feed(text)
+        return parser.text()
+    return text
+
 
 def split_cjk(text: str) -> str:
     """Put spaces around CJK characters so FTS5 sees each one as a token."""
     return _CJK.sub(r" \1 ", text)
 
 
+def _tail(text: str) -> str:
+    """The end of a chunk carried into the next one, starting at a word boundary."""
+    tail = text[-OVERLAP_CHARS:]
+    space = tail.find(" ")
+    return tail[space + 1:] if 0 <= space < len(tail) // 2 else tail
+
+
 def chunk_markdown(text: str) -> list[tuple[str, str]]:
-    """Split a document into (heading path, text) chunks along headings and paragraphs."""
+    """Split a document into (heading path, text) chunks along headings and paragraphs.
+
+    A section longer than a chunk continues in the next one, which starts with the last words of
+    the one before (the overlap), so a fact cut in two is still found whole in one of them."""
     chunks: list[tuple[str, str]] = []
     path: list[str] = []
     paragraphs: list[str] = []
@@ -54,7 +151,7 @@ def chunk_markdown(text: str) -> list[tuple[str, str]]:
         for paragraph in paragraphs:
             if current and len(current) + len(paragraph) > MAX_CHUNK_CHARS:
                 chunks.append((" › ".join(path), current))
-                current = ""
+                current = _tail(current) + " …"
             current = f"{current}\n\n{paragraph}" if current else paragraph
         if current:
             chunks.append((" › ".join(path), current))
@@ -68,15 +165,15 @@ def chunk_markdown(text: str) -> list[tuple[str, str]]:
         if heading:
             flush()
             level = len(heading.group(1))
-            del path[level - 1 :]
-            path.append(heading.group(2).strip())
+            del path[level - 1:]
+            path.append(heading.group(2).strip().strip("#").strip())
             block = "\n".join(block.splitlines()[1:]).strip()
             if not block:
                 continue
-        # A paragraph longer than a chunk is cut at line ends so no chunk grows unbounded.
+        # A paragraph longer than a chunk is cut at line or sentence ends so no chunk grows unbounded.
         while len(block) > MAX_CHUNK_CHARS:
-            cut = block.rfind("\n", 0, MAX_CHUNK_CHARS)
-            cut = cut if cut > 0 else MAX_CHUNK_CHARS
+            cut = max(block.rfind("\n", 0, MAX_CHUNK_CHARS), block.rfind(". ", 0, MAX_CHUNK_CHARS) + 1)
+            cut = cut if cut > MAX_CHUNK_CHARS // 2 else MAX_CHUNK_CHARS
             paragraphs.append(block[:cut].strip())
             block = block[cut:].strip()
         paragraphs.append(block)
@@ -85,83 +182,166 @@ def chunk_markdown(text: str) -> list[tuple[str, str]]:
 
 
 def match_expression(question: str) -> str | None:
-    """Turn free text into an FTS5 OR-query of quoted terms (quoting keeps FTS5 syntax out)."""
-    terms = dict.fromkeys(t.lower() for t in _WORD.findall(split_cjk(question)))
-    quoted = ['"' + t.replace('"', '""') + '"' for t in list(terms)[:MAX_QUERY_TERMS]]
+    """Free text as an FTS5 OR-query of quoted terms (quoting keeps FTS5 syntax out); long words
+    also match as prefixes, for words cut short or with another ending."""
+    terms = list(dict.fromkeys(t.lower() for t in _WORD.findall(split_cjk(question))))[:MAX_QUERY_TERMS]
+    quoted = []
+    for term in terms:
+        quoted.append('"' + term.replace('"', '""') + '"')
+        if len(term) >= PREFIX_MIN and term.isascii():
+            quoted.append('"' + term[:-1].replace('"', '""') + '"*')
     return " OR ".join(quoted) or None
 
 
-class KnowledgeBase:
-    """An FTS5 index of the documents in one folder; search() is safe to call from any thread."""
+# ---------------------------------------------------------------------------------------------
+# The index
+# ---------------------------------------------------------------------------------------------
 
-    def __init__(self, folder: str | Path):
+
+def default_index(folder: Path) -> Path:
+    """One index file per knowledge folder, in the git-ignored .index/ beside this file."""
+    name = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:12]
+    return Path(__file__).resolve().parent / ".index" / f"knowledge-{name}.sqlite3"
+
+
+class KnowledgeBase:
+    """A persistent FTS5 index of one folder; index() and search() are safe from any thread, and a
+    search waits for the index only while one file's rows are written."""
+
+    def __init__(self, folder: str | Path, index_path: str | Path | None = None, min_score: float = 0.0):
         self.folder = Path(folder)
-        self._db = sqlite3.connect(":memory:", check_same_thread=False)
+        self.index_path = str(index_path or default_index(self.folder))
+        self.min_score = min_score
         self._lock = threading.Lock()
-        self._db.execute(
-            "CREATE VIRTUAL TABLE chunks USING fts5("
-            "terms, text UNINDEXED, source UNINDEXED, heading UNINDEXED,"
-            " tokenize = 'porter unicode61 remove_diacritics 2')"
-        )
-        self.files = 0
-        self.chunks = 0
+        self._db = self._open()
         self.loaded = False
 
-    def index(self) -> None:
-        """(Re)build the index from the folder; unreadable files are skipped with a warning."""
-        rows = []
-        files = 0
-        paths = sorted(self.folder.rglob("*")) if self.folder.is_dir() else []
+    def _open(self) -> sqlite3.Connection:
+        if self.index_path != ":memory:":
+            Path(self.index_path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = sqlite3.connect(self.index_path, check_same_thread=False, timeout=5)
+            db.executescript(SCHEMA)
+            db.execute("SELECT count(*) FROM chunks").fetchone()
+            return db
+        except sqlite3.DatabaseError as error:  # corrupt, or not a database at all: start again
+            log.warning("knowledge index %s is unusable (%s); rebuilding it", self.index_path, error)
+            Path(self.index_path).unlink(missing_ok=True)
+            db = sqlite3.connect(self.index_path, check_same_thread=False, timeout=5)
+            db.executescript(SCHEMA)
+            return db
+
+    @property
+    def chunks(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+
+    def index(self, progress=None) -> IndexReport:
+        """Bring the index in step with the folder; only changed, added or removed files are touched.
+
+        Unreadable, empty, binary or huge files are skipped with a warning, never fatal."""
+        started, report = time.perf_counter(), IndexReport()
         if not self.folder.is_dir():
             log.warning("knowledge folder %s does not exist; /rag answers without passages", self.folder)
-        for path in paths:
-            if path.suffix.lower() not in SUFFIXES or not path.is_file():
-                continue
-            try:
-                if path.stat().st_size > MAX_FILE_BYTES:
-                    raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
-                text = path.read_text(encoding="utf-8")
-            except (OSError, ValueError) as error:
-                log.warning("skipping knowledge file %s: %s", path, error)
-                continue
-            source = path.relative_to(self.folder).as_posix()
-            files += 1
-            for heading, chunk in chunk_markdown(text):
-                rows.append((split_cjk(f"{heading}\n{chunk}"), chunk, source, heading))
+        paths = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()) \
+            if self.folder.is_dir() else []
         with self._lock:
-            self._db.execute("DELETE FROM chunks")
-            self._db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?)", rows)
+            known = {row[0]: row[1:] for row in self._db.execute("SELECT path, hash, size, mtime FROM files")}
+        present = set()
+        for path in paths:
+            source = path.relative_to(self.folder).as_posix()
+            present.add(source)
+            report.files += 1
+            stat = path.stat()
+            if source in known and known[source][1:] == (stat.st_size, stat.st_mtime):
+                continue  # unchanged since the last run: not even read
+            try:
+                if stat.st_size > MAX_FILE_BYTES:
+                    raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                if source in known and known[source][0] == digest:  # touched, not changed
+                    with self._lock:
+                        self._db.execute("UPDATE files SET size = ?, mtime = ? WHERE path = ?",
+                                         (stat.st_size, stat.st_mtime, source))
+                        self._db.commit()
+                    continue
+                chunks = chunk_markdown(read_document(path))
+                if not chunks:
+                    raise ValueError("no text")
+            except Exception as error:  # one bad file never stops the rest
+                log.warning("skipping knowledge file %s: %s", source, error)
+                report.skipped.append(f"{source}: {error}")
+                continue
+            rows = [(split_cjk(f"{heading}\n{text}"), text, source, heading) for heading, text in chunks]
+            with self._lock:
+                self._db.execute("DELETE FROM chunks WHERE source = ?", (source,))
+                self._db.executemany("INSERT INTO chunks (terms, text, source, heading) VALUES (?, ?, ?, ?)", rows)
+                self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
+                                 (source, digest, stat.st_size, stat.st_mtime))
+                self._db.commit()
+            report.indexed += 1
+            report.chunks += len(rows)
+            if progress:
+                progress(source, len(rows))
+        gone = [source for source in known if source not in present]
+        with self._lock:
+            for source in gone:
+                self._db.execute("DELETE FROM chunks WHERE source = ?", (source,))
+                self._db.execute("DELETE FROM files WHERE path = ?", (source,))
             self._db.commit()
-        self.files, self.chunks, self.loaded = files, len(rows), True
-        log.info("knowledge indexed: %d files, %d chunks from %s", files, len(rows), self.folder)
+        report.removed = len(gone)
+        report.seconds = time.perf_counter() - started
+        self.loaded = True
+        log.info("knowledge: %d files, %d (re)indexed with %d chunks, %d removed, %d skipped, %.2f s",
+                 report.files, report.indexed, report.chunks, report.removed, len(report.skipped), report.seconds)
+        return report
 
     def search(self, question: str, limit: int = 3) -> list[Passage]:
-        """The passages that best match the question, best first."""
+        """The passages that best match the question, best first, above the relevance floor."""
         expression = match_expression(question)
         if expression is None or limit <= 0:
             return []
         with self._lock:
             rows = self._db.execute(
-                "SELECT text, source, heading, bm25(chunks) FROM chunks"
-                " WHERE chunks MATCH ? ORDER BY bm25(chunks) LIMIT ?",
+                "SELECT text, source, heading, bm25(chunks, 1.0) FROM chunks"
+                " WHERE chunks MATCH ? ORDER BY bm25(chunks, 1.0) LIMIT ?",
                 (expression, limit),
             ).fetchall()
         # FTS5's bm25() is negative, lower is better; flip it so callers read "higher is better".
-        return [Passage(text, source, heading, -score) for text, source, heading, score in rows]
+        passages = [Passage(text, source, heading, -score) for text, source, heading, score in rows]
+        return [p for p in passages if p.score > self.min_score]
 
 
 def main(argv: list[str]) -> int:
-    """`python3 knowledge.py "question" [DIR]` prints the passages the question finds."""
-    if not argv:
-        print('usage: python3 knowledge.py "question" [DIR]', file=sys.stderr)
-        return 2
-    kb = KnowledgeBase(argv[1] if len(argv) > 1 else "knowledge")
+    parser = argparse.ArgumentParser(prog="knowledge.py", description="Index and search the knowledge base.")
+    parser.add_argument("--index-file", default=None, help="the SQLite index (default: KNOWLEDGE_INDEX or .index/)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    index = commands.add_parser("index", help="index a folder (only what changed)")
+    index.add_argument("folder", nargs="?", default=None)
+    search = commands.add_parser("search", help="show what a question retrieves")
+    search.add_argument("question")
+    search.add_argument("--folder", default=None)
+    search.add_argument("--limit", type=int, default=5)
+    args = parser.parse_args(argv)
+    from custom_llm import Settings  # the same settings as the server, .env included
+
+    settings = Settings.from_env(quiet=True)
+    folder = args.folder or settings.knowledge_dir
+    kb = KnowledgeBase(folder, args.index_file or settings.knowledge_index, settings.rag_min_score)
+    if args.command == "index":
+        report = kb.index(progress=lambda source, chunks: print(f"  {source}: {chunks} chunks"))
+        print(f"{report.files} files ({report.indexed} indexed, {report.removed} removed, "
+              f"{len(report.skipped)} skipped), {report.chunks} chunks written, {kb.chunks} in the index, "
+              f"{report.seconds:.2f} s")
+        for skipped in report.skipped:
+            print(f"  skipped {skipped}")
+        return 0
     kb.index()
-    for passage in kb.search(argv[0], limit=5):
-        print(f"{passage.score:6.2f}  {passage.citation()}\n        {passage.text[:160]!r}")
+    for passage in kb.search(args.question, args.limit):
+        print(f"{passage.score:7.2f}  {passage.citation()}\n         {passage.text[:200]!r}")
     return 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     sys.exit(main(sys.argv[1:]))

@@ -39,6 +39,10 @@ class ServerThread:
         while not self.server.started:
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.01)
+        knowledge = getattr(getattr(self.server.config.app, "state", None), "knowledge", None)
+        while knowledge is not None and not knowledge.loaded:  # the index builds in the background
+            assert time.monotonic() < deadline, "the knowledge base was not indexed"
+            time.sleep(0.01)
         return self
 
     def __exit__(self, *exc) -> None:
