@@ -14,6 +14,7 @@ streaming response, the three endpoints' helpers, middleware, the app, the entry
 import asyncio
 import base64
 import contextvars
+import dataclasses
 import gc
 import hmac
 import logging
@@ -45,7 +46,7 @@ from starlette.responses import Response
 
 import metrics
 import speech
-from knowledge import KnowledgeBase, Passage
+from knowledge import Embeddings, KnowledgeBase, Passage
 from tools import ToolRegistry, sample_tools
 
 __version__ = "0.1.0"
@@ -111,6 +112,9 @@ class Settings:
     rag_top_k: int = 3
     rag_min_score: float = 0.5
     rag_deadline_ms: int = 300
+    embedding_model: str = ""  # set: hybrid search (BM25 + embeddings)
+    embedding_base_url: str = ""  # empty: LLM_BASE_URL
+    embedding_api_key: str = ""  # empty: LLM_API_KEY
     waiting_messages: dict[str, tuple[str, ...]] = field(
         default_factory=lambda: {"en": WAITING_EN, "zh": WAITING_ZH}
     )
@@ -172,6 +176,9 @@ class Settings:
             rag_top_k=int(env.get("RAG_TOP_K", defaults.rag_top_k)),
             rag_min_score=float(env.get("RAG_MIN_SCORE", defaults.rag_min_score)),
             rag_deadline_ms=int(env.get("RAG_DEADLINE_MS", defaults.rag_deadline_ms)),
+            embedding_model=env.get("EMBEDDING_MODEL", ""),
+            embedding_base_url=env.get("EMBEDDING_BASE_URL", ""),
+            embedding_api_key=env.get("EMBEDDING_API_KEY", ""),
             waiting_messages={
                 "en": _split(env.get("WAITING_MESSAGES_EN", ""), "|") or WAITING_EN,
                 "zh": _split(env.get("WAITING_MESSAGES_ZH", ""), "|") or WAITING_ZH,
@@ -1020,10 +1027,23 @@ def search_query(messages: list[dict[str, Any]]) -> str:
     return latest
 
 
-async def retrieve(settings: Settings, kb: KnowledgeBase, body: dict[str, Any]) -> dict[str, Any]:
-    """The body with the knowledge base's passages injected; past RAG_DEADLINE_MS, without them."""
+async def find_passages(settings: Settings, kb: KnowledgeBase, embeddings: Embeddings | None,
+                        query: str) -> list[Passage]:
+    vector = None
+    if embeddings is not None:
+        try:
+            vector = (await embeddings.embed([query]))[0]
+        except Exception as error:  # the embeddings upstream failing costs this query its hybrid half only
+            log.warning("query embedding failed (%s: %s); searching with BM25 alone", type(error).__name__, error)
+    return await asyncio.to_thread(kb.search, query, settings.rag_top_k, vector)
+
+
+async def retrieve(settings: Settings, kb: KnowledgeBase, embeddings: Embeddings | None,
+                   body: dict[str, Any]) -> dict[str, Any]:
+    """The body with the knowledge base's passages injected; past RAG_DEADLINE_MS (embedding the
+    question included), without them."""
     started = time.perf_counter()
-    search = asyncio.to_thread(kb.search, search_query(body["messages"]), settings.rag_top_k)
+    search = find_passages(settings, kb, embeddings, search_query(body["messages"]))
     try:
         passages = await asyncio.wait_for(search, settings.rag_deadline_ms / 1000)
     except asyncio.TimeoutError:
@@ -1034,12 +1054,12 @@ async def retrieve(settings: Settings, kb: KnowledgeBase, body: dict[str, Any]) 
     return {**body, "messages": with_passages(body["messages"], passages)}
 
 
-async def rag_events(settings: Settings, llm: LLM, kb: KnowledgeBase, tools: ToolRegistry,
-                     body: dict[str, Any]) -> AsyncIterator[bytes]:
+async def rag_events(settings: Settings, llm: LLM, kb: KnowledgeBase, embeddings: Embeddings | None,
+                     tools: ToolRegistry, body: dict[str, Any]) -> AsyncIterator[bytes]:
     # The waiting phrase goes out before any retrieval work, so the line is never silent.
     phrase = waiting_phrase(settings, latest_question(body["messages"]))
     yield chunk(completion_id(), body["model"], {"role": "assistant", "content": phrase})
-    async for data in answer(llm, await retrieve(settings, kb, body), tools, settings):
+    async for data in answer(llm, await retrieve(settings, kb, embeddings, body), tools, settings):
         yield data
 
 
@@ -1303,6 +1323,18 @@ CHAT_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}}
 
 
+async def index_knowledge(knowledge: KnowledgeBase, embeddings: Embeddings | None) -> None:
+    """Index the folder (only what changed), then embed the new chunks for hybrid search."""
+    await asyncio.to_thread(knowledge.index, ready_after=embeddings is None)
+    if embeddings is not None:
+        try:
+            log.info("knowledge: %d chunks embedded", await knowledge.embed(embeddings))
+        except Exception as error:
+            log.warning("embedding the knowledge base failed (%s: %s); searching with BM25 alone",
+                        type(error).__name__, error)
+        knowledge.loaded = True
+
+
 def create_app(settings: Settings | None = None, tools: ToolRegistry | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     if settings.allow_unauthenticated and not settings.api_keys:
@@ -1315,8 +1347,12 @@ def create_app(settings: Settings | None = None, tools: ToolRegistry | None = No
         app.state.llm = LLM(settings)
         app.state.knowledge = knowledge
         app.state.tools = tools
+        app.state.embeddings = None
+        if settings.embedding_model:
+            app.state.embeddings = Embeddings(app.state.llm.session, settings.embedding_base_url or settings.llm_base_url,
+                                              settings.embedding_api_key or settings.llm_api_key, settings.embedding_model)
         # Indexing runs beside the requests: searches see what is indexed so far, /ready waits for all.
-        indexing = asyncio.ensure_future(asyncio.to_thread(knowledge.index))
+        indexing = asyncio.ensure_future(index_knowledge(knowledge, app.state.embeddings))
         if settings.upstream_configured and not await app.state.llm.primary.probe():
             log.warning("the upstream LLM at %s does not answer yet", settings.llm_base_url)
         # The probe left a warm connection in the pool, so the first caller skips the handshake.
@@ -1363,8 +1399,8 @@ def create_app(settings: Settings | None = None, tools: ToolRegistry | None = No
         body = upstream_body(await chat_request(request), settings)
         upstream = require_upstream()
         if body["stream"]:
-            return EventStream(rag_events(settings, upstream, knowledge, tools, body))
-        return JSONReply(complete(upstream, await retrieve(settings, knowledge, body), tools, settings))
+            return EventStream(rag_events(settings, upstream, knowledge, app.state.embeddings, tools, body))
+        return JSONReply(complete(upstream, await retrieve(settings, knowledge, app.state.embeddings, body), tools, settings))
 
     @app.post("/audio/chat/completions", openapi_extra=CHAT_BODY)
     async def audio_chat_completions(request: Request) -> Response:
@@ -1394,8 +1430,10 @@ def create_app(settings: Settings | None = None, tools: ToolRegistry | None = No
     @app.get("/knowledge/search")
     async def knowledge_search(q: str, limit: int = 5) -> dict[str, Any]:
         """What a question retrieves from the knowledge base (the passages /rag would inject)."""
-        passages = await asyncio.to_thread(knowledge.search, q[:2000], max(1, min(limit, 50)))
-        return {"query": q, "passages": [p.as_dict() for p in passages]}
+        query = q[:2000]
+        passages = await find_passages(dataclasses.replace(settings, rag_top_k=max(1, min(limit, 50))), knowledge,
+                                       app.state.embeddings, query)
+        return {"query": query, "passages": [p.as_dict() for p in passages]}
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -15,6 +15,7 @@ index, keeps it in step with the folder, and searches it.
 """
 
 import argparse
+import asyncio
 import hashlib
 import html.parser
 import logging
@@ -25,6 +26,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import aiohttp
+import numpy as np
 
 log = logging.getLogger("custom_llm.knowledge")
 
@@ -41,8 +45,13 @@ _HEADING = re.compile(r"^(#{1,6})\s+(.*)$")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, hash TEXT, size INTEGER, mtime REAL);
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks USING fts5(
-    terms, text UNINDEXED, source UNINDEXED, heading UNINDEXED, tokenize = 'porter unicode61 remove_diacritics 2');
+    terms, text UNINDEXED, source UNINDEXED, heading UNINDEXED, hash UNINDEXED,
+    tokenize = 'porter unicode61 remove_diacritics 2');
+CREATE TABLE IF NOT EXISTS embeddings (hash TEXT PRIMARY KEY, vector BLOB);
 """
+RRF_K = 60  # reciprocal rank fusion's usual constant
+MIN_SIMILARITY = 0.3  # a passage found only by meaning must be at least this close (cosine)
+EMBED_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -50,13 +59,14 @@ class Passage:
     text: str
     source: str  # file path relative to the knowledge folder
     heading: str  # "Title › Section", where the passage sits in its document
-    score: float  # BM25, higher is better
+    score: float  # BM25 (or the fused score in hybrid search), higher is better
+    rowid: int = 0
 
     def citation(self) -> str:
         return f"{self.source} › {self.heading}" if self.heading else self.source
 
     def as_dict(self) -> dict:
-        return {"source": self.source, "heading": self.heading, "score": round(self.score, 3), "text": self.text}
+        return {"source": self.source, "heading": self.heading, "score": round(self.score, 4), "text": self.text}
 
 
 @dataclass
@@ -123,6 +133,10 @@ def read_document(path: Path) -> str:
         parser.feed(text)
         return parser.text()
     return text
+
+
+def text_hash(heading: str, text: str) -> str:
+    return hashlib.sha256(f"{heading}\n{text}".encode()).hexdigest()
 
 
 def split_cjk(text: str) -> str:
@@ -222,7 +236,7 @@ class KnowledgeBase:
         try:
             db = sqlite3.connect(self.index_path, check_same_thread=False, timeout=5)
             db.executescript(SCHEMA)
-            db.execute("SELECT count(*) FROM chunks").fetchone()
+            db.execute("SELECT hash FROM chunks LIMIT 1").fetchone()
             return db
         except sqlite3.DatabaseError as error:  # corrupt, or not a database at all: start again
             log.warning("knowledge index %s is unusable (%s); rebuilding it", self.index_path, error)
@@ -236,7 +250,7 @@ class KnowledgeBase:
         with self._lock:
             return self._db.execute("SELECT count(*) FROM chunks").fetchone()[0]
 
-    def index(self, progress=None) -> IndexReport:
+    def index(self, progress=None, ready_after: bool = True) -> IndexReport:
         """Bring the index in step with the folder; only changed, added or removed files are touched.
 
         Unreadable, empty, binary or huge files are skipped with a warning, never fatal."""
@@ -272,10 +286,11 @@ class KnowledgeBase:
                 log.warning("skipping knowledge file %s: %s", source, error)
                 report.skipped.append(f"{source}: {error}")
                 continue
-            rows = [(split_cjk(f"{heading}\n{text}"), text, source, heading) for heading, text in chunks]
+            rows = [(split_cjk(f"{heading}\n{text}"), text, source, heading, text_hash(heading, text))
+                    for heading, text in chunks]
             with self._lock:
                 self._db.execute("DELETE FROM chunks WHERE source = ?", (source,))
-                self._db.executemany("INSERT INTO chunks (terms, text, source, heading) VALUES (?, ?, ?, ?)", rows)
+                self._db.executemany("INSERT INTO chunks (terms, text, source, heading, hash) VALUES (?, ?, ?, ?, ?)", rows)
                 self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
                                  (source, digest, stat.st_size, stat.st_mtime))
                 self._db.commit()
@@ -291,25 +306,104 @@ class KnowledgeBase:
             self._db.commit()
         report.removed = len(gone)
         report.seconds = time.perf_counter() - started
-        self.loaded = True
+        self.loaded = self.loaded or ready_after
         log.info("knowledge: %d files, %d (re)indexed with %d chunks, %d removed, %d skipped, %.2f s",
                  report.files, report.indexed, report.chunks, report.removed, len(report.skipped), report.seconds)
         return report
 
-    def search(self, question: str, limit: int = 3) -> list[Passage]:
-        """The passages that best match the question, best first, above the relevance floor."""
+    def search(self, question: str, limit: int = 3, vector: list[float] | None = None) -> list[Passage]:
+        """The passages that best match the question, best first, above the relevance floor.
+
+        With the question's embedding, BM25's ranking and the embeddings' ranking are fused by
+        reciprocal rank fusion; without it, BM25 alone."""
+        if limit <= 0:
+            return []
+        keyword = self._keyword(question, limit * 4 if vector else limit)
+        if vector is None or self._vectors is None:
+            return keyword[:limit]
+        by_meaning = self._nearest(vector, limit * 4)
+        fused: dict[int, float] = {}
+        for ranking in (keyword, by_meaning):
+            for rank, passage in enumerate(ranking):
+                fused[passage.rowid] = fused.get(passage.rowid, 0.0) + 1 / (RRF_K + rank + 1)
+        passages = {p.rowid: p for p in by_meaning + keyword}
+        best = sorted(fused, key=fused.get, reverse=True)[:limit]
+        return [Passage(passages[r].text, passages[r].source, passages[r].heading, fused[r], r) for r in best]
+
+    def _keyword(self, question: str, limit: int) -> list[Passage]:
         expression = match_expression(question)
-        if expression is None or limit <= 0:
+        if expression is None:
             return []
         with self._lock:
             rows = self._db.execute(
-                "SELECT text, source, heading, bm25(chunks, 1.0) FROM chunks"
+                "SELECT rowid, text, source, heading, bm25(chunks, 1.0) FROM chunks"
                 " WHERE chunks MATCH ? ORDER BY bm25(chunks, 1.0) LIMIT ?",
                 (expression, limit),
             ).fetchall()
         # FTS5's bm25() is negative, lower is better; flip it so callers read "higher is better".
-        passages = [Passage(text, source, heading, -score) for text, source, heading, score in rows]
+        passages = [Passage(text, source, heading, -score, rowid) for rowid, text, source, heading, score in rows]
         return [p for p in passages if p.score > self.min_score]
+
+    # --- embeddings (hybrid search, when EMBEDDING_MODEL is set) ---------------------------------
+
+    _vectors = None  # (rowids, unit vectors as a matrix) of the embedded chunks
+    _rows: dict[int, tuple[str, str, str]] = {}
+
+    async def embed(self, embeddings: "Embeddings") -> int:
+        """Embed the chunks whose text has no embedding yet (cached by content hash, so unchanged
+        chunks are never embedded twice), then load every vector for search. Returns how many were new."""
+        with self._lock:
+            missing = [row for row in self._db.execute(
+                "SELECT DISTINCT c.hash, c.heading, c.text FROM chunks c LEFT JOIN embeddings e ON e.hash = c.hash"
+                " WHERE e.hash IS NULL")]
+        for start in range(0, len(missing), EMBED_BATCH):
+            batch = missing[start:start + EMBED_BATCH]
+            vectors = await embeddings.embed([f"{heading}\n{text}" for _, heading, text in batch])
+            with self._lock:
+                self._db.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?)",
+                                     [(h, np.asarray(v, dtype=np.float32).tobytes()) for (h, _, _), v in zip(batch, vectors)])
+                self._db.commit()
+        self._load_vectors()
+        return len(missing)
+
+    def _load_vectors(self) -> None:
+        with self._lock:
+            rows = self._db.execute("SELECT c.rowid, c.text, c.source, c.heading, e.vector FROM chunks c"
+                                    " JOIN embeddings e ON e.hash = c.hash").fetchall()
+        if not rows:
+            self._vectors = None
+            return
+        matrix = np.stack([np.frombuffer(vector, dtype=np.float32) for *_, vector in rows])
+        matrix /= np.linalg.norm(matrix, axis=1, keepdims=True) + 1e-12
+        self._vectors = (np.array([row[0] for row in rows]), matrix)
+        self._rows = {row[0]: row[1:4] for row in rows}
+
+    def _nearest(self, vector: list[float], limit: int) -> list[Passage]:
+        rowids, matrix = self._vectors
+        query = np.asarray(vector, dtype=np.float32)
+        similarity = matrix @ (query / (np.linalg.norm(query) + 1e-12))
+        best = np.argsort(-similarity)[:limit]
+        return [Passage(*self._rows[int(rowids[i])], float(similarity[i]), int(rowids[i]))
+                for i in best if similarity[i] >= MIN_SIMILARITY]
+
+
+@dataclass
+class Embeddings:
+    """An OpenAI-compatible /embeddings endpoint."""
+
+    session: aiohttp.ClientSession
+    base_url: str
+    api_key: str
+    model: str
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        async with self.session.post(self.base_url.rstrip("/") + "/embeddings", headers=headers,
+                                     json={"model": self.model, "input": texts}) as response:
+            if response.status >= 400:
+                raise RuntimeError(f"embeddings endpoint answered {response.status}")
+            data = (await response.json())["data"]
+        return [item["embedding"] for item in sorted(data, key=lambda item: item.get("index", 0))]
 
 
 def main(argv: list[str]) -> int:
@@ -327,7 +421,16 @@ def main(argv: list[str]) -> int:
 
     settings = Settings.from_env(quiet=True)
     folder = args.folder or settings.knowledge_dir
-    kb = KnowledgeBase(folder, args.index_file or settings.knowledge_index, settings.rag_min_score)
+    kb = KnowledgeBase(folder, args.index_file or settings.knowledge_index or None, settings.rag_min_score)
+
+    async def embedded(work):
+        """Run work(embeddings or None) with an embeddings client when EMBEDDING_MODEL is set."""
+        if not settings.embedding_model:
+            return await work(None)
+        async with aiohttp.ClientSession() as session:
+            return await work(Embeddings(session, settings.embedding_base_url or settings.llm_base_url,
+                                         settings.embedding_api_key or settings.llm_api_key, settings.embedding_model))
+
     if args.command == "index":
         report = kb.index(progress=lambda source, chunks: print(f"  {source}: {chunks} chunks"))
         print(f"{report.files} files ({report.indexed} indexed, {report.removed} removed, "
@@ -335,10 +438,19 @@ def main(argv: list[str]) -> int:
               f"{report.seconds:.2f} s")
         for skipped in report.skipped:
             print(f"  skipped {skipped}")
+        if settings.embedding_model:
+            print(f"{asyncio.run(embedded(lambda e: kb.embed(e)))} chunks embedded")
         return 0
     kb.index()
-    for passage in kb.search(args.question, args.limit):
-        print(f"{passage.score:7.2f}  {passage.citation()}\n         {passage.text[:200]!r}")
+
+    async def vector(embeddings):
+        if embeddings is None:
+            return None
+        await kb.embed(embeddings)
+        return (await embeddings.embed([args.question]))[0]
+
+    for passage in kb.search(args.question, args.limit, asyncio.run(embedded(vector))):
+        print(f"{passage.score:7.3f}  {passage.citation()}\n         {passage.text[:200]!r}")
     return 0
 
 

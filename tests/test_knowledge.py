@@ -203,3 +203,67 @@ def test_rag_answers_without_passages_past_the_deadline(make_server, upstream, c
     assert response.status_code == 200
     assert [m["role"] for m in upstream.requests[-1]["body"]["messages"]] == ["user"]
     assert "deadline" in caplog.text
+
+
+# --- hybrid search (EMBEDDING_MODEL) --------------------------------------------------------------
+
+
+@pytest.fixture
+def cars(tmp_path) -> Path:
+    docs = tmp_path / "cars"
+    docs.mkdir()
+    (docs / "auto.md").write_text("# Automobile insurance\n\nOur policy covers theft of the automobile.\n")
+    (docs / "kettle.md").write_text("# Kettles\n\nThe kettle boils water in two minutes.\n")
+    (docs / "car-wash.md").write_text("# Car wash\n\nWe wash every car by hand in ten minutes.\n")
+    return docs
+
+
+def hybrid(make_server, upstream_server, folder: Path, tmp_path: Path, **overrides):
+    return make_server(knowledge_dir=folder, knowledge_index=str(tmp_path / "hybrid.sqlite3"),
+                       embedding_model="scripted-embed", embedding_base_url=f"{upstream_server.url}/v1", **overrides)
+
+
+def search(server, q: str) -> list[str]:
+    body = httpx.get(server.url + "/knowledge/search", params={"q": q}, headers=AUTH).json()
+    return [p["source"] for p in body["passages"]]
+
+
+def test_hybrid_finds_by_meaning_and_fuses_rankings(make_server, upstream_server, upstream, cars, tmp_path):
+    keyword_only = make_server(knowledge_dir=cars, knowledge_index=str(tmp_path / "bm25.sqlite3"))
+    assert "auto.md" not in search(keyword_only, "is a stolen vehicle protected")
+    server = hybrid(make_server, upstream_server, cars, tmp_path)
+    found = search(server, "is a stolen vehicle protected")
+    assert found[0] == "auto.md"  # no word in common, the same meaning
+    # auto.md is found by both rankings, car-wash.md by meaning only: fusion puts both in that order.
+    assert search(server, "automobile stolen")[:2] == ["auto.md", "car-wash.md"]
+    assert upstream.embedding_requests[-1] == ["automobile stolen"]
+
+
+def test_chunks_are_embedded_once_and_batched(make_server, upstream_server, upstream, cars, tmp_path):
+    hybrid(make_server, upstream_server, cars, tmp_path)
+    assert len(upstream.embedding_requests) == 1 and len(upstream.embedding_requests[0]) == 3  # one batch
+    hybrid(make_server, upstream_server, cars, tmp_path)  # a restart: everything is cached by hash
+    assert len(upstream.embedding_requests) == 1
+    (cars / "kettle.md").write_text("# Kettles\n\nThe kettle boils water in one minute.\n")
+    hybrid(make_server, upstream_server, cars, tmp_path)
+    assert len(upstream.embedding_requests) == 2 and len(upstream.embedding_requests[1]) == 1  # only the change
+
+
+def test_a_failing_embeddings_upstream_degrades_to_bm25(make_server, upstream_server, upstream, cars, tmp_path, caplog):
+    server = hybrid(make_server, upstream_server, cars, tmp_path)
+    upstream.script.embedding_status = 500
+    with caplog.at_level(logging.WARNING, logger="custom_llm"):
+        assert search(server, "kettle water") == ["kettle.md"]
+    assert "BM25 alone" in caplog.text
+
+
+def test_a_slow_embedding_never_holds_the_answer(make_server, upstream_server, upstream, cars, tmp_path, caplog):
+    server = hybrid(make_server, upstream_server, cars, tmp_path, rag_deadline_ms=200)
+    upstream.script.embedding_delay = 2
+    started = __import__("time").monotonic()
+    with caplog.at_level(logging.WARNING, logger="custom_llm"):
+        response = httpx.post(server.url + "/rag/chat/completions", headers=AUTH, timeout=10,
+                              json={"messages": [{"role": "user", "content": "car theft"}]})
+    assert response.status_code == 200 and __import__("time").monotonic() - started < 1.5
+    assert [m["role"] for m in upstream.requests[-1]["body"]["messages"]] == ["user"]
+    assert "deadline" in caplog.text

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
+import zlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +36,8 @@ class Script:
     speech_status: int = 200  # the speech endpoint's answer
     speech_fail_after: int | None = None  # the speech endpoint breaks off after this many requests' audio began
     speech_delay: float = 0.0  # seconds between 100 ms pieces of speech
+    embedding_status: int = 200
+    embedding_delay: float = 0.0
     fail_times: int | None = None  # only the first N requests get `status` (or the first delay); then all is well
 
 
@@ -58,6 +62,7 @@ class ScriptedUpstream:
         self.active = 0
         self.probes: list[tuple] = []
         self.speech_requests: list[dict[str, Any]] = []
+        self.embedding_requests: list[list[str]] = []
         self.speech_disconnected = threading.Event()
         self.probe_status = 200
 
@@ -121,6 +126,8 @@ class ScriptedUpstream:
         request = json.loads(body)
         if scope["path"].endswith("/audio/speech"):
             return await self._speech(request, receive, send)
+        if scope["path"].endswith("/embeddings"):
+            return await self._embeddings(request, send)
         self.requests.append({"path": scope["path"], "headers": {k.decode(): v.decode() for k, v in scope["headers"]},
                               "body": request, "at": time.monotonic(),
                               "client": tuple(scope["client"])})
@@ -162,6 +169,27 @@ class ScriptedUpstream:
             if script.done:
                 await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    # The scripted embedding model knows a few synonyms, so meaning can be told from wording.
+    CONCEPTS = {"car": 0, "cars": 0, "automobile": 0, "vehicle": 0, "insurance": 1, "policy": 1, "covers": 1,
+                "protected": 1, "coverage": 1, "theft": 2, "stolen": 2, "robbery": 2}
+
+    @classmethod
+    def embedding(cls, text: str) -> list[float]:
+        vector = [0.0] * 32
+        for word in re.findall(r"\w+", text.lower()):
+            vector[cls.CONCEPTS.get(word, 3 + zlib.crc32(word.encode()) % 29)] += 1.0
+        return vector
+
+    async def _embeddings(self, request: dict[str, Any], send) -> None:
+        texts = request["input"] if isinstance(request["input"], list) else [request["input"]]
+        self.embedding_requests.append(texts)
+        if self.script.embedding_delay:
+            await asyncio.sleep(self.script.embedding_delay)
+        if self.script.embedding_status != 200:
+            return await self._json(send, self.script.embedding_status, {"error": {"message": "embeddings down"}})
+        await self._json(send, 200, {"object": "list", "model": request["model"], "data": [
+            {"object": "embedding", "index": i, "embedding": self.embedding(t)} for i, t in enumerate(texts)]})
 
     SPEECH_RATE = 24_000
 
