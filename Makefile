@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench soak clean
+.PHONY: run test bench bench-knowledge soak clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -20,6 +20,10 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/bench.py
 	$(PY) bench/voice.py
+	$(PY) bench/retrieval.py
+
+bench-knowledge: $(VENV)/.installed
+	$(PY) bench/retrieval.py
 
 soak: $(VENV)/.installed
 	$(PY) bench/soak.py

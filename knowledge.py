@@ -16,6 +16,7 @@ index, keeps it in step with the folder, and searches it.
 
 import argparse
 import asyncio
+import difflib
 import hashlib
 import html.parser
 import logging
@@ -48,6 +49,7 @@ CREATE VIRTUAL TABLE IF NOT EXISTS chunks USING fts5(
     terms, text UNINDEXED, source UNINDEXED, heading UNINDEXED, hash UNINDEXED,
     tokenize = 'porter unicode61 remove_diacritics 2');
 CREATE TABLE IF NOT EXISTS embeddings (hash TEXT PRIMARY KEY, vector BLOB);
+CREATE VIRTUAL TABLE IF NOT EXISTS vocabulary USING fts5vocab(chunks, row);
 """
 RRF_K = 60  # reciprocal rank fusion's usual constant
 MIN_SIMILARITY = 0.3  # a passage found only by meaning must be at least this close (cosine)
@@ -195,10 +197,13 @@ def chunk_markdown(text: str) -> list[tuple[str, str]]:
     return chunks
 
 
-def match_expression(question: str) -> str | None:
-    """Free text as an FTS5 OR-query of quoted terms (quoting keeps FTS5 syntax out); long words
+def query_terms(question: str) -> list[str]:
+    return list(dict.fromkeys(t.lower() for t in _WORD.findall(split_cjk(question))))[:MAX_QUERY_TERMS]
+
+
+def match_expression(terms: list[str]) -> str | None:
+    """Terms as an FTS5 OR-query of quoted terms (quoting keeps FTS5 syntax out); long words
     also match as prefixes, for words cut short or with another ending."""
-    terms = list(dict.fromkeys(t.lower() for t in _WORD.findall(split_cjk(question))))[:MAX_QUERY_TERMS]
     quoted = []
     for term in terms:
         quoted.append('"' + term.replace('"', '""') + '"')
@@ -306,6 +311,8 @@ class KnowledgeBase:
             self._db.commit()
         report.removed = len(gone)
         report.seconds = time.perf_counter() - started
+        if report.indexed or report.removed:
+            self._vocabulary = None
         self.loaded = self.loaded or ready_after
         log.info("knowledge: %d files, %d (re)indexed with %d chunks, %d removed, %d skipped, %.2f s",
                  report.files, report.indexed, report.chunks, report.removed, len(report.skipped), report.seconds)
@@ -331,7 +338,7 @@ class KnowledgeBase:
         return [Passage(passages[r].text, passages[r].source, passages[r].heading, fused[r], r) for r in best]
 
     def _keyword(self, question: str, limit: int) -> list[Passage]:
-        expression = match_expression(question)
+        expression = match_expression(self._heard(query_terms(question)))
         if expression is None:
             return []
         with self._lock:
@@ -343,6 +350,36 @@ class KnowledgeBase:
         # FTS5's bm25() is negative, lower is better; flip it so callers read "higher is better".
         passages = [Passage(text, source, heading, -score, rowid) for rowid, text, source, heading, score in rows]
         return [p for p in passages if p.score > self.min_score]
+
+    # --- speech-recognition noise ------------------------------------------------------------------
+
+    def _heard(self, terms: list[str]) -> list[str]:
+        """The terms plus what a misheard word was probably meant to be: a word split in two
+        ("lamb da") joined again, and a word the index does not know ("yeild") replaced by the
+        closest words it does know."""
+        joined = [a + b for a, b in zip(terms, terms[1:]) if min(len(a), len(b)) <= 4 and (a + b).isalpha()]
+        extra = [word for word in joined if self._known(word)]
+        for term in terms:
+            if len(term) >= 4 and term.isascii() and term.isalpha() and not self._known(term):
+                extra += difflib.get_close_matches(term, self._words(term[0]), n=2, cutoff=0.75)
+        return terms + [word for word in extra if word not in terms]
+
+    def _known(self, word: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM chunks WHERE chunks MATCH ? LIMIT 1", (f'"{word}"',)).fetchone() is not None
+
+    def _words(self, initial: str) -> list[str]:
+        """The index's (stemmed) words that start with a letter, cached until the index changes."""
+        if self._vocabulary is None:
+            with self._lock:
+                words = [row[0] for row in self._db.execute("SELECT term FROM vocabulary WHERE doc > 0")]
+            self._vocabulary = {}
+            for word in words:
+                if word.isascii() and word.isalpha() and len(word) >= 3:
+                    self._vocabulary.setdefault(word[0], []).append(word)
+        return self._vocabulary.get(initial, [])
+
+    _vocabulary: dict[str, list[str]] | None = None
 
     # --- embeddings (hybrid search, when EMBEDDING_MODEL is set) ---------------------------------
 
