@@ -90,6 +90,8 @@ def test_noisy_spoken_questions_still_find_the_passage(folder, tmp_path):
     assert top(kb, "when do you opan on the weekend") == "shop.md › Shop › Opening hours"  # misheard word
     assert top(kb, "deliv inside the ring") == "shop.md › Shop › Delivery"  # cut-off words
     assert top(kb, "is delivering free") == "shop.md › Shop › Delivery"  # another word form
+    assert top(kb, "what is the warrenty on the kettle") == "page.html › Warranty"  # a word the index lacks
+    assert top(kb, "how do I de scale it") == "manual.pdf"  # one word heard as two
 
 
 def test_chunks_are_bounded_overlap_and_keep_their_heading(tmp_path):
