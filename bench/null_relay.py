@@ -9,6 +9,7 @@ import sys
 
 import aiohttp
 import uvicorn
+from asgi import read_body
 
 UPSTREAM = sys.argv[2]
 session: aiohttp.ClientSession | None = None
@@ -22,12 +23,7 @@ async def app(scope, receive, send):
             await send({"type": "lifespan.startup.complete"})
         await session.close()
         return await send({"type": "lifespan.shutdown.complete"})
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive)
     async with session.post(UPSTREAM, data=body, headers={"content-type": "application/json"}) as response:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         async for piece in response.content.iter_any():

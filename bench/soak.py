@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import KEY, ROOT, Bench, body, established_to, free_port, rss_mb, start, stream, wait_for_port  # noqa: E402
+from bench import KEY, ROOT, Bench, body, established_to, free_port, rss_mb, start, stream, wait_for_port, wait_until_ready  # noqa: E402
 
 IN_FLIGHT = 'custom_llm_in_flight_requests{endpoint="chat"}'
 FAULTS = [  # (weight, name, request spec)
@@ -49,7 +49,7 @@ async def soak(requests: int, concurrency: int) -> None:
         "LLM_IDLE_TIMEOUT": "1", "KNOWLEDGE_DIR": tempfile.mkdtemp()}, 1, results / "soak-server.log")
     try:
         wait_for_port(up_port, upstream)
-        wait_for_port(sv_port, server)
+        wait_until_ready(sv_port, server)
         bench = Bench(up_port, 0, sv_port, server.pid)
         outcomes: collections.Counter = collections.Counter()
         queue: asyncio.Queue = asyncio.Queue()

@@ -17,6 +17,7 @@ import sys
 import time
 
 import uvicorn
+from asgi import read_body
 
 CHUNK = ('{"id":"chatcmpl-bench0123456789","object":"chat.completion.chunk","created":1700000000,'
          '"model":"bench-model","system_fingerprint":"fp_bench01","choices":[{"index":0,'
@@ -33,7 +34,7 @@ TONE = b"".join(int(6000 * math.sin(2 * math.pi * 220 * n / SPEECH_RATE)).to_byt
 active = 0
 requests = 0
 disconnects: dict[str, int] = {}
-tags_seen: set[str] = set()
+arrivals: dict[str, int] = {}  # tag -> when its request arrived (CLOCK_MONOTONIC ns)
 
 
 async def app(scope, receive, send):
@@ -44,18 +45,11 @@ async def app(scope, receive, send):
         return await send({"type": "lifespan.shutdown.complete"})
     if scope["method"] == "GET":
         body = json.dumps({"active": active, "requests": requests, "disconnects": disconnects,
-                           "tags": sorted(tags_seen)}).encode()
-        if scope["path"] == "/reset":
-            disconnects.clear(), tags_seen.clear()
+                           "arrivals": arrivals}).encode()
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         return await send({"type": "http.response.body", "body": body})
-    raw = b""
-    while True:
-        message = await receive()
-        raw += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    raw = await read_body(receive)
     request = json.loads(raw)
     if scope["path"].endswith("/audio/speech"):
         return await speech(send, request["input"])
@@ -63,7 +57,7 @@ async def app(scope, receive, send):
     requests += 1
     tag = spec.get("tag")
     if tag:
-        tags_seen.add(tag)
+        arrivals[tag] = time.monotonic_ns()
     active += 1
     task = asyncio.ensure_future(stream(send, spec))
 

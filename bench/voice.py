@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import KEY, ROOT, free_port, ms, now, pct, start, stream, wait_for_port  # noqa: E402
+from bench import KEY, ROOT, free_port, ms, now, pct, start, stream, wait_for_port, wait_until_ready  # noqa: E402
 
 FIRST = ["Sure", ",", " the", " shop", " opens", " at", " nine", " on", " weekends", "."]
 SENTENCE = [" We", " also", " deliver", " to", " most", " addresses", " in", " the", " city", " every", " day", "."]
@@ -54,7 +54,7 @@ async def run() -> str:
         "LOG_LEVEL": "INFO"}, 1, results / "voice-server.log")
     try:
         wait_for_port(up_port, upstream)
-        wait_for_port(sv_port, server)
+        wait_until_ready(sv_port, server)
         speech_body = json.dumps({"model": "m", "voice": "v", "input": "Sure, the shop opens at nine on weekends.",
                                   "response_format": "pcm"}).encode()
         floors, through = [], []

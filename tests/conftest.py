@@ -50,26 +50,23 @@ class ServerThread:
         self.thread.join(10)
 
 
-@pytest.fixture(scope="session")
-def upstream_server():
+def scripted_server():
+    """A ScriptedUpstream served on loopback; the server carries it as .upstream."""
     upstream = ScriptedUpstream()
     with ServerThread(upstream) as server:
         server.upstream = upstream
         yield server
 
 
+upstream_server = pytest.fixture(scope="session", name="upstream_server")(scripted_server)
+fallback_server = pytest.fixture(scope="session", name="fallback_server")(scripted_server)
+
+
 @pytest.fixture
 def upstream(upstream_server) -> ScriptedUpstream:
+    """The scripted LLM behind LLM_BASE_URL, reset for each test."""
     upstream_server.upstream.reset()
     return upstream_server.upstream
-
-
-@pytest.fixture(scope="session")
-def fallback_server():
-    fallback = ScriptedUpstream()
-    with ServerThread(fallback) as server:
-        server.upstream = fallback
-        yield server
 
 
 @pytest.fixture
