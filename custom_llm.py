@@ -7,8 +7,9 @@ OpenAI-compatible answer back over server-sent events:
     /rag/chat/completions    a waiting phrase first, then an answer grounded in ./knowledge
     /audio/chat/completions  a transcript and 16 kHz mono PCM for a custom voice
 
-Read top to bottom: settings, request models, errors, the upstream client and SSE relay, the
-streaming response, the three endpoints' helpers, middleware, the app, the entry point.
+Read top to bottom: settings, request models, errors, reading a request, the upstream LLM and
+the SSE relay, server tools, the streaming responses, /rag, /audio, middleware, the app, the
+entry point. Retrieval lives in knowledge.py, tools in tools.py, the voice in speech.py.
 """
 
 import asyncio
@@ -355,7 +356,7 @@ async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
     try:
         body = orjson.loads(b"".join(parts))
     except orjson.JSONDecodeError as error:
-        raise ApiError(400, f"The body is not valid JSON: {error.msg}.", "invalid_request_error", "invalid_json")
+        raise ApiError(400, f"The body is not valid JSON: {error.msg}.", "invalid_request_error", "invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "The body must be a JSON object.", "invalid_request_error", "invalid_json")
     return body
@@ -368,7 +369,7 @@ def validate_chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
         first = error.errors(include_url=False)[0]
         param = ".".join(str(part) for part in first["loc"]) or None
         raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"],
-                       "invalid_request_error", "invalid_value", param)
+                       "invalid_request_error", "invalid_value", param) from None
 
 
 def is_streaming(body: dict[str, Any]) -> bool:
@@ -617,8 +618,10 @@ def upstream_refusal(name: str, status: int, content: bytes) -> ApiError:
         detail = detail if isinstance(detail, dict) else {"message": str(detail)}
     except (orjson.JSONDecodeError, AttributeError):
         detail = {}
-    log.warning("upstream %s answered %d: %.300s", name, status, detail.get("message") or content[:300])
+    if status not in (401, 403):  # a credentials error may quote our key: its text stays out of the log
+        log.warning("upstream %s answered %d: %.300s", name, status, detail.get("message") or content[:300])
     if status in (401, 403):
+        log.warning("upstream %s rejected this server's credentials (%d)", name, status)
         # The caller's key was fine; ours was not. Never echo the upstream's message: it may quote our key.
         return ApiError(502, "The upstream LLM rejected this server's credentials (check LLM_API_KEY).",
                         "upstream_error", "upstream_auth_failed")
@@ -875,7 +878,7 @@ async def complete(llm: LLM, body: dict[str, Any], tools: ToolRegistry, settings
             mine = [c for c in calls if c["function"]["name"] not in caller_tools]
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
             raise ApiError(502, "The upstream LLM sent an answer this server cannot read.", "upstream_error",
-                           "upstream_invalid_response")
+                           "upstream_invalid_response") from None
         if last or not mine or len(mine) < len(calls):
             if mine:  # a mixed round: the caller gets its own calls; the model asks for ours again
                 message["tool_calls"] = [c for c in calls if c not in mine] or None
@@ -1342,6 +1345,10 @@ def create_app(settings: Settings | None = None, tools: ToolRegistry | None = No
     settings = settings or Settings.from_env()
     if settings.allow_unauthenticated and not settings.api_keys:
         log.warning("ALLOW_UNAUTHENTICATED is set: anyone who can reach this server can use it")
+    for name, value, allowed in (("AUDIO_SOURCE", settings.audio_source, ("files", "tts")),
+                                 ("TTS_ENGINE", settings.tts_engine, ("openai", "espeak"))):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
     knowledge = KnowledgeBase(settings.knowledge_dir, settings.knowledge_index or None, settings.rag_min_score)
     tools = (tools or sample_tools(knowledge)).select(settings.server_tools)
 

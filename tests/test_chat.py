@@ -180,12 +180,13 @@ def test_upstream_429_passes_through_with_its_message(client, upstream):
     assert "Rate limit reached" in str(raised.value)
 
 
-def test_upstream_rejecting_our_key_never_echoes_it(http, upstream):
+def test_upstream_rejecting_our_key_never_echoes_it(http, upstream, caplog):
     upstream.script.status = 401
     upstream.script.error = {"error": {"message": f"Incorrect API key provided: {UPSTREAM_KEY}"}}
-    response = http.post("/chat/completions", json={"messages": USER})
+    with caplog.at_level("DEBUG"):
+        response = http.post("/chat/completions", json={"messages": USER})
     assert response.status_code == 502 and error_of(response)["code"] == "upstream_auth_failed"
-    assert UPSTREAM_KEY not in response.text
+    assert UPSTREAM_KEY not in response.text and UPSTREAM_KEY not in caplog.text
 
 
 def test_unreachable_upstream_is_a_502(make_server, upstream):
