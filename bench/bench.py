@@ -71,6 +71,41 @@ def wait_until_ready(port: int, process: subprocess.Popen) -> None:
     raise RuntimeError("the server never became ready")
 
 
+def start_servers(label: str, **server_env: str) -> tuple[int, int, subprocess.Popen, subprocess.Popen]:
+    """The paced upstream (CPU 0) and the server under test (CPU 1, `python3 custom_llm.py` as a user
+    runs it) on free ports, ready; their logs go to bench/results/<label>-*.log."""
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    up_port, sv_port = free_port(), free_port()
+    upstream = start([sys.executable, "bench/upstream.py", str(up_port)], {}, 0, results / f"{label}-upstream.log")
+    server = start([sys.executable, "custom_llm.py"], {
+        "HOST": "127.0.0.1", "PORT": str(sv_port), "LLM_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
+        "LLM_API_KEY": "bench-upstream-key", "CUSTOM_LLM_API_KEY": KEY, "LOG_LEVEL": "INFO", **server_env},
+        1, results / f"{label}-server.log")
+    try:
+        wait_for_port(up_port, upstream)
+        wait_until_ready(sv_port, server)
+    except BaseException:
+        stop(server, upstream)
+        raise
+    return up_port, sv_port, upstream, server
+
+
+def stop(*processes: subprocess.Popen) -> None:
+    for process in processes:
+        process.terminate()
+        process.wait(10)
+
+
+async def http_get(port: int, path: str, headers: str = "") -> bytes:
+    """The body of a one-off GET (stats, metrics)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\n{headers}connection: close\r\n\r\n".encode())
+    raw = await reader.read()
+    writer.close()
+    return raw.split(b"\r\n\r\n", 1)[1]
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -359,31 +394,18 @@ class Bench:
                  f"+{rss_mb(self.pid) - warm:.1f} MB", "≤ 20 MB growth")
 
     async def stats(self) -> dict:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.up)
-        writer.write(b"GET /stats HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        raw = await reader.read()
-        writer.close()
-        return json.loads(raw.split(b"\r\n\r\n", 1)[1])
+        return json.loads(await http_get(self.up, "/stats"))
 
 
 async def run(only: set[str]) -> Bench:
-    results = ROOT / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
     os.sched_setaffinity(0, {0})
-    up_port, sv_port = free_port(), free_port()
     corpus = Path(tempfile.mkdtemp(prefix="bench-knowledge-"))
     knowledge_corpus(corpus)
+    up_port, sv_port, upstream, server = start_servers("bench", KNOWLEDGE_DIR=str(corpus))
     null_port = free_port()
-    upstream = start([sys.executable, "bench/upstream.py", str(up_port)], {}, 0, results / "upstream.log")
     null = start([sys.executable, "bench/null_relay.py", str(null_port), f"http://127.0.0.1:{up_port}/v1/chat/completions"],
-                 {}, 1, results / "null_relay.log")
-    server = start([sys.executable, "custom_llm.py"], {
-        "HOST": "127.0.0.1", "PORT": str(sv_port), "LLM_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
-        "LLM_API_KEY": "bench-upstream-key", "CUSTOM_LLM_API_KEY": KEY, "LOG_LEVEL": "INFO",
-        "KNOWLEDGE_DIR": str(corpus)}, 1, results / "server.log")
+                 {}, 1, ROOT / "bench" / "results" / "null_relay.log")
     try:
-        wait_for_port(up_port, upstream)
-        wait_until_ready(sv_port, server)
         wait_for_port(null_port, null)
         bench = Bench(up_port, null_port, sv_port, server.pid)
         for name in ("ttft", "chunks", "sweep", "throughput", "cancel", "memory"):
@@ -392,9 +414,7 @@ async def run(only: set[str]) -> Bench:
                 await getattr(bench, name)()
         return bench
     finally:
-        for process in (server, null, upstream):
-            process.terminate()
-            process.wait(10)
+        stop(server, null, upstream)
 
 
 def report(bench: Bench) -> str:

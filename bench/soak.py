@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import KEY, ROOT, Bench, body, established_to, free_port, rss_mb, start, stream, wait_for_port, wait_until_ready  # noqa: E402
+from bench import KEY, ROOT, Bench, body, established_to, http_get, rss_mb, start_servers, stop, stream  # noqa: E402
 
 IN_FLIGHT = 'custom_llm_in_flight_requests{endpoint="chat"}'
 FAULTS = [  # (weight, name, request spec)
@@ -31,25 +31,15 @@ FAULTS = [  # (weight, name, request spec)
 
 
 async def metric(port: int, name: str) -> float:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET /metrics HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\nconnection: close\r\n\r\n".encode())
-    text = (await reader.read()).decode()
-    writer.close()
+    text = (await http_get(port, "/metrics", f"authorization: Bearer {KEY}\r\n")).decode()
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
 async def soak(requests: int, concurrency: int) -> None:
-    up_port, sv_port = free_port(), free_port()
     results = ROOT / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    upstream = start([sys.executable, "bench/upstream.py", str(up_port)], {}, 0, results / "soak-upstream.log")
-    server = start([sys.executable, "custom_llm.py"], {
-        "HOST": "127.0.0.1", "PORT": str(sv_port), "LLM_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
-        "LLM_API_KEY": "soak", "CUSTOM_LLM_API_KEY": KEY, "LOG_LEVEL": "INFO", "LLM_FIRST_TOKEN_TIMEOUT": "1",
-        "LLM_IDLE_TIMEOUT": "1", "KNOWLEDGE_DIR": tempfile.mkdtemp()}, 1, results / "soak-server.log")
+    up_port, sv_port, upstream, server = start_servers(
+        "soak", LLM_FIRST_TOKEN_TIMEOUT="1", LLM_IDLE_TIMEOUT="1", KNOWLEDGE_DIR=tempfile.mkdtemp())
     try:
-        wait_for_port(up_port, upstream)
-        wait_until_ready(sv_port, server)
         bench = Bench(up_port, 0, sv_port, server.pid)
         outcomes: collections.Counter = collections.Counter()
         queue: asyncio.Queue = asyncio.Queue()
@@ -107,9 +97,7 @@ async def soak(requests: int, concurrency: int) -> None:
         (results / "soak.md").write_text(report)
         print(report)
     finally:
-        for process in (server, upstream):
-            process.terminate()
-            process.wait(10)
+        stop(server, upstream)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import KEY, ROOT, free_port, ms, now, pct, start, stream, wait_for_port, wait_until_ready  # noqa: E402
+from bench import ROOT, ms, now, pct, start_servers, stop, stream  # noqa: E402
 
 FIRST = ["Sure", ",", " the", " shop", " opens", " at", " nine", " on", " weekends", "."]
 SENTENCE = [" We", " also", " deliver", " to", " most", " addresses", " in", " the", " city", " every", " day", "."]
@@ -44,17 +44,9 @@ async def first_byte(port: int, path: str, body: bytes) -> int:
 
 
 async def run() -> str:
-    up_port, sv_port = free_port(), free_port()
     results = ROOT / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    upstream = start([sys.executable, "bench/upstream.py", str(up_port)], {}, 0, results / "voice-upstream.log")
-    server = start([sys.executable, "custom_llm.py"], {
-        "HOST": "127.0.0.1", "PORT": str(sv_port), "LLM_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
-        "LLM_API_KEY": "bench", "CUSTOM_LLM_API_KEY": KEY, "AUDIO_SOURCE": "tts", "KNOWLEDGE_DIR": tempfile.mkdtemp(),
-        "LOG_LEVEL": "INFO"}, 1, results / "voice-server.log")
+    up_port, sv_port, upstream, server = start_servers("voice", AUDIO_SOURCE="tts", KNOWLEDGE_DIR=tempfile.mkdtemp())
     try:
-        wait_for_port(up_port, upstream)
-        wait_until_ready(sv_port, server)
         speech_body = json.dumps({"model": "m", "voice": "v", "input": "Sure, the shop opens at nine on weekends.",
                                   "response_format": "pcm"}).encode()
         floors, through = [], []
@@ -87,9 +79,7 @@ async def run() -> str:
         (results / "voice.md").write_text(table)
         return table
     finally:
-        for process in (server, upstream):
-            process.terminate()
-            process.wait(10)
+        stop(server, upstream)
 
 
 if __name__ == "__main__":
