@@ -362,14 +362,19 @@ async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
     return body
 
 
+def invalid_value(problem: dict[str, Any], location: tuple) -> ApiError:
+    """A pydantic error as a 400 that names the field."""
+    param = ".".join(str(part) for part in location) or None
+    return ApiError(400, f"{param}: {problem['msg']}" if param else problem["msg"],
+                    "invalid_request_error", "invalid_value", param)
+
+
 def validate_chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(body)
     except ValidationError as error:
         first = error.errors(include_url=False)[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"],
-                       "invalid_request_error", "invalid_value", param) from None
+        raise invalid_value(first, first["loc"]) from None
 
 
 def is_streaming(body: dict[str, Any]) -> bool:
@@ -618,13 +623,13 @@ def upstream_refusal(name: str, status: int, content: bytes) -> ApiError:
         detail = detail if isinstance(detail, dict) else {"message": str(detail)}
     except (orjson.JSONDecodeError, AttributeError):
         detail = {}
-    if status not in (401, 403):  # a credentials error may quote our key: its text stays out of the log
-        log.warning("upstream %s answered %d: %.300s", name, status, detail.get("message") or content[:300])
     if status in (401, 403):
+        # The caller's key was fine; ours was not. The upstream's message may quote our key, so it
+        # reaches neither the caller nor the log.
         log.warning("upstream %s rejected this server's credentials (%d)", name, status)
-        # The caller's key was fine; ours was not. Never echo the upstream's message: it may quote our key.
         return ApiError(502, "The upstream LLM rejected this server's credentials (check LLM_API_KEY).",
                         "upstream_error", "upstream_auth_failed")
+    log.warning("upstream %s answered %d: %.300s", name, status, detail.get("message") or content[:300])
     if status >= 500:
         return ApiError(502, f"The upstream LLM failed (status {status}).", "upstream_error", "upstream_failed",
                         retryable=True)
@@ -969,7 +974,7 @@ class EventStream(CancelOnDisconnect):
                 log.exception("stream failed")
                 error = internal_error()
             if not started:
-                await error_response(error)({"type": "http"}, None, send)
+                await send_error(send, error)
                 return
             await emit(sse(orjson.dumps(error.body())))
         finally:
@@ -1056,7 +1061,6 @@ async def retrieve(settings: Settings, kb: KnowledgeBase, embeddings: Embeddings
         log.warning("retrieval passed its %d ms deadline; answering without passages", settings.rag_deadline_ms)
         passages = []
     metrics.RETRIEVAL.observe(time.perf_counter() - started)
-    note(passages=len(passages))
     return {**body, "messages": with_passages(body["messages"], passages)}
 
 
@@ -1476,8 +1480,7 @@ def create_app(settings: Settings | None = None, tools: ToolRegistry | None = No
     @app.exception_handler(RequestValidationError)
     async def on_invalid_parameters(request: Request, error: RequestValidationError) -> Response:
         first = error.errors()[0]
-        param = ".".join(str(part) for part in first["loc"][1:]) or None
-        return error_response(ApiError(400, f"{param}: {first['msg']}", "invalid_request_error", "invalid_value", param))
+        return error_response(invalid_value(first, first["loc"][1:]))  # loc[0] is "query", "path"...
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> Response:

@@ -234,6 +234,9 @@ class KnowledgeBase:
         self._lock = threading.Lock()
         self._db = self._open()
         self.loaded = False
+        self._vocabulary: dict[str, list[str]] | None = None  # the index's words by initial, for misheard words
+        self._vectors = None  # (rowids, unit vectors as a matrix) of the embedded chunks, for hybrid search
+        self._rows: dict[int, tuple[str, str, str]] = {}  # rowid -> (text, source, heading) of embedded chunks
 
     def _open(self) -> sqlite3.Connection:
         if self.index_path != ":memory:":
@@ -379,12 +382,7 @@ class KnowledgeBase:
                     self._vocabulary.setdefault(word[0], []).append(word)
         return self._vocabulary.get(initial, [])
 
-    _vocabulary: dict[str, list[str]] | None = None
-
     # --- embeddings (hybrid search, when EMBEDDING_MODEL is set) ---------------------------------
-
-    _vectors = None  # (rowids, unit vectors as a matrix) of the embedded chunks
-    _rows: dict[int, tuple[str, str, str]] = {}
 
     async def embed(self, embeddings: "Embeddings") -> int:
         """Embed the chunks whose text has no embedding yet (cached by content hash, so unchanged
