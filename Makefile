@@ -1,32 +1,41 @@
-# make run: start the server from a fresh clone; make test: the whole suite;
-# make bench: the latency benchmark; make soak: thousands of streams with faults and hang-ups.
+# make run: start the server from a fresh clone (installs only what running needs);
+# make test: lint, type-check and the whole suite; make bench: the benchmarks; make soak: faults and hang-ups.
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench bench-knowledge soak clean
+.PHONY: run test lint bench bench-knowledge soak clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.run: requirements.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.run requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-run: $(VENV)/.installed
+run: $(VENV)/.run
 	$(PY) custom_llm.py
 
-test: $(VENV)/.installed
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.dev
 	$(PY) bench/bench.py
 	$(PY) bench/voice.py
 	$(PY) bench/retrieval.py
 
-bench-knowledge: $(VENV)/.installed
+bench-knowledge: $(VENV)/.dev
 	$(PY) bench/retrieval.py
 
-soak: $(VENV)/.installed
+soak: $(VENV)/.dev
 	$(PY) bench/soak.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,5 +1,6 @@
-"""The knowledge base behind /rag: ingests a folder of documents into a persistent SQLite FTS5
-index, keeps it in step with the folder, and searches it.
+"""The knowledge base behind /rag: a persistent SQLite FTS5 index of a folder of documents, its
+search, and the /rag helpers around it (the waiting phrase, the follow-up query, the deadline,
+the grounding prompt), behind a small `Retriever` interface you can replace.
 
 - Documents: .md, .txt, .html and .pdf, found recursively, cut along their own headings and
   paragraphs into chunks of bounded size with a little overlap; every chunk keeps its file and
@@ -10,26 +11,31 @@ index, keeps it in step with the folder, and searches it.
   written without spaces, are indexed character by character and questions are split the same
   way; long words also match as prefixes, and every word is optional, so a misheard or cut-off
   word in a spoken question does not lose the passage.
-
-`python3 knowledge.py index [DIR]` and `python3 knowledge.py search "question"` are for people.
+- Hybrid search, with an OpenAI-compatible /embeddings endpoint: BM25 and the embeddings'
+  ranking fused by reciprocal rank.
 """
 
-import argparse
 import asyncio
 import difflib
 import hashlib
 import html.parser
+import itertools
 import logging
+import random
 import re
 import sqlite3
-import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 import aiohttp
 import numpy as np
+
+import metrics
+from text import CJK_RANGES, is_cjk, language, message_text
 
 log = logging.getLogger("custom_llm.knowledge")
 
@@ -40,7 +46,7 @@ MAX_FILE_BYTES = 20_000_000
 MAX_QUERY_TERMS = 32
 PREFIX_MIN = 5  # words this long also match as prefixes ("configur" finds "configuration")
 
-_CJK = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af])")
+_CJK = re.compile(f"([{CJK_RANGES}])")
 _WORD = re.compile(r"\w+", re.UNICODE)
 _HEADING = re.compile(r"^(#{1,6})\s+(.*)$")
 SCHEMA = """
@@ -89,8 +95,21 @@ class IndexReport:
 class _HTMLText(html.parser.HTMLParser):
     """HTML as markdown-ish text: headings become '#' lines, blocks become paragraphs."""
 
-    BLOCKS = {"p", "div", "li", "tr", "br", "section", "article", "table", "ul", "ol", "pre", "blockquote"}
-    SKIP = {"script", "style", "noscript", "template", "svg"}
+    BLOCKS: ClassVar[set[str]] = {
+        "p",
+        "div",
+        "li",
+        "tr",
+        "br",
+        "section",
+        "article",
+        "table",
+        "ul",
+        "ol",
+        "pre",
+        "blockquote",
+    }
+    SKIP: ClassVar[set[str]] = {"script", "style", "noscript", "template", "svg"}
 
     def __init__(self) -> None:
         super().__init__()
@@ -150,7 +169,7 @@ def _tail(text: str) -> str:
     """The end of a chunk carried into the next one, starting at a word boundary."""
     tail = text[-OVERLAP_CHARS:]
     space = tail.find(" ")
-    return tail[space + 1:] if 0 <= space < len(tail) // 2 else tail
+    return tail[space + 1 :] if 0 <= space < len(tail) // 2 else tail
 
 
 def chunk_markdown(text: str) -> list[tuple[str, str]]:
@@ -181,7 +200,7 @@ def chunk_markdown(text: str) -> list[tuple[str, str]]:
         if heading:
             flush()
             level = len(heading.group(1))
-            del path[level - 1:]
+            del path[level - 1 :]
             path.append(heading.group(2).strip().strip("#").strip())
             block = "\n".join(block.splitlines()[1:]).strip()
             if not block:
@@ -235,7 +254,9 @@ class KnowledgeBase:
         self._db = self._open()
         self.loaded = False
         self._vocabulary: dict[str, list[str]] | None = None  # the index's words by initial, for misheard words
-        self._vectors = None  # (rowids, unit vectors as a matrix) of the embedded chunks, for hybrid search
+        self._vectors: tuple[np.ndarray, np.ndarray] | None = (
+            None  # (rowids, unit vectors as a matrix) of the embedded chunks, for hybrid search
+        )
         self._rows: dict[int, tuple[str, str, str]] = {}  # rowid -> (text, source, heading) of embedded chunks
 
     def _open(self) -> sqlite3.Connection:
@@ -258,15 +279,18 @@ class KnowledgeBase:
         with self._lock:
             return self._db.execute("SELECT count(*) FROM chunks").fetchone()[0]
 
-    def index(self, progress=None, ready_after: bool = True) -> IndexReport:
+    def index(self, progress: Callable[[str, int], None] | None = None, ready_after: bool = True) -> IndexReport:
         """Bring the index in step with the folder; only changed, added or removed files are touched.
 
         Unreadable, empty, binary or huge files are skipped with a warning, never fatal."""
         started, report = time.perf_counter(), IndexReport()
         if not self.folder.is_dir():
             log.warning("knowledge folder %s does not exist; /rag answers without passages", self.folder)
-        paths = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()) \
-            if self.folder.is_dir() else []
+        paths = (
+            sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+            if self.folder.is_dir()
+            else []
+        )
         with self._lock:
             known = {row[0]: row[1:] for row in self._db.execute("SELECT path, hash, size, mtime FROM files")}
         present = set()
@@ -283,8 +307,9 @@ class KnowledgeBase:
                 digest = hashlib.sha256(path.read_bytes()).hexdigest()
                 if source in known and known[source][0] == digest:  # touched, not changed
                     with self._lock:
-                        self._db.execute("UPDATE files SET size = ?, mtime = ? WHERE path = ?",
-                                         (stat.st_size, stat.st_mtime, source))
+                        self._db.execute(
+                            "UPDATE files SET size = ?, mtime = ? WHERE path = ?", (stat.st_size, stat.st_mtime, source)
+                        )
                         self._db.commit()
                     continue
                 chunks = chunk_markdown(read_document(path))
@@ -294,13 +319,18 @@ class KnowledgeBase:
                 log.warning("skipping knowledge file %s: %s", source, error)
                 report.skipped.append(f"{source}: {error}")
                 continue
-            rows = [(split_cjk(f"{heading}\n{text}"), text, source, heading, text_hash(heading, text))
-                    for heading, text in chunks]
+            rows = [
+                (split_cjk(f"{heading}\n{text}"), text, source, heading, text_hash(heading, text))
+                for heading, text in chunks
+            ]
             with self._lock:
                 self._db.execute("DELETE FROM chunks WHERE source = ?", (source,))
-                self._db.executemany("INSERT INTO chunks (terms, text, source, heading, hash) VALUES (?, ?, ?, ?, ?)", rows)
-                self._db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
-                                 (source, digest, stat.st_size, stat.st_mtime))
+                self._db.executemany(
+                    "INSERT INTO chunks (terms, text, source, heading, hash) VALUES (?, ?, ?, ?, ?)", rows
+                )
+                self._db.execute(
+                    "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", (source, digest, stat.st_size, stat.st_mtime)
+                )
                 self._db.commit()
             report.indexed += 1
             report.chunks += len(rows)
@@ -317,8 +347,15 @@ class KnowledgeBase:
         if report.indexed or report.removed:
             self._vocabulary = None
         self.loaded = self.loaded or ready_after
-        log.info("knowledge: %d files, %d (re)indexed with %d chunks, %d removed, %d skipped, %.2f s",
-                 report.files, report.indexed, report.chunks, report.removed, len(report.skipped), report.seconds)
+        log.info(
+            "knowledge: %d files, %d (re)indexed with %d chunks, %d removed, %d skipped, %.2f s",
+            report.files,
+            report.indexed,
+            report.chunks,
+            report.removed,
+            len(report.skipped),
+            report.seconds,
+        )
         return report
 
     def search(self, question: str, limit: int = 3, vector: list[float] | None = None) -> list[Passage]:
@@ -337,7 +374,7 @@ class KnowledgeBase:
             for rank, passage in enumerate(ranking):
                 fused[passage.rowid] = fused.get(passage.rowid, 0.0) + 1 / (RRF_K + rank + 1)
         passages = {p.rowid: p for p in by_meaning + keyword}
-        best = sorted(fused, key=fused.get, reverse=True)[:limit]
+        best = sorted(fused, key=lambda rowid: fused[rowid], reverse=True)[:limit]
         return [Passage(passages[r].text, passages[r].source, passages[r].heading, fused[r], r) for r in best]
 
     def _keyword(self, question: str, limit: int) -> list[Passage]:
@@ -360,7 +397,7 @@ class KnowledgeBase:
         """The terms plus what a misheard word was probably meant to be: a word split in two
         ("lamb da") joined again, and a word the index does not know ("yeild") replaced by the
         closest words it does know."""
-        joined = [a + b for a, b in zip(terms, terms[1:]) if min(len(a), len(b)) <= 4 and (a + b).isalpha()]
+        joined = [a + b for a, b in itertools.pairwise(terms) if min(len(a), len(b)) <= 4 and (a + b).isalpha()]
         extra = [word for word in joined if self._known(word)]
         for term in terms:
             if len(term) >= 4 and term.isascii() and term.isalpha() and not self._known(term):
@@ -369,7 +406,10 @@ class KnowledgeBase:
 
     def _known(self, word: str) -> bool:
         with self._lock:
-            return self._db.execute("SELECT 1 FROM chunks WHERE chunks MATCH ? LIMIT 1", (f'"{word}"',)).fetchone() is not None
+            return (
+                self._db.execute("SELECT 1 FROM chunks WHERE chunks MATCH ? LIMIT 1", (f'"{word}"',)).fetchone()
+                is not None
+            )
 
     def _words(self, initial: str) -> list[str]:
         """The index's (stemmed) words that start with a letter, cached until the index changes."""
@@ -388,23 +428,31 @@ class KnowledgeBase:
         """Embed the chunks whose text has no embedding yet (cached by content hash, so unchanged
         chunks are never embedded twice), then load every vector for search. Returns how many were new."""
         with self._lock:
-            missing = [row for row in self._db.execute(
-                "SELECT DISTINCT c.hash, c.heading, c.text FROM chunks c LEFT JOIN embeddings e ON e.hash = c.hash"
-                " WHERE e.hash IS NULL")]
+            missing = [
+                row
+                for row in self._db.execute(
+                    "SELECT DISTINCT c.hash, c.heading, c.text FROM chunks c LEFT JOIN embeddings e ON e.hash = c.hash"
+                    " WHERE e.hash IS NULL"
+                )
+            ]
         for start in range(0, len(missing), EMBED_BATCH):
-            batch = missing[start:start + EMBED_BATCH]
+            batch = missing[start : start + EMBED_BATCH]
             vectors = await embeddings.embed([f"{heading}\n{text}" for _, heading, text in batch])
             with self._lock:
-                self._db.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?)",
-                                     [(h, np.asarray(v, dtype=np.float32).tobytes()) for (h, _, _), v in zip(batch, vectors)])
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO embeddings VALUES (?, ?)",
+                    [(h, np.asarray(v, dtype=np.float32).tobytes()) for (h, _, _), v in zip(batch, vectors)],
+                )
                 self._db.commit()
         self._load_vectors()
         return len(missing)
 
     def _load_vectors(self) -> None:
         with self._lock:
-            rows = self._db.execute("SELECT c.rowid, c.text, c.source, c.heading, e.vector FROM chunks c"
-                                    " JOIN embeddings e ON e.hash = c.hash").fetchall()
+            rows = self._db.execute(
+                "SELECT c.rowid, c.text, c.source, c.heading, e.vector FROM chunks c"
+                " JOIN embeddings e ON e.hash = c.hash"
+            ).fetchall()
         if not rows:
             self._vectors = None
             return
@@ -414,81 +462,164 @@ class KnowledgeBase:
         self._rows = {row[0]: row[1:4] for row in rows}
 
     def _nearest(self, vector: list[float], limit: int) -> list[Passage]:
+        assert self._vectors is not None
         rowids, matrix = self._vectors
         query = np.asarray(vector, dtype=np.float32)
         similarity = matrix @ (query / (np.linalg.norm(query) + 1e-12))
         best = np.argsort(-similarity)[:limit]
-        return [Passage(*self._rows[int(rowids[i])], float(similarity[i]), int(rowids[i]))
-                for i in best if similarity[i] >= MIN_SIMILARITY]
+        return [
+            Passage(*self._rows[int(rowids[i])], float(similarity[i]), int(rowids[i]))
+            for i in best
+            if similarity[i] >= MIN_SIMILARITY
+        ]
 
 
-@dataclass
 class Embeddings:
-    """An OpenAI-compatible /embeddings endpoint."""
+    """An OpenAI-compatible /embeddings endpoint, with a connection pool of its own."""
 
-    session: aiohttp.ClientSession
-    base_url: str
-    api_key: str
-    model: str
+    def __init__(self, base_url: str, api_key: str, model: str):
+        self.url = base_url.rstrip("/") + "/embeddings"
+        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.model = model
+        self.session: aiohttp.ClientSession | None = None
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
-        headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        async with self.session.post(self.base_url.rstrip("/") + "/embeddings", headers=headers,
-                                     json={"model": self.model, "input": texts}) as response:
+        if self.session is None:  # made on first use, inside the event loop that uses it
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        async with self.session.post(
+            self.url, headers=self.headers, json={"model": self.model, "input": texts}
+        ) as response:
             if response.status >= 400:
                 raise RuntimeError(f"embeddings endpoint answered {response.status}")
             data = (await response.json())["data"]
         return [item["embedding"] for item in sorted(data, key=lambda item: item.get("index", 0))]
 
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="knowledge.py", description="Index and search the knowledge base.")
-    parser.add_argument("--index-file", default=None, help="the SQLite index (default: KNOWLEDGE_INDEX or .index/)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    index = commands.add_parser("index", help="index a folder (only what changed)")
-    index.add_argument("folder", nargs="?", default=None)
-    search = commands.add_parser("search", help="show what a question retrieves")
-    search.add_argument("question")
-    search.add_argument("--folder", default=None)
-    search.add_argument("--limit", type=int, default=5)
-    args = parser.parse_args(argv)
-    from custom_llm import Settings  # the same settings as the server, .env included
-
-    settings = Settings.from_env(quiet=True)
-    folder = args.folder or settings.knowledge_dir
-    kb = KnowledgeBase(folder, args.index_file or settings.knowledge_index or None, settings.rag_min_score)
-
-    async def embedded(work):
-        """Run work(embeddings or None) with an embeddings client when EMBEDDING_MODEL is set."""
-        if not settings.embedding_model:
-            return await work(None)
-        async with aiohttp.ClientSession() as session:
-            return await work(Embeddings(session, settings.embedding_base_url or settings.llm_base_url,
-                                         settings.embedding_api_key or settings.llm_api_key, settings.embedding_model))
-
-    if args.command == "index":
-        report = kb.index(progress=lambda source, chunks: print(f"  {source}: {chunks} chunks"))
-        print(f"{report.files} files ({report.indexed} indexed, {report.removed} removed, "
-              f"{len(report.skipped)} skipped), {report.chunks} chunks written, {kb.chunks} in the index, "
-              f"{report.seconds:.2f} s")
-        for skipped in report.skipped:
-            print(f"  skipped {skipped}")
-        if settings.embedding_model:
-            print(f"{asyncio.run(embedded(lambda e: kb.embed(e)))} chunks embedded")
-        return 0
-    kb.index()
-
-    async def vector(embeddings):
-        if embeddings is None:
-            return None
-        await kb.embed(embeddings)
-        return (await embeddings.embed([args.question]))[0]
-
-    for passage in kb.search(args.question, args.limit, asyncio.run(embedded(vector))):
-        print(f"{passage.score:7.3f}  {passage.citation()}\n         {passage.text[:200]!r}")
-    return 0
+    async def aclose(self) -> None:
+        if self.session is not None:
+            await self.session.close()
 
 
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    sys.exit(main(sys.argv[1:]))
+# ---------------------------------------------------------------------------------------------
+# The retriever /rag uses: the interface, and the default one (the index, plus embeddings)
+# ---------------------------------------------------------------------------------------------
+
+
+class Retriever(Protocol):
+    """What /rag and the search_knowledge tool need; pass your own to `create_app(retriever=...)`."""
+
+    @property
+    def ready(self) -> bool:
+        """Whether every document is searchable (GET /ready waits for it)."""
+        ...
+
+    async def start(self) -> None:
+        """Called once at start-up, beside the first requests (index what changed, load models...)."""
+        ...
+
+    async def search(self, question: str, limit: int) -> list[Passage]:
+        """The passages that answer the question, best first; none when nothing does."""
+        ...
+
+    async def aclose(self) -> None:
+        """Called at shutdown."""
+        ...
+
+
+class Knowledge:
+    """The default retriever: the SQLite index of a folder, and embeddings when configured."""
+
+    def __init__(self, base: KnowledgeBase, embeddings: Embeddings | None = None):
+        self.base, self.embeddings = base, embeddings
+
+    @property
+    def ready(self) -> bool:
+        return self.base.loaded
+
+    async def start(self) -> None:
+        """Index the folder (only what changed), then embed the new chunks for hybrid search."""
+        await asyncio.to_thread(self.base.index, ready_after=self.embeddings is None)
+        if self.embeddings is not None:
+            try:
+                log.info("knowledge: %d chunks embedded", await self.base.embed(self.embeddings))
+            except Exception as error:
+                log.warning(
+                    "embedding the knowledge base failed (%s: %s); searching with BM25 alone",
+                    type(error).__name__,
+                    error,
+                )
+            self.base.loaded = True
+
+    async def search(self, question: str, limit: int) -> list[Passage]:
+        vector = None
+        if self.embeddings is not None:
+            try:
+                vector = (await self.embeddings.embed([question]))[0]
+            except Exception as error:  # the embeddings upstream failing costs this query its hybrid half only
+                log.warning("query embedding failed (%s: %s); searching with BM25 alone", type(error).__name__, error)
+        return await asyncio.to_thread(self.base.search, question, limit, vector)
+
+    async def aclose(self) -> None:
+        if self.embeddings is not None:
+            await self.embeddings.aclose()
+
+
+# ---------------------------------------------------------------------------------------------
+# /rag: the waiting phrase, the query, the deadline, the grounding prompt
+# ---------------------------------------------------------------------------------------------
+
+WAITING_PHRASES = {
+    "en": ("Let me check that for you.", "One moment, let me look that up.", "Good question, let me find out."),
+    "zh": ("好的，我查一下。", "请稍等，我找一下资料。", "好问题，我来查查看。"),
+}
+
+# The system message the passages go in; it asks for honesty when they do not answer.
+GROUNDING_PROMPT = (
+    "Answer the user's question from these knowledge-base passages. Mention a source when it "
+    "helps. If the passages do not cover the question, say you don't know rather than guessing."
+)
+
+
+def waiting_phrase(phrases: dict[str, tuple[str, ...]], question: str) -> str:
+    """A waiting phrase in the question's language, ending so the TTS says it as a sentence of its own."""
+    lang = language(question)
+    return random.choice(phrases[lang]) + ("" if lang == "zh" else " ")
+
+
+_FOLLOW_UP = re.compile(
+    r"^(and|but|so|or|also|then|what about|how about)\b|\b(it|its|that|this|they|them|those|"
+    r"these|there|one)\b|^(那|还有|那么|它|这个|那个|另外)",
+    re.I,
+)
+
+
+def search_query(messages: list[dict[str, Any]]) -> str:
+    """The latest question, plus the one before when it is a follow-up ("and how much is it?")."""
+    questions = [message_text(m) for m in messages if m.get("role") == "user"]
+    latest = questions[-1] if questions else ""
+    short = len(latest.split()) <= 3 if not is_cjk(latest) else len(latest) <= 8
+    if len(questions) > 1 and (short or _FOLLOW_UP.search(latest.strip())):
+        return f"{questions[-2]} {latest}"
+    return latest
+
+
+async def retrieve(retriever: Retriever, messages: list[dict[str, Any]], limit: int, deadline_ms: int) -> list[Passage]:
+    """The passages for the conversation's question; past the deadline, none (the answer goes ahead)."""
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(deadline_ms / 1000):  # not wait_for: it can swallow a barge-in on 3.11
+            return await retriever.search(search_query(messages), limit)
+    except TimeoutError:
+        log.warning("retrieval passed its %d ms deadline; answering without passages", deadline_ms)
+        return []
+    finally:
+        metrics.RETRIEVAL.observe(time.perf_counter() - started)
+
+
+def with_passages(messages: list[dict[str, Any]], passages: list[Passage]) -> list[dict[str, Any]]:
+    """The messages with the passages as a system message after the caller's own system messages."""
+    if not passages:
+        return messages
+    sources = "\n\n".join(f"[{i}] {p.citation()}\n{p.text}" for i, p in enumerate(passages, 1))
+    context = {"role": "system", "content": f"{GROUNDING_PROMPT}\n\n{sources}"}
+    lead = next((i for i, m in enumerate(messages) if m.get("role") not in ("system", "developer")), len(messages))
+    return [*messages[:lead], context, *messages[lead:]]

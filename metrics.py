@@ -6,29 +6,50 @@ With several worker processes, set PROMETHEUS_MULTIPROC_DIR to an empty folder b
 
 import os
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
-from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the endpoint)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,  # noqa: F401  (re-exported for the endpoint)
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ENDPOINTS = {"/chat/completions": "chat", "/rag/chat/completions": "rag", "/audio/chat/completions": "audio"}
 
-REQUESTS = Counter("custom_llm_requests_total", "Requests answered, by endpoint and HTTP status.", ["endpoint", "status"])
-FIRST_BYTE = Histogram("custom_llm_time_to_first_byte_seconds", "From request to the first byte sent back.",
-                       ["endpoint"], buckets=SECONDS)
-DURATION = Histogram("custom_llm_request_duration_seconds", "From request to the last byte sent back.",
-                     ["endpoint"], buckets=SECONDS)
-IN_FLIGHT = Gauge("custom_llm_in_flight_requests", "Requests being answered now.", ["endpoint"],
-                  multiprocess_mode="livesum")
+REQUESTS = Counter(
+    "custom_llm_requests_total", "Requests answered, by endpoint and HTTP status.", ["endpoint", "status"]
+)
+FIRST_BYTE = Histogram(
+    "custom_llm_time_to_first_byte_seconds", "From request to the first byte sent back.", ["endpoint"], buckets=SECONDS
+)
+DURATION = Histogram(
+    "custom_llm_request_duration_seconds", "From request to the last byte sent back.", ["endpoint"], buckets=SECONDS
+)
+IN_FLIGHT = Gauge(
+    "custom_llm_in_flight_requests", "Requests being answered now.", ["endpoint"], multiprocess_mode="livesum"
+)
 CANCELLED = Counter("custom_llm_cancelled_total", "Requests the caller hung up on (barge-in).", ["endpoint"])
-UPSTREAM_FIRST_EVENT = Histogram("custom_llm_upstream_first_event_seconds",
-                                 "From calling an upstream LLM to its first event.", ["upstream"], buckets=SECONDS)
-UPSTREAM_ERRORS = Counter("custom_llm_upstream_errors_total", "Failed upstream calls, by upstream and error code.",
-                          ["upstream", "code"])
+UPSTREAM_FIRST_EVENT = Histogram(
+    "custom_llm_upstream_first_event_seconds",
+    "From calling an upstream LLM to its first event.",
+    ["upstream"],
+    buckets=SECONDS,
+)
+UPSTREAM_ERRORS = Counter(
+    "custom_llm_upstream_errors_total", "Failed upstream calls, by upstream and error code.", ["upstream", "code"]
+)
 RETRIES = Counter("custom_llm_upstream_retries_total", "Upstream calls tried again on the same upstream.")
 FALLBACKS = Counter("custom_llm_fallbacks_total", "Upstream calls served by the fallback LLM.")
 RETRIEVAL = Histogram("custom_llm_retrieval_seconds", "Knowledge base searches for /rag.", buckets=SECONDS)
-TASKS = Gauge("custom_llm_event_loop_tasks", "asyncio tasks alive in the worker, read at scrape time (leak check).",
-              multiprocess_mode="livesum")
+TASKS = Gauge(
+    "custom_llm_event_loop_tasks",
+    "asyncio tasks alive in the worker, read at scrape time (leak check).",
+    multiprocess_mode="livesum",
+)
 TOOLS = Histogram("custom_llm_tool_seconds", "Server tool runs, by tool and outcome.", ["tool", "ok"], buckets=SECONDS)
 
 

@@ -1,21 +1,36 @@
-"""The custom voice: text cut into speakable segments, synthesized, resampled to 16 kHz mono s16le,
-framed in 40 ms chunks and paced at real time.
+"""The custom voice behind /audio: every source of an audio answer, the engines, and the work
+between: text cut into speakable segments, synthesized, resampled to 16 kHz mono s16le, framed in
+40 ms chunks and paced at real time.
 
-Engines: any OpenAI-compatible `/audio/speech` (response_format "pcm"), or Debian's espeak-ng
-on a machine without a network. Both stream: the first audio leaves after the first sentence is
-written, not after the whole answer, and sentence n+1 is synthesized while sentence n plays.
+Sources: two files (the default), the model's answer spoken by an engine, the upstream's own
+audio converted, and a broadcast (the assistant's last message) said as written. Engines: any
+OpenAI-compatible `/audio/speech` (response_format "pcm"), or Debian's espeak-ng on a machine
+without a network. Both stream: the first audio leaves after the first sentence is written, not
+after the whole answer, and sentence n+1 is synthesized while sentence n plays.
 """
 
 import asyncio
+import base64
 import logging
+import math
 import re
+import shutil
+import struct
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import aiohttp
 import numpy as np
+import orjson
 import soxr
 import yarl
+
+from events import Audio, End, Event, Relayed, Text, ToolCall, completion_id, merge_tool_calls
+from serving import upstream_error
+from text import CJK
 
 log = logging.getLogger("custom_llm.speech")
 
@@ -54,19 +69,16 @@ def speakable(text: str) -> str:
     return re.sub(r"[ \t]+", " ", text).strip()
 
 
-_WIDE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff]")
-
-
 def _length(text: str) -> int:
     """Length as speech: a Chinese or Japanese character says about as much as two Latin letters."""
-    return len(text) + len(_WIDE.findall(text))
+    return len(text) + len(CJK.findall(text))
 
 
 def _cut(buffer: str, first: bool) -> int:
     """Where the next segment ends in the buffer, or 0 when it needs more text."""
     ends = [m.end() for m in [_END.search(buffer)] if m]
     if first:  # the first segment may end at a clause, so the first audio leaves sooner
-        ends += [m.end() for m in _CLAUSE.finditer(buffer) if _length(buffer[:m.end()]) >= FIRST_SEGMENT_MIN][:1]
+        ends += [m.end() for m in _CLAUSE.finditer(buffer) if _length(buffer[: m.end()]) >= FIRST_SEGMENT_MIN][:1]
     if ends:
         return min(ends)
     if len(buffer) > MAX_SEGMENT:
@@ -116,7 +128,9 @@ class Resampler:
     """Streaming, anti-aliased sample-rate conversion of s16le mono (soxr, high quality)."""
 
     def __init__(self, rate: int):
-        self.stream = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="int16", quality="HQ") if rate != SAMPLE_RATE else None
+        self.stream = (
+            soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="int16", quality="HQ") if rate != SAMPLE_RATE else None
+        )
         self.odd = b""
 
     def __call__(self, pcm: bytes, last: bool = False) -> bytes:
@@ -139,7 +153,7 @@ class Framer:
         self.pending += pcm
         cut = len(self.pending) - len(self.pending) % CHUNK_BYTES
         ready, self.pending = self.pending[:cut], self.pending[cut:]
-        return [ready[i:i + CHUNK_BYTES] for i in range(0, cut, CHUNK_BYTES)]
+        return [ready[i : i + CHUNK_BYTES] for i in range(0, cut, CHUNK_BYTES)]
 
     def flush(self) -> list[bytes]:
         last, self.pending = self.pending, b""
@@ -156,14 +170,18 @@ async def frames(pcm: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 
 class Pacer:
-    """Lets frames go at real time after a head start, so a long answer never floods the engine."""
+    """Lets frames go at real time after a head start, so a long answer never floods the engine.
 
-    def __init__(self, head_start_ms: int):
-        self.head_start = head_start_ms / 1000
+    A head start of None means no pacing: a non-streaming answer is wanted all at once."""
+
+    def __init__(self, head_start_ms: int | None):
+        self.head_start = head_start_ms / 1000 if head_start_ms is not None else None
         self.start: float | None = None
         self.sent = 0
 
     async def wait(self) -> None:
+        if self.head_start is None:
+            return
         clock = asyncio.get_running_loop().time
         if self.start is None:
             self.start = clock() - self.head_start
@@ -181,6 +199,7 @@ class Pacer:
 class Engine(Protocol):
     def synthesize(self, text: str) -> AsyncIterator[bytes]:
         """16 kHz mono s16le PCM of the text, as it is made."""
+        ...
 
 
 @dataclass
@@ -205,7 +224,7 @@ class OpenAISpeech:
                     raise SpeechError(f"speech endpoint answered {response.status}: {(await response.read())[:200]!r}")
                 async for piece in response.content.iter_any():
                     yield resample(piece)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiohttp.ClientError) as error:
             raise SpeechError(f"speech endpoint failed: {type(error).__name__}: {error}") from None
         yield resample(b"", last=True)
 
@@ -220,11 +239,18 @@ class EspeakSpeech:
     async def synthesize(self, text: str) -> AsyncIterator[bytes]:
         try:
             process = await asyncio.create_subprocess_exec(
-                "espeak-ng", "--stdout", "-v", self.voice, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+                "espeak-ng",
+                "--stdout",
+                "-v",
+                self.voice,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
         except OSError as error:
             raise SpeechError(f"espeak-ng cannot run: {error}") from None
         resample, header = Resampler(self.rate), b""
+        assert process.stdin is not None and process.stdout is not None
         try:
             process.stdin.write(text.encode())  # on stdin, so no text is ever read as an option
             process.stdin.close()
@@ -265,7 +291,7 @@ async def _fill(engine: Engine, text: str, queue: asyncio.Queue) -> None:
         await queue.put(error)
 
 
-async def speak(texts: AsyncIterator[str], engine: Engine, head_start_ms: int) -> AsyncIterator[Said]:
+async def speak(texts: AsyncIterator[str], engine: Engine, head_start_ms: int | None) -> AsyncIterator[Said]:
     """The spoken answer, paced at real time.
 
     A speech failure before any audio raises SpeechError (the caller gets a proper error); after
@@ -321,3 +347,194 @@ async def speak(texts: AsyncIterator[str], engine: Engine, head_start_ms: int) -
             item = ready.get_nowait()
             if isinstance(item, tuple):
                 item[2].cancel()
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine choice
+# ---------------------------------------------------------------------------------------------
+
+
+def speech_engine(
+    kind: str, session: aiohttp.ClientSession, base_url: str, api_key: str, model: str, voice: str, rate: int
+) -> Engine:
+    """The engine TTS_ENGINE names: "espeak" (offline) or "openai" (any OpenAI-compatible speech API)."""
+    if kind == "espeak":
+        return EspeakSpeech(voice=voice or "en-us")
+    return OpenAISpeech(session, base_url, api_key, model, voice or "alloy", rate)
+
+
+def local_engine() -> Engine | None:
+    """espeak-ng when it is installed: the voice for words the files cannot say (broadcasts)."""
+    return EspeakSpeech() if shutil.which("espeak-ng") else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The sources of an audio answer, as events: transcript first, then 40 ms frames
+# ---------------------------------------------------------------------------------------------
+
+
+def simulated_audio() -> tuple[str, bytes]:
+    """A spoken-answer stand-in when the audio files are missing: a soft one-second tone."""
+    samples = (int(3000 * math.sin(2 * math.pi * 440 * n / SAMPLE_RATE)) for n in range(SAMPLE_RATE))
+    return "This is a simulated audio answer.", struct.pack(f"<{SAMPLE_RATE}h", *samples)
+
+
+async def load_audio(text_file: Path, pcm_file: Path) -> tuple[str, bytes]:
+    def read() -> tuple[str, bytes]:
+        return text_file.read_text(encoding="utf-8").strip(), pcm_file.read_bytes()
+
+    try:
+        text, pcm = await asyncio.to_thread(read)
+    except (OSError, UnicodeDecodeError) as error:
+        log.warning("audio files unavailable (%s); sending a simulated answer", type(error).__name__)
+        return simulated_audio()
+    return text, pcm[: len(pcm) // 2 * 2]  # whole 16-bit samples only
+
+
+async def file_answer(text_file: Path, pcm_file: Path, head_start_ms: int | None) -> AsyncIterator[Event]:
+    """The recorded answer: the transcript of the text file, then the PCM file."""
+    text, pcm = await load_audio(text_file, pcm_file)
+    pacer = Pacer(head_start_ms)
+    # The transcript comes first: it is what the engine stores as the agent's words.
+    yield Audio(transcript=text)
+    for offset in range(0, len(pcm), CHUNK_BYTES):
+        await pacer.wait()
+        yield Audio(pcm=pcm[offset : offset + CHUNK_BYTES])
+    yield End()
+
+
+def spoken_separator(text: str) -> str:
+    """What joins this segment's transcript to the next: a space, except after Chinese or Japanese."""
+    return "" if CJK.search(text[-1:]) else " "
+
+
+async def words(events: AsyncIterator[Event], held: list[ToolCall]) -> AsyncIterator[str]:
+    """The words of an answer's events; calls to the caller's tools are held for after the speech."""
+    async for event in events:
+        if isinstance(event, Relayed):
+            if text := event.text():
+                yield text
+        elif isinstance(event, Text):
+            yield event.text
+        elif isinstance(event, ToolCall):
+            held.append(event)
+
+
+async def spoken_answer(
+    events: AsyncIterator[Event],
+    engine: Engine | None,
+    head_start_ms: int | None,
+    why_silent: str = "no voice is configured",
+) -> AsyncIterator[Event]:
+    """The answer's words, spoken as they come; without an engine, the words as transcript only.
+
+    The caller's tool calls come back after the speech, as on /chat/completions."""
+    held: list[ToolCall] = []
+    texts = segments(words(events, held))
+    if engine is None:
+        log.warning("answering /audio with a transcript only: %s", why_silent)
+        async for text in texts:
+            yield Audio(transcript=text + spoken_separator(text))
+    else:
+        try:
+            async for step in speak(texts, engine, head_start_ms):
+                if step.transcript is not None:
+                    yield Audio(transcript=step.transcript + spoken_separator(step.transcript))
+                else:
+                    yield Audio(pcm=step.audio)
+        except SpeechError as error:
+            log.warning("speech failed before any audio: %s", error)
+            raise upstream_error(502, "The speech service failed.", "speech_failed") from None
+    for call in held:
+        yield call
+    if not held:
+        yield End()
+
+
+async def one(text: str) -> AsyncIterator[Event]:
+    yield Text(text)
+
+
+def upstream_audio(payload: bytes) -> tuple[dict[str, Any], str]:
+    """The `delta.audio` and `delta.content` of one upstream chunk."""
+    try:
+        delta = orjson.loads(payload)["choices"][0].get("delta") or {}
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
+        return {}, ""
+    audio, content = delta.get("audio"), delta.get("content")
+    return audio if isinstance(audio, dict) else {}, content if isinstance(content, str) else ""
+
+
+async def converted_answer(
+    events: AsyncIterator[Event], engine: Engine | None, head_start_ms: int | None
+) -> AsyncIterator[Event]:
+    """The upstream's own audio (gpt-4o-audio style: base64 pcm16 at 24 kHz), converted, not re-synthesized.
+
+    An upstream that answers in text only (it ignored `modalities`) has its words spoken instead,
+    so an audio answer is never silent."""
+    pacer, resample, framer = Pacer(head_start_ms), Resampler(24_000), Framer()
+    text, heard, held = [], False, []
+    async for event in events:
+        if isinstance(event, ToolCall):
+            held.append(event)
+            continue
+        for payload in event.payloads if isinstance(event, Relayed) else []:
+            audio, content = upstream_audio(payload)
+            text.append(content)
+            if isinstance(audio.get("transcript"), str) and audio["transcript"]:
+                heard = True
+                yield Audio(transcript=audio["transcript"])
+            data = audio.get("data")
+            for frame in framer.push(resample(base64.b64decode(data) if isinstance(data, str) else b"")):
+                await pacer.wait()
+                yield Audio(pcm=frame)
+    for frame in framer.push(resample(b"", last=True)) + framer.flush():
+        await pacer.wait()
+        yield Audio(pcm=frame)
+    if not heard and "".join(text).strip():
+        async for spoken in spoken_answer(
+            one("".join(text)),
+            engine,
+            head_start_ms,
+            "the upstream answered in text, not audio, and no voice is configured",
+        ):
+            if not isinstance(spoken, End):
+                yield spoken
+    for call in held:
+        yield call
+    if not held:
+        yield End()
+
+
+async def audio_completion(events: AsyncIterator[Event], model: str) -> bytes:
+    """The non-streaming answer: one message.audio with all the data and the whole transcript
+    (and the caller's tool calls, when the model made some)."""
+    transcript, pcm, calls, finish = [], [], [], "stop"
+    async for event in events:
+        if isinstance(event, Audio):
+            transcript.append(event.transcript or "")
+            pcm.append(event.pcm or b"")
+        elif isinstance(event, ToolCall):
+            calls.append(event.chunk)
+            finish = "tool_calls"
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": None,
+        "audio": {
+            "id": f"audio_{completion_id()[9:]}",
+            "data": base64.b64encode(b"".join(pcm)).decode(),
+            "transcript": "".join(transcript).strip(),
+            "expires_at": int(time.time()) + 3600,
+        },
+    }
+    if calls:
+        message["tool_calls"] = merge_tool_calls(calls)
+    return orjson.dumps(
+        {
+            "id": completion_id(),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "finish_reason": finish, "message": message}],
+        }
+    )

@@ -14,20 +14,22 @@ never an exception.
 import ast
 import asyncio
 import inspect
+import json
 import logging
 import math
 import operator
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
-from pydantic import Field, ValidationError, create_model
+from pydantic import BaseModel, Field, ValidationError, create_model
 
 import metrics
-from knowledge import KnowledgeBase
+from knowledge import Retriever
 
 log = logging.getLogger("custom_llm.tools")
 
@@ -38,12 +40,12 @@ DEFAULT_TIMEOUT = 5.0
 class Tool:
     name: str
     function: Callable[..., Any]
-    arguments: type  # a pydantic model of the parameters, made from the signature
+    arguments: type[BaseModel]  # a pydantic model of the parameters, made from the signature
     schema: dict[str, Any]  # the OpenAI tool definition, made once
     timeout: float
 
 
-def tool_schema(name: str, description: str, arguments: type) -> dict[str, Any]:
+def tool_schema(name: str, description: str, arguments: type[BaseModel]) -> dict[str, Any]:
     parameters = arguments.model_json_schema()
     parameters.pop("title", None)
     for spec in parameters.get("properties", {}).values():
@@ -58,7 +60,7 @@ class ToolRegistry:
         self.tools: dict[str, Tool] = {}
 
     def add(self, function: Callable[..., Any], *, name: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
-        fields = {
+        fields: dict[str, Any] = {
             parameter.name: (
                 parameter.annotation if parameter.annotation is not inspect.Parameter.empty else Any,
                 parameter.default if parameter.default is not inspect.Parameter.empty else ...,
@@ -76,8 +78,9 @@ class ToolRegistry:
             return self
         unknown = set(names) - set(self.tools)
         if unknown:
-            raise ValueError(f"SERVER_TOOLS names unknown tools: {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(self.tools)}")
+            raise ValueError(
+                f"SERVER_TOOLS names unknown tools: {', '.join(sorted(unknown))}; known: {', '.join(self.tools)}"
+            )
         selected = ToolRegistry()
         selected.tools = {name: self.tools[name] for name in names}
         return selected
@@ -113,10 +116,21 @@ class ToolRegistry:
                     result = await asyncio.to_thread(tool.function, **values)
         except TimeoutError:
             return failure(f"{name} did not finish within {tool.timeout:g} seconds.")
+        except ValueError as error:  # an expected refusal (bad expression, unknown zone): no traceback
+            log.info("tool %s refused: %s", name, str(error)[:200])
+            return failure(f"{name} failed: {type(error).__name__}: {str(error)[:200]}")
         except Exception as error:  # the model reads the failure and can recover; the log has the trace
             log.warning("tool %s failed", name, exc_info=error)
             return failure(f"{name} failed: {type(error).__name__}: {str(error)[:200]}")
+        return result_text(result)
+
+
+def result_text(result: Any) -> str:
+    """A tool's result as JSON text; the standard library takes over for integers orjson cannot hold."""
+    try:
         return orjson.dumps(result, default=str).decode()
+    except TypeError:  # e.g. factorial(25): past 64 bits
+        return json.dumps(result, default=str, ensure_ascii=False)
 
 
 def failure(message: str) -> str:
@@ -130,12 +144,30 @@ def failure(message: str) -> str:
 MAX_EXPRESSION_CHARS = 300
 MAX_RESULT_BITS = 4096  # integers beyond ~1,200 digits are refused, not computed
 
-_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
-_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-_FUNCTIONS = {"sqrt": math.sqrt, "abs": abs, "round": round, "sin": math.sin, "cos": math.cos, "tan": math.tan,
-              "log": math.log, "log10": math.log10, "exp": math.exp, "factorial": math.factorial,
-              "floor": math.floor, "ceil": math.ceil}
+_BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
+_UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "sqrt": math.sqrt,
+    "abs": abs,
+    "round": round,
+    "sin": math.sin,
+    "cos": math.cos,
+    "tan": math.tan,
+    "log": math.log,
+    "log10": math.log10,
+    "exp": math.exp,
+    "factorial": math.factorial,
+    "floor": math.floor,
+    "ceil": math.ceil,
+}
 _CONSTANTS = {"pi": math.pi, "e": math.e, "tau": math.tau}
 
 
@@ -151,7 +183,7 @@ def _power(base: float, exponent: float) -> float:
     # Estimate the size first: 9**9**9 would take minutes and gigabytes to compute.
     if abs(base) > 1 and abs(exponent) * math.log2(abs(base)) > MAX_RESULT_BITS:
         raise CalculationError("the result would be too large")
-    result = base ** exponent
+    result = base**exponent
     if isinstance(result, complex):
         raise CalculationError("the result is not a real number")
     return result
@@ -166,7 +198,7 @@ def _call(name: str, args: list[float]) -> float:
 
 
 def _evaluate(node: ast.AST) -> float:
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+    if isinstance(node, ast.Constant) and isinstance(node.value, int | float) and not isinstance(node.value, bool):
         return node.value
     if isinstance(node, ast.Name) and node.id in _CONSTANTS:
         return _CONSTANTS[node.id]
@@ -180,11 +212,17 @@ def _evaluate(node: ast.AST) -> float:
         if _too_big(result):
             raise CalculationError("the result would be too large")
         return result
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS
-            and not node.keywords):
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in _FUNCTIONS
+        and not node.keywords
+    ):
         return _call(node.func.id, [_evaluate(arg) for arg in node.args])
-    raise CalculationError(f"unsupported element {type(node).__name__}; use numbers, + - * / // % **, "
-                           f"parentheses, {', '.join(_FUNCTIONS)} and {', '.join(_CONSTANTS)}")
+    raise CalculationError(
+        f"unsupported element {type(node).__name__}; use numbers, + - * / // % **, "
+        f"parentheses, {', '.join(_FUNCTIONS)} and {', '.join(_CONSTANTS)}"
+    )
 
 
 def calculate(expression: Annotated[str, Field(description="Arithmetic, e.g. '(3 + 4) * 2 ** 10 / sqrt(16)'")]) -> dict:
@@ -206,25 +244,32 @@ def calculate(expression: Annotated[str, Field(description="Arithmetic, e.g. '(3
     return {"expression": expression, "result": value}
 
 
-def get_current_time(timezone: Annotated[str, Field(description="IANA time zone, e.g. 'Asia/Shanghai'")] = "UTC") -> dict:
+def get_current_time(
+    timezone: Annotated[str, Field(description="IANA time zone, e.g. 'Asia/Shanghai'")] = "UTC",
+) -> dict:
     """The current date and time in a time zone."""
     try:
         now = datetime.now(ZoneInfo(timezone))
     except (ZoneInfoNotFoundError, ValueError):
         raise ValueError(f"unknown time zone {timezone!r}; use an IANA name such as 'Europe/London'") from None
-    return {"timezone": timezone, "iso": now.isoformat(timespec="seconds"),
-            "spoken": now.strftime("%A %d %B %Y, %H:%M")}
+    return {
+        "timezone": timezone,
+        "iso": now.isoformat(timespec="seconds"),
+        "spoken": now.strftime("%A %d %B %Y, %H:%M"),
+    }
 
 
-def sample_tools(knowledge: KnowledgeBase) -> ToolRegistry:
+def sample_tools(knowledge: Retriever) -> ToolRegistry:
     """The tools the server offers unless SERVER_TOOLS says otherwise."""
     tools = ToolRegistry()
     tools.add(calculate, timeout=1.0)
     tools.add(get_current_time, timeout=1.0)
 
-    def search_knowledge(query: Annotated[str, Field(description="What to look up, in the user's words")]) -> list[dict]:
+    async def search_knowledge(
+        query: Annotated[str, Field(description="What to look up, in the user's words")],
+    ) -> list[dict]:
         """Search this service's knowledge base; use it for questions about the product or its documents."""
-        return [{"source": p.citation(), "text": p.text} for p in knowledge.search(query, limit=3)]
+        return [{"source": p.citation(), "text": p.text} for p in await knowledge.search(query, 3)]
 
     tools.add(search_knowledge, timeout=2.0)
     return tools

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -42,8 +43,14 @@ def free_port() -> int:
 
 def start(cmd: list[str], env: dict[str, str], cpu: int, log: Path) -> subprocess.Popen:
     cpus = {cpu % os.cpu_count()}
-    return subprocess.Popen(cmd, env={**os.environ, **env}, cwd=ROOT, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    return subprocess.Popen(
+        cmd,
+        env={**os.environ, **env},
+        cwd=ROOT,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+    )
 
 
 def wait_for_port(port: int, process: subprocess.Popen) -> None:
@@ -78,10 +85,20 @@ def start_servers(label: str, **server_env: str) -> tuple[int, int, subprocess.P
     results.mkdir(parents=True, exist_ok=True)
     up_port, sv_port = free_port(), free_port()
     upstream = start([sys.executable, "bench/upstream.py", str(up_port)], {}, 0, results / f"{label}-upstream.log")
-    server = start([sys.executable, "custom_llm.py"], {
-        "HOST": "127.0.0.1", "PORT": str(sv_port), "LLM_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
-        "LLM_API_KEY": "bench-upstream-key", "CUSTOM_LLM_API_KEY": KEY, "LOG_LEVEL": "INFO", **server_env},
-        1, results / f"{label}-server.log")
+    server = start(
+        [sys.executable, "custom_llm.py"],
+        {
+            "HOST": "127.0.0.1",
+            "PORT": str(sv_port),
+            "LLM_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
+            "LLM_API_KEY": "bench-upstream-key",
+            "CUSTOM_LLM_API_KEY": KEY,
+            "LOG_LEVEL": "INFO",
+            **server_env,
+        },
+        1,
+        results / f"{label}-server.log",
+    )
     try:
         wait_for_port(up_port, upstream)
         wait_until_ready(sv_port, server)
@@ -131,7 +148,9 @@ def established_to(port: int) -> int:
 def knowledge_corpus(folder: Path, chunks: int = 10_000) -> None:
     """A synthetic 10,000-chunk knowledge base, so /rag pays a realistic retrieval cost."""
     rng = random.Random(7)
-    vocabulary = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(5000)]
+    vocabulary = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(5000)
+    ]
     vocabulary += ["opening", "hours", "weekends", "price", "delivery", "refund", "account", "password"]
     for f in range(100):
         sections = []
@@ -163,25 +182,33 @@ class Sample:
 
     def gaps(self) -> list[int]:
         times = [t for t, e in self.events if b"emit_ns" in e]
-        return [b - a for a, b in zip(times, times[1:])]
+        return [b - a for a, b in itertools.pairwise(times)]
 
 
 def body(n: int = 20, interval: float = 0.0, first_delay: float = 0.0, tag: str | None = None, **faults) -> bytes:
-    return json.dumps({
-        "model": "bench-model", "stream": True,
-        "messages": [{"role": "system", "content": "You are a helpful voice assistant."},
-                     {"role": "user", "content": "What are your opening hours on weekends?"}],
-        "bench": {"n": n, "interval": interval, "first_delay": first_delay, "tag": tag, **faults},
-    }).encode()
+    return json.dumps(
+        {
+            "model": "bench-model",
+            "stream": True,
+            "messages": [
+                {"role": "system", "content": "You are a helpful voice assistant."},
+                {"role": "user", "content": "What are your opening hours on weekends?"},
+            ],
+            "bench": {"n": n, "interval": interval, "first_delay": first_delay, "tag": tag, **faults},
+        }
+    ).encode()
 
 
-async def stream(port: int, path: str, payload: bytes, *, close_after_events: int | None = None,
-                 close_after_s: float | None = None) -> Sample:
+async def stream(
+    port: int, path: str, payload: bytes, *, close_after_events: int | None = None, close_after_s: float | None = None
+) -> Sample:
     sample = Sample(now())
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(
         f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
-        f"authorization: Bearer {KEY}\r\ncontent-length: {len(payload)}\r\n\r\n".encode() + payload)
+        f"authorization: Bearer {KEY}\r\ncontent-length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
 
     async def read() -> None:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -207,14 +234,14 @@ async def stream(port: int, path: str, payload: bytes, *, close_after_events: in
 
     try:
         await asyncio.wait_for(read(), close_after_s or 60)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         if close_after_s is None:
             raise
     sample.closed = now()
     writer.close()
     try:  # make sure the FIN has gone out before the next measurement starts
         await asyncio.wait_for(writer.wait_closed(), 1)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         pass
     return sample
 
@@ -224,7 +251,7 @@ async def stream(port: int, path: str, payload: bytes, *, close_after_events: in
 
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))] if ordered else float("nan")
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] if ordered else float("nan")
 
 
 def ms(ns: float) -> str:
@@ -240,12 +267,17 @@ class Bench:
         self.rows: list[tuple[str, ...]] = []
 
     def paths(self, rag: bool = False) -> dict[str, tuple[int, str]]:
-        return {"direct": (self.up, "/v1/chat/completions"), "null": (self.null, "/"),
-                "server": (self.sv, "/rag/chat/completions" if rag else "/chat/completions")}
+        return {
+            "direct": (self.up, "/v1/chat/completions"),
+            "null": (self.null, "/"),
+            "server": (self.sv, "/rag/chat/completions" if rag else "/chat/completions"),
+        }
 
     def row(self, metric: str, direct: str, null: str, server: str, ratio: str, target: str) -> None:
         self.rows.append((metric, direct, null, server, ratio, target))
-        print(f"  {metric}: direct {direct} | null relay {null} | server {server} | {ratio} | target {target}", flush=True)
+        print(
+            f"  {metric}: direct {direct} | null relay {null} | server {server} | {ratio} | target {target}", flush=True
+        )
 
     async def interleaved(self, rounds: int, payload: bytes, rag: bool = False) -> dict[str, list[Sample]]:
         paths = self.paths(rag)
@@ -262,23 +294,36 @@ class Bench:
         s = await self.interleaved(300, body(n=5))
         t = {name: [x.ttft for x in samples] for name, samples in s.items()}
         for p, target in ((50, "≤ 1 ms added"), (99, "≤ 3 ms added")):
-            self.row(f"TTFT p{p}, 1 stream (ms)", *(ms(pct(t[k], p)) for k in ("direct", "null", "server")),
-                     f"+{ms(pct(t['server'], p) - pct(t['direct'], p))} ms", target)
+            self.row(
+                f"TTFT p{p}, 1 stream (ms)",
+                *(ms(pct(t[k], p)) for k in ("direct", "null", "server")),
+                f"+{ms(pct(t['server'], p) - pct(t['direct'], p))} ms",
+                target,
+            )
         rag = await self.interleaved(100, body(n=5), rag=True)
         waiting = [x.first() for x in rag["server"]]
         answer = [x.ttft for x in rag["server"]]
         self.row("/rag: waiting phrase p50 (ms)", "-", "-", ms(pct(waiting, 50)), "the first event", "-")
-        self.row("/rag: first upstream token p50 (ms)", ms(pct([x.ttft for x in rag["direct"]], 50)), "-",
-                 ms(pct(answer, 50)), f"retrieval ≈ {ms(pct(answer, 50) - pct(t['server'], 50))} ms",
-                 "10k-chunk index")
+        self.row(
+            "/rag: first upstream token p50 (ms)",
+            ms(pct([x.ttft for x in rag["direct"]], 50)),
+            "-",
+            ms(pct(answer, 50)),
+            f"retrieval ≈ {ms(pct(answer, 50) - pct(t['server'], 50))} ms",
+            "10k-chunk index",
+        )
 
     async def chunks(self) -> None:
         s = await self.interleaved(20, body(n=50, interval=0.02))
         lat = {k: [lat for x in v for lat in x.chunk_latencies()] for k, v in s.items()}
         stalls = {k: str(sum(g > 40e6 for x in v for g in x.gaps())) for k, v in s.items()}
         for p, target in ((50, "≤ 0.1 ms added"), (99, "-")):
-            self.row(f"per-chunk latency p{p} (ms)", *(ms(pct(lat[k], p)) for k in ("direct", "null", "server")),
-                     f"+{ms(pct(lat['server'], p) - pct(lat['direct'], p))} ms", target)
+            self.row(
+                f"per-chunk latency p{p} (ms)",
+                *(ms(pct(lat[k], p)) for k in ("direct", "null", "server")),
+                f"+{ms(pct(lat['server'], p) - pct(lat['direct'], p))} ms",
+                target,
+            )
         self.row("stalls (gap > 40 ms), 1 stream", stalls["direct"], stalls["null"], stalls["server"], "", "0")
 
     async def lanes(self, port: int, path: str, c: int, seconds: float) -> list[Sample]:
@@ -308,20 +353,28 @@ class Bench:
             v = [x.ttft for x in results["server"] if x.ttft]
             errors = sum(1 for x in results["server"] if x.status != 200 or len(x.events) != 52)
             stalls = {k: sum(g > 40e6 for x in r for g in x.gaps()) for k, r in results.items()}
-            self.row(f"c={c} paced streams: TTFT p50 / p99 (ms)", f"{ms(pct(d, 50))} / {ms(pct(d, 99))}", "-",
-                     f"{ms(pct(v, 50))} / {ms(pct(v, 99))}",
-                     f"p99 ×{pct(v, 99) / pct(d, 99):.2f}; stalls {stalls['direct']} / {stalls['server']}; "
-                     f"errors {errors} of {len(results['server'])}",
-                     "p99 ≤ 1.5× direct at c=100; 0 stalls" if c == 100 else "0 stalls")
+            self.row(
+                f"c={c} paced streams: TTFT p50 / p99 (ms)",
+                f"{ms(pct(d, 50))} / {ms(pct(d, 99))}",
+                "-",
+                f"{ms(pct(v, 50))} / {ms(pct(v, 99))}",
+                f"p99 ×{pct(v, 99) / pct(d, 99):.2f}; stalls {stalls['direct']} / {stalls['server']}; "
+                f"errors {errors} of {len(results['server'])}",
+                "p99 ≤ 1.5× direct at c=100; 0 stalls" if c == 100 else "0 stalls",
+            )
         # The worst case: 100 calls in the same millisecond, each paying its full setup at once.
         burst = {}
         for name in ("direct", "server"):
             port, path = self.paths()[name]
             burst[name] = [x.ttft for x in await asyncio.gather(*(stream(port, path, body(n=5)) for _ in range(100)))]
-        self.row("burst: 100 calls in the same ms, TTFT p50 / p99 (ms)",
-                 f"{ms(pct(burst['direct'], 50))} / {ms(pct(burst['direct'], 99))}", "-",
-                 f"{ms(pct(burst['server'], 50))} / {ms(pct(burst['server'], 99))}",
-                 f"p99 ×{pct(burst['server'], 99) / pct(burst['direct'], 99):.2f}", "-")
+        self.row(
+            "burst: 100 calls in the same ms, TTFT p50 / p99 (ms)",
+            f"{ms(pct(burst['direct'], 50))} / {ms(pct(burst['direct'], 99))}",
+            "-",
+            f"{ms(pct(burst['server'], 50))} / {ms(pct(burst['server'], 99))}",
+            f"p99 ×{pct(burst['server'], 99) / pct(burst['direct'], 99):.2f}",
+            "-",
+        )
 
     async def throughput(self) -> None:
         rates, cpu = {}, 0.0
@@ -334,16 +387,24 @@ class Bench:
             rates[name] = chunks / elapsed
             if name == "server":
                 cpu = (cpu_seconds(self.pid) - before) / chunks * 1000
-        self.row("relay throughput, 0 pacing (chunks/s)", *(f"{rates[k]:,.0f}" for k in ("direct", "null", "server")),
-                 f"{rates['server'] / rates['direct']:.0%} of direct", "≥ 50%")
+        self.row(
+            "relay throughput, 0 pacing (chunks/s)",
+            *(f"{rates[k]:,.0f}" for k in ("direct", "null", "server")),
+            f"{rates['server'] / rates['direct']:.0%} of direct",
+            "≥ 50%",
+        )
         self.row("server CPU per 1,000 chunks (ms)", "-", "-", f"{cpu * 1000:.1f}", "", "-")
 
     async def cancel_phase(self, name: str, samples: int, **kw) -> None:
         latencies, late_calls = [], 0
         for batch in range(samples // 10):
             tags = [f"{name}-{batch}-{i}" for i in range(10)]
-            results = await asyncio.gather(*(stream(self.sv, kw.get("path", "/chat/completions"),
-                                                    body(tag=t, **kw["spec"]), **kw["close"]) for t in tags))
+            results = await asyncio.gather(
+                *(
+                    stream(self.sv, kw.get("path", "/chat/completions"), body(tag=t, **kw["spec"]), **kw["close"])
+                    for t in tags
+                )
+            )
             await asyncio.sleep(0.05)
             stats = await self.stats()
             for tag, sample in zip(tags, results):
@@ -353,45 +414,90 @@ class Bench:
                 # the server sent before the hang-up a little after it.
                 late_calls += stats["arrivals"].get(tag, 0) > sample.closed + 1_000_000
         if kw.get("path") == "/rag/chat/completions":
-            self.row(f"cancel {name}: upstream calls made after the hang-up", "-", "-", f"{late_calls} of {samples}",
-                     "", "0")
+            self.row(
+                f"cancel {name}: upstream calls made after the hang-up", "-", "-", f"{late_calls} of {samples}", "", "0"
+            )
         if latencies:
-            self.row(f"cancel {name}: disconnect → upstream closed p50 / p99 (ms)", "-", "-",
-                     f"{ms(pct(latencies, 50))} / {ms(pct(latencies, 99))}", f"{len(latencies)} samples", "p99 ≤ 5 ms")
+            self.row(
+                f"cancel {name}: disconnect → upstream closed p50 / p99 (ms)",
+                "-",
+                "-",
+                f"{ms(pct(latencies, 50))} / {ms(pct(latencies, 99))}",
+                f"{len(latencies)} samples",
+                "p99 ≤ 5 ms",
+            )
 
     async def cancel(self) -> None:
-        await self.cancel_phase("before first token", 100, spec=dict(n=5, first_delay=2.0), close=dict(close_after_s=0.05))
+        await self.cancel_phase(
+            "before first token", 100, spec=dict(n=5, first_delay=2.0), close=dict(close_after_s=0.05)
+        )
         await self.cancel_phase("mid-stream", 100, spec=dict(n=100, interval=0.02), close=dict(close_after_events=5))
-        await self.cancel_phase("during retrieval", 100, spec=dict(n=5, first_delay=2.0),
-                                close=dict(close_after_events=1), path="/rag/chat/completions")
+        await self.cancel_phase(
+            "during retrieval",
+            100,
+            spec=dict(n=5, first_delay=2.0),
+            close=dict(close_after_events=1),
+            path="/rag/chat/completions",
+        )
         # 1,000 streams cut at random points, 32 at a time.
         for _ in range(1000 // 32 + 1):
-            await asyncio.gather(*(stream(self.sv, "/chat/completions", body(n=100, interval=0.005),
-                                          close_after_events=random.randint(1, 60)) for _ in range(32)))
+            await asyncio.gather(
+                *(
+                    stream(
+                        self.sv,
+                        "/chat/completions",
+                        body(n=100, interval=0.005),
+                        close_after_events=random.randint(1, 60),
+                    )
+                    for _ in range(32)
+                )
+            )
         await asyncio.sleep(1.0)
         stats = await self.stats()
-        self.row("after 1,000+ cancelled streams: upstream streams still open", "-", "-", str(stats["active"]),
-                 f"{established_to(self.up)} pooled connections", "0 streams")
+        self.row(
+            "after 1,000+ cancelled streams: upstream streams still open",
+            "-",
+            "-",
+            str(stats["active"]),
+            f"{established_to(self.up)} pooled connections",
+            "0 streams",
+        )
 
     async def memory(self) -> None:
         idle = rss_mb(self.pid)
         held = {}
         for k in (100, 400):
-            tasks = [asyncio.ensure_future(stream(self.sv, "/chat/completions", body(n=8, interval=1.0))) for _ in range(k)]
+            tasks = [
+                asyncio.ensure_future(stream(self.sv, "/chat/completions", body(n=8, interval=1.0))) for _ in range(k)
+            ]
             await asyncio.sleep(2.5)
             held[k] = rss_mb(self.pid)
             await asyncio.gather(*tasks)
         per_stream = (held[400] - held[100]) / 300 * 1024
-        self.row("RSS idle / with 400 streams in flight (MB)", "-", "-", f"{idle:.1f} / {held[400]:.1f}",
-                 f"{per_stream:.0f} KB per stream", "-")
+        self.row(
+            "RSS idle / with 400 streams in flight (MB)",
+            "-",
+            "-",
+            f"{idle:.1f} / {held[400]:.1f}",
+            f"{per_stream:.0f} KB per stream",
+            "-",
+        )
+
         async def burst(count: int) -> None:
             for _ in range(count // 50):
                 await asyncio.gather(*(stream(self.sv, "/chat/completions", body(n=5)) for _ in range(50)))
+
         await burst(1000)
         warm = rss_mb(self.pid)
         await burst(10_000)
-        self.row("RSS after 1,000 → after 11,000 requests (MB)", "-", "-", f"{warm:.1f} → {rss_mb(self.pid):.1f}",
-                 f"+{rss_mb(self.pid) - warm:.1f} MB", "≤ 20 MB growth")
+        self.row(
+            "RSS after 1,000 → after 11,000 requests (MB)",
+            "-",
+            "-",
+            f"{warm:.1f} → {rss_mb(self.pid):.1f}",
+            f"+{rss_mb(self.pid) - warm:.1f} MB",
+            "≤ 20 MB growth",
+        )
 
     async def stats(self) -> dict:
         return json.loads(await http_get(self.up, "/stats"))
@@ -403,8 +509,12 @@ async def run(only: set[str]) -> Bench:
     knowledge_corpus(corpus)
     up_port, sv_port, upstream, server = start_servers("bench", KNOWLEDGE_DIR=str(corpus))
     null_port = free_port()
-    null = start([sys.executable, "bench/null_relay.py", str(null_port), f"http://127.0.0.1:{up_port}/v1/chat/completions"],
-                 {}, 1, ROOT / "bench" / "results" / "null_relay.log")
+    null = start(
+        [sys.executable, "bench/null_relay.py", str(null_port), f"http://127.0.0.1:{up_port}/v1/chat/completions"],
+        {},
+        1,
+        ROOT / "bench" / "results" / "null_relay.log",
+    )
     try:
         wait_for_port(null_port, null)
         bench = Bench(up_port, null_port, sv_port, server.pid)

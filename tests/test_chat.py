@@ -1,4 +1,4 @@
-"""/chat/completions: the relay, what reaches the upstream, and failures of the upstream."""
+"""/chat/completions: the relay, the streaming rule, what reaches the upstream, and barge-in."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import json
 import time
 
 import httpx
-import openai
 import pytest
 
-from tests.conftest import API_KEY, UPSTREAM_KEY, sse_events
+from tests.conftest import API_KEY, UPSTREAM_KEY, error_of, sse_events
 
 USER = [{"role": "user", "content": "Hi"}]
+AUTH = {"authorization": f"Bearer {API_KEY}"}
 
 
 def test_sdk_streaming_receives_every_word_in_order(client, upstream):
@@ -28,7 +28,7 @@ def test_sdk_non_streaming_returns_a_chat_completion(client, upstream):
 
 
 def test_events_are_relayed_byte_for_byte_and_end_with_done(http, upstream):
-    with http.stream("POST", "/chat/completions", json={"model": "m", "messages": USER}) as response:
+    with http.stream("POST", "/chat/completions", json={"model": "m", "messages": USER, "stream": True}) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events = sse_events(response)
@@ -37,26 +37,43 @@ def test_events_are_relayed_byte_for_byte_and_end_with_done(http, upstream):
 
 
 def test_missing_stream_means_streaming(http, upstream):
-    response = http.post("/chat/completions", json={"messages": USER})
+    response = http.post("/chat/completions", json={"stream": True, "messages": USER})
     assert sse_events(response)[-1] == b"[DONE]"
     assert upstream.requests[-1]["body"]["stream"] is True
 
 
 def test_usage_chunk_passes_through(client, upstream):
     upstream.script.usage = True
-    stream = client.chat.completions.create(model="m", messages=USER, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="m", messages=USER, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 7 + len(upstream.script.words)
     assert upstream.requests[-1]["body"]["stream_options"] == {"include_usage": True}
 
 
 def test_every_openai_parameter_reaches_the_upstream_unchanged(client, upstream):
-    params = dict(temperature=0.3, top_p=0.9, max_tokens=42, stop=["\n\n"], seed=7, presence_penalty=0.1,
-                  frequency_penalty=0.2, n=1, logit_bias={"50256": -100}, user="caller-1", logprobs=True,
-                  top_logprobs=2, response_format={"type": "text"}, parallel_tool_calls=False,
-                  tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-                  tool_choice="auto", metadata={"k": "v"}, store=False, service_tier="auto")
+    params = dict(
+        temperature=0.3,
+        top_p=0.9,
+        max_tokens=42,
+        stop=["\n\n"],
+        seed=7,
+        presence_penalty=0.1,
+        frequency_penalty=0.2,
+        n=1,
+        logit_bias={"50256": -100},
+        user="caller-1",
+        logprobs=True,
+        top_logprobs=2,
+        response_format={"type": "text"},
+        parallel_tool_calls=False,
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        tool_choice="auto",
+        metadata={"k": "v"},
+        store=False,
+        service_tier="auto",
+    )
     list(client.chat.completions.create(model="gpt-x", messages=USER, stream=True, **params))
     received = upstream.requests[-1]["body"]
     for key, value in params.items():
@@ -67,8 +84,10 @@ def test_every_openai_parameter_reaches_the_upstream_unchanged(client, upstream)
 
 
 def test_unknown_keys_are_forwarded(http, upstream):
-    http.post("/chat/completions", json={"messages": USER, "top_k": 40, "repetition_penalty": 1.1,
-                                         "options": {"num_ctx": 4096}}).read()
+    http.post(
+        "/chat/completions",
+        json={"stream": True, "messages": USER, "top_k": 40, "repetition_penalty": 1.1, "options": {"num_ctx": 4096}},
+    ).read()
     received = upstream.requests[-1]["body"]
     assert received["top_k"] == 40 and received["repetition_penalty"] == 1.1
     assert received["options"] == {"num_ctx": 4096}
@@ -76,24 +95,53 @@ def test_unknown_keys_are_forwarded(http, upstream):
 
 def test_engine_fields_stay_on_our_side(http, upstream):
     body = {
-        "model": "m", "turn_id": 4, "timestamp": 1678905236, "interruptable": True,
+        "model": "m",
+        "turn_id": 4,
+        "timestamp": 1678905236,
+        "interruptable": True,
         "context": {"presence": {"userA": {"selection": "x"}}},
-        "channel": "room-1", "app_id": "app", "rtm_token": "secret-token", "subscriber_token": "t",
+        "channel": "room-1",
+        "app_id": "app",
+        "rtm_token": "secret-token",
+        "subscriber_token": "t",
         "messages": [
             {"role": "system", "content": "Be brief."},
-            {"role": "assistant", "content": "How can I help?", "turn_id": 1, "timestamp": 1678901234,
-             "metadata": {"source": "greeting"}},
-            {"role": "user", "content": "Tell me a joke", "turn_id": 2, "timestamp": 1678901235,
-             "metadata": {"source": "asr", "user": "user123"}},
-            {"role": "assistant", "content": "Why did the ", "turn_id": 2,
-             "metadata": {"source": "llm", "interrupted": True, "original": "Why did the chicken"}},
+            {
+                "role": "assistant",
+                "content": "How can I help?",
+                "turn_id": 1,
+                "timestamp": 1678901234,
+                "metadata": {"source": "greeting"},
+            },
+            {
+                "role": "user",
+                "content": "Tell me a joke",
+                "turn_id": 2,
+                "timestamp": 1678901235,
+                "metadata": {"source": "asr", "user": "user123"},
+            },
+            {
+                "role": "assistant",
+                "content": "Why did the ",
+                "turn_id": 2,
+                "metadata": {"source": "llm", "interrupted": True, "original": "Why did the chicken"},
+            },
             {"role": "user", "content": "go on", "turn_id": 3},
         ],
     }
     response = http.post("/chat/completions", json=body)
     assert response.status_code == 200 and sse_events(response)[-1] == b"[DONE]"
     received = upstream.requests[-1]["body"]
-    for key in ("turn_id", "timestamp", "interruptable", "context", "channel", "app_id", "rtm_token", "subscriber_token"):
+    for key in (
+        "turn_id",
+        "timestamp",
+        "interruptable",
+        "context",
+        "channel",
+        "app_id",
+        "rtm_token",
+        "subscriber_token",
+    ):
         assert key not in received, key
     assert received["messages"] == [
         {"role": "system", "content": "Be brief."},
@@ -106,25 +154,33 @@ def test_engine_fields_stay_on_our_side(http, upstream):
 
 def test_strip_fields_setting_keeps_more_keys_back(make_server, upstream):
     server = make_server(strip_fields=frozenset({"tenant"}))
-    httpx.post(f"{server.url}/chat/completions", headers={"authorization": f"Bearer {API_KEY}"},
-               json={"messages": USER, "tenant": "acme", "top_k": 3}).read()
+    httpx.post(
+        f"{server.url}/chat/completions",
+        headers={"authorization": f"Bearer {API_KEY}"},
+        json={"stream": True, "messages": USER, "tenant": "acme", "top_k": 3},
+    ).read()
     received = upstream.requests[-1]["body"]
     assert "tenant" not in received and received["top_k"] == 3
 
 
 def test_model_defaults_to_llm_model(make_server, upstream):
     server = make_server(llm_model="default-model")
-    httpx.post(f"{server.url}/chat/completions", headers={"authorization": f"Bearer {API_KEY}"},
-               json={"messages": USER}).read()
+    httpx.post(
+        f"{server.url}/chat/completions",
+        headers={"authorization": f"Bearer {API_KEY}"},
+        json={"stream": True, "messages": USER},
+    ).read()
     assert upstream.requests[-1]["body"]["model"] == "default-model"
 
 
 def test_both_image_shapes_reach_the_upstream_in_openai_shape(http, upstream):
-    content = [{"type": "text", "text": "What is this?"},
-               {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "low"}},
-               {"type": "image", "image_url": "https://example.com/b.png"},
-               {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]
-    response = http.post("/chat/completions", json={"messages": [{"role": "user", "content": content}]})
+    content = [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "low"}},
+        {"type": "image", "image_url": "https://example.com/b.png"},
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+    ]
+    response = http.post("/chat/completions", json={"stream": True, "messages": [{"role": "user", "content": content}]})
     assert response.status_code == 200
     parts = upstream.requests[-1]["body"]["messages"][0]["content"]
     assert parts[1] == {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "low"}}
@@ -133,116 +189,16 @@ def test_both_image_shapes_reach_the_upstream_in_openai_shape(http, upstream):
 
 
 def test_upstream_gets_our_key_never_the_callers(http, upstream):
-    http.post("/chat/completions", json={"messages": USER}).read()
+    http.post("/chat/completions", json={"stream": True, "messages": USER}).read()
     headers = upstream.requests[-1]["headers"]
     assert headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
     assert API_KEY not in json.dumps(headers)
 
 
-def test_request_id_is_returned(http, upstream):
-    response = http.post("/chat/completions", json={"messages": USER})
-    assert len(response.headers["x-request-id"]) == 16
-
-
-def test_missing_done_from_upstream_still_ends_with_done(http, upstream):
-    upstream.script.done = False
-    events = sse_events(http.post("/chat/completions", json={"messages": USER}))
-    assert events[-1] == b"[DONE]" and len(events) == len(upstream.events()) + 1
-
-
-def test_crlf_and_multiline_events_are_normalised(http, upstream):
-    upstream.script.raw = (b'data: {"a":1}\r\n\r\n: keep-alive comment\r\n\r\nevent: message\r\ndata: {"b":\r\ndata: 2}\r\n\r\n'
-                           b"data: [DONE]\r\n\r\n")
-    assert sse_events(http.post("/chat/completions", json={"messages": USER})) == [b'{"a":1}', b'{"b":\n2}', b"[DONE]"]
-
-
-# --- upstream failures ---------------------------------------------------------------------------
-
-
-def error_of(response: httpx.Response) -> dict:
-    body = response.json()
-    assert set(body) == {"error"} and {"message", "type", "code"} <= set(body["error"])
-    return body["error"]
-
-
-def test_upstream_500_before_streaming_is_a_502(http, upstream):
-    upstream.script.status = 500
-    response = http.post("/chat/completions", json={"messages": USER})
-    assert response.status_code == 502 and error_of(response)["code"] == "upstream_failed"
-
-
-def test_upstream_429_passes_through_with_its_message(client, upstream):
-    upstream.script.status = 429
-    upstream.script.error = {"error": {"message": "Rate limit reached for requests", "type": "requests",
-                                       "code": "rate_limit_exceeded"}}
-    with pytest.raises(openai.RateLimitError) as raised:
-        client.chat.completions.create(model="m", messages=USER, stream=True)
-    assert "Rate limit reached" in str(raised.value)
-
-
-def test_upstream_rejecting_our_key_never_echoes_it(http, upstream, caplog):
-    upstream.script.status = 401
-    upstream.script.error = {"error": {"message": f"Incorrect API key provided: {UPSTREAM_KEY}"}}
-    with caplog.at_level("DEBUG"):
-        response = http.post("/chat/completions", json={"messages": USER})
-    assert response.status_code == 502 and error_of(response)["code"] == "upstream_auth_failed"
-    assert UPSTREAM_KEY not in response.text and UPSTREAM_KEY not in caplog.text
-
-
-def test_unreachable_upstream_is_a_502(make_server, upstream):
-    with __import__("socket").socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
-    server = make_server(llm_base_url=f"http://127.0.0.1:{port}/v1")
-    response = httpx.post(f"{server.url}/chat/completions", headers={"authorization": f"Bearer {API_KEY}"},
-                          json={"messages": USER})
-    assert response.status_code == 502 and error_of(response)["code"] == "upstream_unreachable"
-
-
-def test_slow_first_token_is_a_504(make_server, upstream):
-    upstream.script.first_delay = 2
-    server = make_server(llm_first_token_timeout=0.3)
-    response = httpx.post(f"{server.url}/chat/completions", headers={"authorization": f"Bearer {API_KEY}"},
-                          json={"messages": USER})
-    # Nothing was sent to the caller yet, so the timeout is still a plain HTTP status.
-    assert response.status_code == 504 and error_of(response)["code"] == "upstream_timeout"
-
-
-def test_stall_mid_stream_ends_with_an_error_event_and_done(make_server, upstream):
-    upstream.script.stall_after = 3
-    server = make_server(llm_idle_timeout=0.3)
-    response = httpx.post(f"{server.url}/chat/completions", headers={"authorization": f"Bearer {API_KEY}"},
-                          json={"messages": USER})
-    events = sse_events(response)
-    assert [b"data: " + e + b"\n\n" for e in events[:3]] == upstream.events()[:3]
-    assert json.loads(events[3]) == {"error": {"message": "The upstream LLM stopped sending.",
-                                               "type": "upstream_error", "param": None, "code": "upstream_timeout"}}
-    assert events[4:] == [b"[DONE]"]
-
-
-def test_sdk_sees_a_mid_stream_error(make_server, upstream):
-    upstream.script.stall_after = 3
-    server = make_server(llm_idle_timeout=0.3)
-    sdk = openai.OpenAI(base_url=server.url, api_key=API_KEY, max_retries=0)
-    with pytest.raises(openai.APIError, match="stopped sending"):
-        list(sdk.chat.completions.create(model="m", messages=USER, stream=True))
-
-
-def test_no_upstream_configured_is_a_503(make_server, upstream):
-    server = make_server(llm_base_url="https://api.openai.com/v1", llm_api_key="")
-    response = httpx.post(f"{server.url}/chat/completions", headers={"authorization": f"Bearer {API_KEY}"},
-                          json={"messages": USER})
-    assert response.status_code == 503 and error_of(response)["code"] == "no_upstream"
-    assert upstream.requests == []
-
-
-# --- barge-in ---------------------------------------------------------------------------------------
-
-
 def test_disconnect_mid_stream_cancels_the_upstream(http, upstream):
     upstream.script.delay = 0.05
     upstream.script.words = ["word "] * 200
-    with http.stream("POST", "/chat/completions", json={"messages": USER}) as response:
+    with http.stream("POST", "/chat/completions", json={"stream": True, "messages": USER}) as response:
         lines = response.iter_lines()
         next(lines)
         closed_at = time.monotonic()
@@ -257,7 +213,18 @@ def test_disconnect_mid_stream_cancels_the_upstream(http, upstream):
 def test_disconnect_before_first_token_cancels_the_upstream(http, upstream):
     upstream.script.first_delay = 5
     with pytest.raises(httpx.ReadTimeout):
-        http.post("/chat/completions", json={"messages": USER}, timeout=0.3)
+        http.post("/chat/completions", json={"stream": True, "messages": USER}, timeout=0.3)
     closed_at = time.monotonic()
     assert upstream.disconnected.wait(2), "the upstream request was not cancelled"
     assert upstream.disconnected_at - closed_at < 0.5
+
+
+def test_no_upstream_configured_is_a_503(make_server, upstream):
+    server = make_server(llm_base_url="https://api.openai.com/v1", llm_api_key="")
+    response = httpx.post(
+        f"{server.url}/chat/completions",
+        headers={"authorization": f"Bearer {API_KEY}"},
+        json={"stream": True, "messages": USER},
+    )
+    assert response.status_code == 503 and error_of(response)["code"] == "no_upstream"
+    assert upstream.requests == []

@@ -11,7 +11,8 @@ import itertools
 
 import httpx
 import schemathesis
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import API_KEY, UPSTREAM_KEY
 
@@ -30,7 +31,10 @@ def test_schema_generated_requests(server, upstream):
     document = httpx.get(server.url + "/openapi.json", headers=AUTH).json()
     operations = [result.ok() for result in schemathesis.openapi.from_dict(document).get_all_operations()]
     assert {(op.method.upper(), op.path) for op in operations} >= {
-        ("POST", "/chat/completions"), ("POST", "/rag/chat/completions"), ("POST", "/audio/chat/completions")}
+        ("POST", "/chat/completions"),
+        ("POST", "/rag/chat/completions"),
+        ("POST", "/audio/chat/completions"),
+    }
     statuses = collections.Counter()
     for operation, mode in itertools.product(operations, schemathesis.GenerationMode):
         if mode is schemathesis.GenerationMode.NEGATIVE and operation.method.upper() != "POST":
@@ -41,7 +45,7 @@ def test_schema_generated_requests(server, upstream):
         def call(case):
             response = case.call(base_url=server.url, headers=AUTH, timeout=10)
             assert_clean(response.status_code, response.text)
-            statuses[operation.path, response.status_code] += 1
+            statuses[case.operation.path, response.status_code] += 1
 
         call()
     assert statuses["/chat/completions", 200] and statuses["/chat/completions", 400]  # both kinds were reached
@@ -53,13 +57,31 @@ JSON = st.recursive(
     max_leaves=20,
 )
 ROLES = st.sampled_from(["system", "developer", "user", "assistant", "tool", "function", "wizard", "", None, 3])
-MESSAGE = st.fixed_dictionaries({"role": ROLES}, optional={"content": JSON, "tool_calls": JSON, "metadata": JSON,
-                                                           "name": JSON, "tool_call_id": JSON})
-BODY = st.fixed_dictionaries({}, optional={
-    "messages": st.lists(MESSAGE, max_size=4) | JSON, "model": JSON, "stream": JSON, "tools": JSON,
-    "tool_choice": JSON, "temperature": JSON, "max_tokens": JSON, "stream_options": JSON, "turn_id": JSON,
-    "context": JSON, "modalities": JSON, "audio": JSON, "response_format": JSON,
-}) | JSON
+MESSAGE = st.fixed_dictionaries(
+    {"role": ROLES},
+    optional={"content": JSON, "tool_calls": JSON, "metadata": JSON, "name": JSON, "tool_call_id": JSON},
+)
+BODY = (
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "messages": st.lists(MESSAGE, max_size=4) | JSON,
+            "model": JSON,
+            "stream": JSON,
+            "tools": JSON,
+            "tool_choice": JSON,
+            "temperature": JSON,
+            "max_tokens": JSON,
+            "stream_options": JSON,
+            "turn_id": JSON,
+            "context": JSON,
+            "modalities": JSON,
+            "audio": JSON,
+            "response_format": JSON,
+        },
+    )
+    | JSON
+)
 
 
 @given(body=BODY, path=st.sampled_from(["/chat/completions", "/rag/chat/completions", "/audio/chat/completions"]))
@@ -72,15 +94,17 @@ def test_generated_bodies(server, upstream, body, path):
         content = orjson.dumps(body)
     except (TypeError, orjson.JSONEncodeError):
         return
-    response = httpx.post(server.url + path, content=content, timeout=10,
-                          headers={**AUTH, "content-type": "application/json"})
+    response = httpx.post(
+        server.url + path, content=content, timeout=10, headers={**AUTH, "content-type": "application/json"}
+    )
     assert_clean(response.status_code, response.text)
 
 
 @given(raw=st.binary(max_size=300))
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 def test_generated_bytes(server, raw):
-    response = httpx.post(server.url + "/chat/completions", content=raw, timeout=10,
-                          headers={**AUTH, "content-type": "application/json"})
+    response = httpx.post(
+        server.url + "/chat/completions", content=raw, timeout=10, headers={**AUTH, "content-type": "application/json"}
+    )
     assert_clean(response.status_code, response.text)
     assert response.status_code == 400 or response.status_code == 200

@@ -1,19 +1,25 @@
-"""/rag/chat/completions: waiting phrase first, then retrieval, context injection and the answer."""
+"""/rag/chat/completions and GET /knowledge/search: waiting phrase, retrieval, injection, hybrid search."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
+from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.conftest import API_KEY, sse_events
-
-AUTH = {"authorization": f"Bearer {API_KEY}"}
+from knowledge import search_query
+from tests.conftest import AUTH, sse_events
 
 
 def ask(server, question: str, **extra) -> httpx.Response:
-    body = {"messages": [{"role": "system", "content": "You are Ada."}, {"role": "user", "content": question}], **extra}
+    body = {
+        "stream": True,
+        "messages": [{"role": "system", "content": "You are Ada."}, {"role": "user", "content": question}],
+        **extra,
+    }
     return httpx.post(server.url + "/rag/chat/completions", json=body, headers=AUTH, timeout=10)
 
 
@@ -25,18 +31,26 @@ def test_waiting_phrase_comes_first_then_the_answer(server, upstream):
     events = sse_events(ask(server, "How do I set the llm url of my agent?"))
     waiting = delta(events[0])
     assert waiting["role"] == "assistant" and waiting["content"].rstrip() in (
-        "Let me check that for you.", "One moment, let me look that up.", "Good question, let me find out.")
+        "Let me check that for you.",
+        "One moment, let me look that up.",
+        "Good question, let me find out.",
+    )
     assert waiting["content"].endswith(" ")  # a sentence of its own before the answer
     assert [b"data: " + e + b"\n\n" for e in events[1:-1]] == upstream.events()
     assert events[-1] == b"[DONE]"
 
 
 def test_waiting_phrase_is_sent_before_retrieval_finishes(server, upstream):
-    knowledge = server.server.config.app.state.knowledge
+    knowledge = server.server.config.app.state.service.retriever.base
     knowledge._lock.acquire()  # retrieval cannot finish while the test holds the index
     try:
-        with httpx.stream("POST", server.url + "/rag/chat/completions", headers=AUTH, timeout=10,
-                          json={"messages": [{"role": "user", "content": "What is the audio format?"}]}) as response:
+        with httpx.stream(
+            "POST",
+            server.url + "/rag/chat/completions",
+            headers=AUTH,
+            timeout=10,
+            json={"stream": True, "messages": [{"role": "user", "content": "What is the audio format?"}]},
+        ) as response:
             lines = response.iter_lines()
             assert delta(next(lines)[6:].encode())["content"]
             time.sleep(0.1)
@@ -61,7 +75,7 @@ def test_passages_are_injected_after_the_callers_system_messages(server, upstrea
 
 
 def test_chinese_question_gets_a_chinese_waiting_phrase_and_chinese_passages(make_server, upstream):
-    server = make_server(waiting_messages={"en": ("Hold on.",), "zh": ("请稍等。",)})
+    server = make_server(waiting_messages_en=("Hold on.",), waiting_messages_zh=("请稍等。",))
     events = sse_events(ask(server, "音频格式是什么？"))
     assert delta(events[0])["content"] == "请稍等。"
     assert "1280 字节" in upstream.requests[-1]["body"]["messages"][1]["content"]
@@ -77,7 +91,8 @@ def test_no_match_means_no_context_message(server, upstream):
 def test_non_streaming_rag_answers_with_context(client, upstream):
     client = client.with_options(base_url=str(client.base_url).rstrip("/") + "/rag")
     completion = client.chat.completions.create(
-        model="m", stream=False, messages=[{"role": "user", "content": "What is the audio chunk size?"}])
+        model="m", stream=False, messages=[{"role": "user", "content": "What is the audio chunk size?"}]
+    )
     assert completion.choices[0].message.content == "Hello from the upstream."
     assert "1280" in upstream.requests[-1]["body"]["messages"][0]["content"]
 
@@ -99,8 +114,13 @@ def test_upstream_failure_after_the_waiting_phrase_is_an_error_event(server, ups
 
 def test_disconnect_during_rag_cancels_the_upstream(server, upstream):
     upstream.script.first_delay = 5
-    with httpx.stream("POST", server.url + "/rag/chat/completions", headers=AUTH, timeout=10,
-                      json={"messages": [{"role": "user", "content": "Hi"}]}) as response:
+    with httpx.stream(
+        "POST",
+        server.url + "/rag/chat/completions",
+        headers=AUTH,
+        timeout=10,
+        json={"stream": True, "messages": [{"role": "user", "content": "Hi"}]},
+    ) as response:
         lines = response.iter_lines()  # kept: a dropped iterator would close the connection early
         next(lines)
         deadline = time.monotonic() + 2
@@ -109,3 +129,113 @@ def test_disconnect_during_rag_cancels_the_upstream(server, upstream):
     closed_at = time.monotonic()
     assert upstream.disconnected.wait(2)
     assert upstream.disconnected_at - closed_at < 0.5
+
+
+def test_follow_up_questions_carry_the_previous_turn():
+    messages = [
+        {"role": "user", "content": "What audio format does the server send?"},
+        {"role": "assistant", "content": "16 kHz PCM."},
+        {"role": "user", "content": "and how big is each chunk?"},
+    ]
+    assert search_query(messages) == "What audio format does the server send? and how big is each chunk?"
+    messages[-1]["content"] = "Where can I get a tunnel for local development?"
+    assert search_query(messages) == "Where can I get a tunnel for local development?"
+
+
+def test_http_search_returns_the_same_hits(server):
+    response = httpx.get(server.url + "/knowledge/search", params={"q": "What audio format?", "limit": 2}, headers=AUTH)
+    body = response.json()
+    assert response.status_code == 200 and body["query"] == "What audio format?" and len(body["passages"]) == 2
+    assert {"source", "heading", "score", "text"} == set(body["passages"][0])
+    assert httpx.get(server.url + "/knowledge/search", params={"q": "x"}).status_code == 401
+    missing = httpx.get(server.url + "/knowledge/search", headers=AUTH)
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "q"
+
+
+def test_rag_answers_without_passages_past_the_deadline(make_server, upstream, caplog):
+    server = make_server(rag_deadline_ms=50)
+    kb = server.server.config.app.state.service.retriever.base
+    kb._lock.acquire()  # a search that cannot finish in time
+    try:
+        with caplog.at_level(logging.WARNING, logger="custom_llm"):
+            response = httpx.post(
+                server.url + "/rag/chat/completions",
+                headers=AUTH,
+                timeout=10,
+                json={"stream": True, "messages": [{"role": "user", "content": "What audio format?"}]},
+            )
+    finally:
+        kb._lock.release()
+    assert response.status_code == 200
+    assert [m["role"] for m in upstream.requests[-1]["body"]["messages"]] == ["user"]
+    assert "deadline" in caplog.text
+
+
+@pytest.fixture
+def cars(tmp_path) -> Path:
+    docs = tmp_path / "cars"
+    docs.mkdir()
+    (docs / "auto.md").write_text("# Automobile insurance\n\nOur policy covers theft of the automobile.\n")
+    (docs / "kettle.md").write_text("# Kettles\n\nThe kettle boils water in two minutes.\n")
+    (docs / "car-wash.md").write_text("# Car wash\n\nWe wash every car by hand in ten minutes.\n")
+    return docs
+
+
+def hybrid(make_server, upstream_server, folder: Path, tmp_path: Path, **overrides):
+    return make_server(
+        knowledge_dir=folder,
+        knowledge_index=str(tmp_path / "hybrid.sqlite3"),
+        embedding_model="scripted-embed",
+        embedding_base_url=f"{upstream_server.url}/v1",
+        **overrides,
+    )
+
+
+def search(server, q: str) -> list[str]:
+    body = httpx.get(server.url + "/knowledge/search", params={"q": q}, headers=AUTH).json()
+    return [p["source"] for p in body["passages"]]
+
+
+def test_hybrid_finds_by_meaning_and_fuses_rankings(make_server, upstream_server, upstream, cars, tmp_path):
+    keyword_only = make_server(knowledge_dir=cars, knowledge_index=str(tmp_path / "bm25.sqlite3"))
+    assert "auto.md" not in search(keyword_only, "is a stolen vehicle protected")
+    server = hybrid(make_server, upstream_server, cars, tmp_path)
+    found = search(server, "is a stolen vehicle protected")
+    assert found[0] == "auto.md"  # no word in common, the same meaning
+    # auto.md is found by both rankings, car-wash.md by meaning only: fusion puts both in that order.
+    assert search(server, "automobile stolen")[:2] == ["auto.md", "car-wash.md"]
+    assert upstream.embedding_requests[-1] == ["automobile stolen"]
+
+
+def test_chunks_are_embedded_once_and_batched(make_server, upstream_server, upstream, cars, tmp_path):
+    hybrid(make_server, upstream_server, cars, tmp_path)
+    assert len(upstream.embedding_requests) == 1 and len(upstream.embedding_requests[0]) == 3  # one batch
+    hybrid(make_server, upstream_server, cars, tmp_path)  # a restart: everything is cached by hash
+    assert len(upstream.embedding_requests) == 1
+    (cars / "kettle.md").write_text("# Kettles\n\nThe kettle boils water in one minute.\n")
+    hybrid(make_server, upstream_server, cars, tmp_path)
+    assert len(upstream.embedding_requests) == 2 and len(upstream.embedding_requests[1]) == 1  # only the change
+
+
+def test_a_failing_embeddings_upstream_degrades_to_bm25(make_server, upstream_server, upstream, cars, tmp_path, caplog):
+    server = hybrid(make_server, upstream_server, cars, tmp_path)
+    upstream.script.embedding_status = 500
+    with caplog.at_level(logging.WARNING, logger="custom_llm"):
+        assert search(server, "kettle water") == ["kettle.md"]
+    assert "BM25 alone" in caplog.text
+
+
+def test_a_slow_embedding_never_holds_the_answer(make_server, upstream_server, upstream, cars, tmp_path, caplog):
+    server = hybrid(make_server, upstream_server, cars, tmp_path, rag_deadline_ms=200)
+    upstream.script.embedding_delay = 2
+    started = __import__("time").monotonic()
+    with caplog.at_level(logging.WARNING, logger="custom_llm"):
+        response = httpx.post(
+            server.url + "/rag/chat/completions",
+            headers=AUTH,
+            timeout=10,
+            json={"stream": True, "messages": [{"role": "user", "content": "car theft"}]},
+        )
+    assert response.status_code == 200 and __import__("time").monotonic() - started < 1.5
+    assert [m["role"] for m in upstream.requests[-1]["body"]["messages"]] == ["user"]
+    assert "deadline" in caplog.text

@@ -10,11 +10,11 @@ import asyncio
 import json
 import math
 import re
-import zlib
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass
@@ -43,8 +43,11 @@ class Script:
 
 def chunk_event(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
     payload = {
-        "id": "chatcmpl-upstream", "object": "chat.completion.chunk", "created": 1700000000 + index,
-        "model": "scripted-model", "system_fingerprint": "fp_scripted",
+        "id": "chatcmpl-upstream",
+        "object": "chat.completion.chunk",
+        "created": 1700000000 + index,
+        "model": "scripted-model",
+        "system_fingerprint": "fp_scripted",
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
     }
     return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
@@ -77,21 +80,38 @@ class ScriptedUpstream:
         events += [chunk_event(1, {"content": text}) for text in turn.get("say", [])]
         calls = turn.get("calls", [])
         for index, (name, _) in enumerate(calls):
-            events.append(chunk_event(2, {"tool_calls": [{"index": index, "id": f"call_{index}_{name}", "type": "function",
-                                                          "function": {"name": name, "arguments": ""}}]}))
-        fragments = [[arguments[i:i + 3] for i in range(0, len(arguments), 3)] for _, arguments in calls]
+            events.append(
+                chunk_event(
+                    2,
+                    {
+                        "tool_calls": [
+                            {
+                                "index": index,
+                                "id": f"call_{index}_{name}",
+                                "type": "function",
+                                "function": {"name": name, "arguments": ""},
+                            }
+                        ]
+                    },
+                )
+            )
+        fragments = [[arguments[i : i + 3] for i in range(0, len(arguments), 3)] for _, arguments in calls]
         for step in range(max(map(len, fragments), default=0)):
             for index, pieces in enumerate(fragments):
                 if step < len(pieces):
-                    events.append(chunk_event(3, {"tool_calls": [{"index": index, "function": {"arguments": pieces[step]}}]}))
+                    events.append(
+                        chunk_event(3, {"tool_calls": [{"index": index, "function": {"arguments": pieces[step]}}]})
+                    )
         events += [chunk_event(4, {"content": text}) for text in turn.get("after", [])]
         events.append(chunk_event(5, {}, "tool_calls" if calls else "stop"))
         return events
 
     @staticmethod
     def turn_message(turn: dict[str, Any]) -> dict[str, Any]:
-        calls = [{"id": f"call_{i}_{name}", "type": "function", "function": {"name": name, "arguments": arguments}}
-                 for i, (name, arguments) in enumerate(turn.get("calls", []))]
+        calls = [
+            {"id": f"call_{i}_{name}", "type": "function", "function": {"name": name, "arguments": arguments}}
+            for i, (name, arguments) in enumerate(turn.get("calls", []))
+        ]
         text = "".join(turn.get("say", []) + turn.get("after", []))
         return {"role": "assistant", "content": text or None, **({"tool_calls": calls} if calls else {})}
 
@@ -102,11 +122,24 @@ class ScriptedUpstream:
         events += [chunk_event(i + 1, {"content": word}) for i, word in enumerate(script.words)]
         events.append(chunk_event(len(events), {}, "stop"))
         if script.usage:
-            events.append(b"data: " + json.dumps({
-                "id": "chatcmpl-upstream", "object": "chat.completion.chunk", "created": 1700000000,
-                "model": "scripted-model", "choices": [],
-                "usage": {"prompt_tokens": 7, "completion_tokens": len(script.words), "total_tokens": 7 + len(script.words)},
-            }).encode() + b"\n\n")
+            events.append(
+                b"data: "
+                + json.dumps(
+                    {
+                        "id": "chatcmpl-upstream",
+                        "object": "chat.completion.chunk",
+                        "created": 1700000000,
+                        "model": "scripted-model",
+                        "choices": [],
+                        "usage": {
+                            "prompt_tokens": 7,
+                            "completion_tokens": len(script.words),
+                            "total_tokens": 7 + len(script.words),
+                        },
+                    }
+                ).encode()
+                + b"\n\n"
+            )
         return events
 
     async def __call__(self, scope, receive, send) -> None:
@@ -128,24 +161,45 @@ class ScriptedUpstream:
             return await self._speech(request, receive, send)
         if scope["path"].endswith("/embeddings"):
             return await self._embeddings(request, send)
-        self.requests.append({"path": scope["path"], "headers": {k.decode(): v.decode() for k, v in scope["headers"]},
-                              "body": request, "at": time.monotonic(),
-                              "client": tuple(scope["client"])})
+        self.requests.append(
+            {
+                "path": scope["path"],
+                "headers": {k.decode(): v.decode() for k, v in scope["headers"]},
+                "body": request,
+                "at": time.monotonic(),
+                "client": tuple(scope["client"]),
+            }
+        )
         script = self.script
-        if script.fail_times is not None:
-            if len(self.requests) > script.fail_times:
-                script = Script(turns=script.turns, words=script.words)
+        if script.fail_times is not None and len(self.requests) > script.fail_times:
+            script = Script(turns=script.turns, words=script.words)
         if script.status != 200:
             return await self._json(send, script.status, script.error or {"error": {"message": "scripted failure"}})
         turn = self.turn()
         if not request.get("stream"):
             message = self.turn_message(turn) if turn else {"role": "assistant", "content": "".join(script.words)}
-            return await self._json(send, 200, {
-                "id": "chatcmpl-upstream", "object": "chat.completion", "created": 1700000000, "model": "scripted-model",
-                "choices": [{"index": 0, "finish_reason": "tool_calls" if message.get("tool_calls") else "stop",
-                             "message": message}],
-                "usage": {"prompt_tokens": 7, "completion_tokens": len(script.words), "total_tokens": 7 + len(script.words)},
-            })
+            return await self._json(
+                send,
+                200,
+                {
+                    "id": "chatcmpl-upstream",
+                    "object": "chat.completion",
+                    "created": 1700000000,
+                    "model": "scripted-model",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "tool_calls" if message.get("tool_calls") else "stop",
+                            "message": message,
+                        }
+                    ],
+                    "usage": {
+                        "prompt_tokens": 7,
+                        "completion_tokens": len(script.words),
+                        "total_tokens": 7 + len(script.words),
+                    },
+                },
+            )
         self.active += 1
         try:
             await self._race_disconnect(receive, self._stream(send, script, self.turn_events(turn) if turn else None))
@@ -153,8 +207,7 @@ class ScriptedUpstream:
             self.active -= 1
 
     async def _stream(self, send, script: Script, events: list[bytes] | None) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         if script.first_delay:
             await asyncio.sleep(script.first_delay)
         if script.raw is not None:
@@ -171,8 +224,20 @@ class ScriptedUpstream:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     # The scripted embedding model knows a few synonyms, so meaning can be told from wording.
-    CONCEPTS = {"car": 0, "cars": 0, "automobile": 0, "vehicle": 0, "insurance": 1, "policy": 1, "covers": 1,
-                "protected": 1, "coverage": 1, "theft": 2, "stolen": 2, "robbery": 2}
+    CONCEPTS: ClassVar[dict[str, int]] = {
+        "car": 0,
+        "cars": 0,
+        "automobile": 0,
+        "vehicle": 0,
+        "insurance": 1,
+        "policy": 1,
+        "covers": 1,
+        "protected": 1,
+        "coverage": 1,
+        "theft": 2,
+        "stolen": 2,
+        "robbery": 2,
+    }
 
     @classmethod
     def embedding(cls, text: str) -> list[float]:
@@ -188,8 +253,17 @@ class ScriptedUpstream:
             await asyncio.sleep(self.script.embedding_delay)
         if self.script.embedding_status != 200:
             return await self._json(send, self.script.embedding_status, {"error": {"message": "embeddings down"}})
-        await self._json(send, 200, {"object": "list", "model": request["model"], "data": [
-            {"object": "embedding", "index": i, "embedding": self.embedding(t)} for i, t in enumerate(texts)]})
+        await self._json(
+            send,
+            200,
+            {
+                "object": "list",
+                "model": request["model"],
+                "data": [
+                    {"object": "embedding", "index": i, "embedding": self.embedding(t)} for i, t in enumerate(texts)
+                ],
+            },
+        )
 
     SPEECH_RATE = 24_000
 
@@ -197,8 +271,10 @@ class ScriptedUpstream:
     def speech_pcm(cls, text: str) -> bytes:
         """What the scripted voice says for a text: a 440 Hz tone, 30 ms per character, at 24 kHz."""
         samples = int(cls.SPEECH_RATE * max(0.1, 0.03 * len(text)))
-        return b"".join(int(8000 * math.sin(2 * math.pi * 440 * n / cls.SPEECH_RATE)).to_bytes(2, "little", signed=True)
-                        for n in range(samples))
+        return b"".join(
+            int(8000 * math.sin(2 * math.pi * 440 * n / cls.SPEECH_RATE)).to_bytes(2, "little", signed=True)
+            for n in range(samples)
+        )
 
     async def _speech(self, request: dict[str, Any], receive, send) -> None:
         self.speech_requests.append(request)
@@ -213,7 +289,7 @@ class ScriptedUpstream:
             for offset in range(0, len(pcm), piece):
                 if script.speech_fail_after is not None and len(self.speech_requests) > script.speech_fail_after:
                     raise RuntimeError("scripted speech failure")  # the connection breaks mid-answer
-                await send({"type": "http.response.body", "body": pcm[offset:offset + piece], "more_body": True})
+                await send({"type": "http.response.body", "body": pcm[offset : offset + piece], "more_body": True})
                 if script.speech_delay:
                     await asyncio.sleep(script.speech_delay)
             await send({"type": "http.response.body", "body": b""})
@@ -254,5 +330,7 @@ class ScriptedUpstream:
 
     @staticmethod
     async def _json(send, status: int, body: dict[str, Any]) -> None:
-        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]}
+        )
         await send({"type": "http.response.body", "body": json.dumps(body).encode()})

@@ -1,0 +1,413 @@
+"""Serving HTTP: errors in OpenAI's shape, reading a request, SSE and JSON answers that stop when
+the caller hangs up, Bearer auth, the request log, and the one channel for per-request facts.
+
+Everything here is pure ASGI (BaseHTTPMiddleware would buffer and slow the streams).
+"""
+
+import asyncio
+import contextvars
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import metrics
+from events import DONE, ChunkWriter, Event, sse
+
+log = logging.getLogger("custom_llm")
+
+# ---------------------------------------------------------------------------------------------
+# Errors: one exception, a status before the first byte and an event after it
+# ---------------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An error the caller sees, in OpenAI's shape; the details stay in the log."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str,
+        code: str | None = None,
+        param: str | None = None,
+        retryable: bool = False,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.retryable = retryable  # an upstream failure another attempt might not have
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, code: str, param: str | None = None, status: int = 400) -> ApiError:
+    return ApiError(status, message, "invalid_request_error", code, param)
+
+
+def upstream_error(status: int, message: str, code: str, retryable: bool = False) -> ApiError:
+    return ApiError(status, message, "upstream_error", code, retryable=retryable)
+
+
+def internal_error() -> ApiError:
+    return ApiError(
+        500, "The server failed to handle this request; the log has details.", "server_error", "internal_error"
+    )
+
+
+SHUTTING_DOWN = ApiError(
+    503, "The server is shutting down; this answer was cut short.", "server_error", "shutting_down"
+)
+
+
+def error_response(error: ApiError) -> Response:
+    return Response(
+        orjson.dumps(error.body()), status_code=error.status, media_type="application/json", headers=error.headers
+    )
+
+
+async def send_error(send: Send, error: ApiError) -> None:
+    """Answer an ASGI request with an error, for middleware that runs before the app."""
+    await error_response(error)({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def invalid_value(problem: dict[str, Any], location: tuple[Any, ...]) -> ApiError:
+    """A pydantic error as a 400 that names the field."""
+    param = ".".join(str(part) for part in location) or None
+    return bad_request(f"{param}: {problem['msg']}" if param else problem["msg"], "invalid_value", param)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a request
+# ---------------------------------------------------------------------------------------------
+
+
+async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
+    """The request body as a JSON object, read with a size cap so a huge body costs nothing."""
+    content_type = request.headers.get("content-type", "application/json")
+    if "json" not in content_type.lower():
+        raise bad_request(
+            f"Send the body as application/json, not {printable(content_type, 60)}.",
+            "unsupported_media_type",
+            status=415,
+        )
+    too_large = bad_request(f"The request body is larger than {limit} bytes.", "body_too_large", status=413)
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise too_large
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise too_large
+        parts.append(part)
+    try:
+        body = orjson.loads(b"".join(parts))
+    except orjson.JSONDecodeError as error:
+        raise bad_request(f"The body is not valid JSON: {error.msg}.", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request("The body must be a JSON object.", "invalid_json")
+    return body
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-request facts: what the request log reports, written from wherever they are learnt
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Facts:
+    """What one request's log line and metrics report; the handler, the upstream client, the
+    answer loop and the disconnect watch each fill in what they learn."""
+
+    request_id: str
+    model: str = "-"
+    turn_id: str = "-"
+    upstream: str = "-"
+    cancelled: bool = False
+
+
+_facts: contextvars.ContextVar[Facts | None] = contextvars.ContextVar("facts", default=None)
+
+
+def facts() -> Facts:
+    """The current request's facts (a throwaway outside a request, so callers never check)."""
+    return _facts.get() or Facts("-")
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(value: object, limit: int = 100) -> str:
+    """A caller-controlled value made safe for one log line: no control characters, bounded length."""
+    text = _UNPRINTABLE.sub("?", str(value))
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+# ---------------------------------------------------------------------------------------------
+# Answers that stop their work the moment the caller hangs up (a barge-in)
+# ---------------------------------------------------------------------------------------------
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # tell nginx and friends not to hold events back
+]
+
+
+class CancelOnDisconnect(Response):
+    """A response whose work runs beside a watch on the connection; a disconnect cancels the work.
+
+    Starlette only watches for disconnects on some ASGI servers and versions, and a barge-in must
+    stop the upstream at once, so the watch is ours."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=200)
+        self.hung_up = False
+        self.finished = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        work = asyncio.current_task()
+        assert work is not None
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not self.finished:  # a caller closing after the whole answer is no barge-in
+                self.hung_up = True
+                work.cancel()
+
+        async def tracked_send(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                self.finished = True
+            await send(message)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await self.respond(tracked_send)
+        except asyncio.CancelledError:
+            if not self.hung_up:
+                raise  # a cancellation that is not ours (server shutdown) goes on
+            work.uncancel()
+        finally:
+            watcher.cancel()
+            facts().cancelled = self.hung_up
+
+    async def respond(self, send: Send) -> None:
+        raise NotImplementedError
+
+
+class EventStream(CancelOnDisconnect):
+    """An answer's events as SSE, always ending with `[DONE]`.
+
+    Headers go out with the first event, so an error before it (say the upstream refused) is a
+    plain HTTP error in OpenAI's shape; an error after it is one error event, then `[DONE]`."""
+
+    def __init__(self, events: AsyncIterator[Event], model: str):
+        super().__init__()
+        self.events = events
+        self.write = ChunkWriter(model)
+
+    async def respond(self, send: Send) -> None:
+        started = False
+
+        async def emit(data: bytes, more: bool = True) -> None:
+            nonlocal started
+            if not started:
+                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                started = True
+            await send({"type": "http.response.body", "body": data, "more_body": more})
+
+        try:
+            async for event in self.events:
+                await emit(self.write(event))
+        except asyncio.CancelledError:
+            if not self.hung_up:  # the server is shutting down: close the answer properly
+                if started:
+                    await emit(sse(orjson.dumps(SHUTTING_DOWN.body())))
+                    await emit(DONE, more=False)
+                else:
+                    await send_error(send, SHUTTING_DOWN)
+            raise
+        except Exception as error:
+            if not isinstance(error, ApiError):
+                log.exception("stream failed")
+                error = internal_error()
+            if not started:
+                await send_error(send, error)
+                return
+            await emit(sse(orjson.dumps(error.body())))
+        finally:
+            await asyncio.shield(self.events.aclose())  # type: ignore[attr-defined]  # closes the upstream even when cancelled mid-send
+        await emit(DONE, more=False)
+
+
+class JSONReply(CancelOnDisconnect):
+    """A JSON answer computed under the disconnect watch (non-streaming calls)."""
+
+    def __init__(self, work: Awaitable[bytes]):
+        super().__init__()
+        self.work = work
+
+    async def respond(self, send: Send) -> None:
+        try:
+            body = await self.work
+        except ApiError as error:
+            response = error_response(error)
+        except asyncio.CancelledError:
+            if not self.hung_up:
+                await send_error(send, SHUTTING_DOWN)
+            raise
+        else:
+            response = Response(body, media_type="application/json")
+        await response({"type": "http"}, _no_receive, send)
+
+
+# ---------------------------------------------------------------------------------------------
+# Middleware
+# ---------------------------------------------------------------------------------------------
+
+
+class BearerAuth:
+    """Rejects a request without a valid `Authorization: Bearer <key>` before it reaches any endpoint,
+    and holds each key to MAX_STREAMS_PER_KEY requests at once."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...], max_per_key: int, public: frozenset[str]):
+        self.app = app
+        self.keys = [key.encode() for key in keys]
+        self.max_per_key = max_per_key
+        self.in_flight = [0] * len(keys)
+        self.public = public
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or scope["path"] in self.public:
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip():
+            return await send_error(
+                send,
+                ApiError(
+                    401,
+                    "Missing API key: send it as 'Authorization: Bearer <key>'.",
+                    "authentication_error",
+                    "missing_api_key",
+                ),
+            )
+        token, match = token.strip(), -1
+        for n, key in enumerate(self.keys):  # every key compared, in constant time
+            if hmac.compare_digest(token, key):
+                match = n
+        if match < 0:
+            return await send_error(send, ApiError(401, "Invalid API key.", "authentication_error", "invalid_api_key"))
+        if self.max_per_key and self.in_flight[match] >= self.max_per_key:
+            return await send_error(
+                send,
+                ApiError(
+                    429,
+                    f"This key already has {self.max_per_key} requests in flight.",
+                    "rate_limit_error",
+                    "too_many_concurrent_requests",
+                    headers={"retry-after": "1"},
+                ),
+            )
+        self.in_flight[match] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight[match] -= 1
+
+
+class RequestLog:
+    """One log line and the metrics per request, and its id in `x-request-id`.
+
+    Message contents are never logged here, and every caller-controlled value is made printable."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Facts(uuid.uuid4().hex[:16])
+        token = _facts.set(request)
+        endpoint = metrics.endpoint(scope["path"])
+        metrics.IN_FLIGHT.labels(endpoint).inc()
+        started = time.perf_counter()
+        status, first_byte, chunks = 0, 0.0, 0
+
+        async def logged_send(message: Message) -> None:
+            nonlocal status, first_byte, chunks
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request.request_id.encode())]
+            elif message.get("body"):
+                chunks += 1
+                first_byte = first_byte or time.perf_counter()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, logged_send)
+        except Exception:
+            status = status or 500  # the error handler outside this middleware answers it
+            raise
+        finally:
+            ended = time.perf_counter()
+            metrics.IN_FLIGHT.labels(endpoint).dec()
+            metrics.REQUESTS.labels(endpoint, str(status or 499)).inc()
+            metrics.DURATION.labels(endpoint).observe(ended - started)
+            if first_byte:
+                metrics.FIRST_BYTE.labels(endpoint).observe(first_byte - started)
+            if request.cancelled:
+                metrics.CANCELLED.labels(endpoint).inc()
+
+            def ms(t: float) -> str:
+                return f"{(t - started) * 1000:.1f}" if t else "-"
+
+            log.info(
+                "request path=%s status=%s model=%s turn=%s upstream=%s ttfb_ms=%s total_ms=%s chunks=%d cancelled=%s",
+                printable(scope["path"]),
+                status or "-",
+                printable(request.model),
+                printable(request.turn_id),
+                request.upstream,
+                ms(first_byte),
+                ms(ended),
+                chunks,
+                str(request.cancelled).lower(),
+            )
+            _facts.reset(token)
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = facts().request_id
+        return True
+
+
+def configure_logging(level: str) -> None:
+    """One format for every line of ours, in every worker: time, level, request id.
+
+    Idempotent, and on our own logger only, so an embedding app's logging is left alone."""
+    logger = logging.getLogger("custom_llm")
+    logger.setLevel(level)
+    if not any(getattr(handler, "custom_llm", False) for handler in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.custom_llm = True  # type: ignore[attr-defined]
+        handler.addFilter(RequestIdFilter())
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+        logger.addHandler(handler)

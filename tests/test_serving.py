@@ -1,0 +1,257 @@
+"""serving.py: auth, bad input, errors in OpenAI's shape, the request log, metrics, readiness, limits, shutdown."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import httpx
+import openai
+import pytest
+
+import custom_llm
+from tests.conftest import API_KEY, AUTH, hold_a_stream, metric, post
+
+USER = [{"role": "user", "content": "Hi"}]
+ASK = {"messages": USER, "stream": True}
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert isinstance(error["message"], str) and error["message"] and error["type"]
+    if code:
+        assert error["code"] == code
+    # Nothing internal reaches a caller.
+    for leak in ("Traceback", ".py", "/work", "upstream-secret"):
+        assert leak not in response.text
+    return error
+
+
+@pytest.mark.parametrize(
+    "headers, code",
+    [
+        ({}, "missing_api_key"),
+        ({"authorization": "Bearer wrong-key"}, "invalid_api_key"),
+        ({"authorization": f"Basic {API_KEY}"}, "missing_api_key"),
+        ({"authorization": "Bearer"}, "missing_api_key"),
+    ],
+)
+def test_auth_rejections_never_reach_the_upstream(server, upstream, headers, code):
+    for path in ("/chat/completions", "/rag/chat/completions", "/audio/chat/completions"):
+        response = httpx.post(server.url + path, json={"stream": True, "messages": USER}, headers=headers)
+        assert_error(response, 401, code)
+    assert upstream.requests == []
+
+
+def test_any_of_the_rotated_keys_is_accepted(make_server, upstream):
+    server = make_server(api_keys=("old-key", "new-key"))
+    for key in ("old-key", "new-key"):
+        response = httpx.post(
+            server.url + "/chat/completions",
+            json={"stream": True, "messages": USER},
+            headers={"authorization": f"Bearer {key}"},
+        )
+        assert response.status_code == 200
+    assert_error(
+        httpx.post(
+            server.url + "/chat/completions",
+            json={"stream": True, "messages": USER},
+            headers={"authorization": "Bearer test-key"},
+        ),
+        401,
+    )
+
+
+def test_opt_out_of_auth_serves_without_a_key(make_server, upstream):
+    server = make_server(api_keys=(), allow_unauthenticated=True)
+    assert httpx.post(server.url + "/chat/completions", json={"stream": True, "messages": USER}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "content, code",
+    [
+        (b"{not json", "invalid_json"),
+        (b"", "invalid_json"),
+        (b'[{"role": "user", "content": "Hi"}]', "invalid_json"),
+        (b'"just a string"', "invalid_json"),
+        (b"42", "invalid_json"),
+        (b'{"messages": []}', "invalid_value"),
+        (b'{"model": "m"}', "invalid_value"),
+        (b'{"messages": "Hi"}', "invalid_value"),
+        (b'{"messages": [{"role": "wizard", "content": "Hi"}]}', "invalid_value"),
+        (b'{"messages": [{"content": "Hi"}]}', "invalid_value"),
+        (b'{"messages": [{"role": "user", "content": 42}]}', "invalid_value"),
+        (b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": "hot"}', "invalid_value"),
+        (b'{"messages": [{"role": "user", "content": "Hi"}], "stream": "maybe"}', "invalid_value"),
+        (b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1.5}', "invalid_value"),
+        (b'{"messages": [{"role": "user", "content": [{"text": "no type"}]}]}', "invalid_value"),
+    ],
+)
+def test_malformed_bodies_are_400(server, upstream, content, code):
+    for path in ("/chat/completions", "/rag/chat/completions", "/audio/chat/completions"):
+        response = httpx.post(server.url + path, content=content, headers={**AUTH, "content-type": "application/json"})
+        assert_error(response, 400, code)
+    assert upstream.requests == []
+
+
+def test_validation_errors_name_the_field(server, upstream):
+    response = httpx.post(
+        server.url + "/chat/completions",
+        headers=AUTH,
+        json={"stream": True, "messages": [{"role": "user", "content": "Hi"}, {"role": "wizard", "content": "x"}]},
+    )
+    error = assert_error(response, 400)
+    assert error["param"] == "messages.1" and "wizard" in error["message"]
+
+
+def test_a_body_over_the_limit_is_413(make_server, upstream):
+    server = make_server(max_body_bytes=1000)
+    big = {"messages": [{"role": "user", "content": "x" * 2000}]}
+    assert_error(httpx.post(server.url + "/chat/completions", json=big, headers=AUTH), 413, "body_too_large")
+
+    def chunked():  # no content-length: the cap holds while reading
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(50):
+            yield b"x" * 100
+        yield b'"}]}'
+
+    response = httpx.post(
+        server.url + "/chat/completions", content=chunked(), headers={**AUTH, "content-type": "application/json"}
+    )
+    assert_error(response, 413, "body_too_large")
+    assert upstream.requests == []
+
+
+def test_a_non_json_content_type_is_415(server, upstream):
+    response = httpx.post(server.url + "/chat/completions", data={"messages": "Hi"}, headers=AUTH)
+    assert_error(response, 415, "unsupported_media_type")
+
+
+def test_unknown_paths_and_methods(server, upstream):
+    assert_error(httpx.post(server.url + "/v2/nothing", json={}, headers=AUTH), 404, "not_found")
+    assert_error(httpx.get(server.url + "/chat/completions", headers=AUTH), 405, "method_not_allowed")
+    assert_error(httpx.get(server.url + "/nothing"), 401)  # without a key, nothing is revealed
+
+
+def test_the_server_keeps_serving_after_bad_input(server, client, upstream):
+    for content in (b"{", b"[]", b'{"messages": []}'):
+        httpx.post(server.url + "/chat/completions", content=content, headers=AUTH)
+    answer = client.chat.completions.create(model="m", messages=USER, stream=False)
+    assert answer.choices[0].message.content == "Hello from the upstream."
+
+
+def test_sdk_raises_bad_request_with_our_message(client, upstream):
+
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model="m", messages=[], stream=True)
+
+
+def test_health_needs_no_key(server):
+    response = httpx.get(server.url + "/health")
+    assert response.status_code == 200 and response.json() == {"status": "ok", "version": custom_llm.__version__}
+
+
+def test_request_id_is_returned(http, upstream):
+    response = http.post("/chat/completions", json={"stream": True, "messages": USER})
+    assert len(response.headers["x-request-id"]) == 16
+
+
+def test_one_log_line_per_request_without_message_contents(client, upstream, caplog):
+    secret = "purple-elephant-42"
+    with caplog.at_level(logging.INFO, logger="custom_llm"):
+        list(
+            client.chat.completions.create(
+                model="m1", stream=True, extra_body={"turn_id": 9}, messages=[{"role": "user", "content": secret}]
+            )
+        )
+        deadline = time.monotonic() + 2
+        while "path=/chat/completions" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+    lines = [r.message for r in caplog.records if r.message.startswith("request ")]
+    assert len(lines) == 1
+    for field in (
+        "path=/chat/completions",
+        "status=200",
+        "model=m1",
+        "turn=9",
+        "ttfb_ms=",
+        "total_ms=",
+        "chunks=",
+        "cancelled=false",
+    ):
+        assert field in lines[0]
+    assert secret not in caplog.text and API_KEY not in caplog.text
+
+
+def test_metrics_count_requests_and_need_the_key(make_server, upstream):
+    server = make_server()
+    ok, bad = (f'custom_llm_requests_total{{endpoint="chat",status="{status}"}}' for status in (200, 400))
+    before = metric(server, ok), metric(server, bad)
+    for _ in range(3):
+        post(server, ASK).read()
+    post(server, {"messages": []}).read()
+    assert httpx.get(server.url + "/metrics").status_code == 401
+    assert (metric(server, ok), metric(server, bad)) == (before[0] + 3, before[1] + 1)
+    text = httpx.get(server.url + "/metrics", headers=AUTH).text
+    for name in (
+        "custom_llm_time_to_first_byte_seconds_bucket",
+        "custom_llm_request_duration_seconds_bucket",
+        "custom_llm_upstream_first_event_seconds_bucket",
+        "custom_llm_in_flight_requests",
+        "custom_llm_cancelled_total",
+        "custom_llm_retrieval_seconds",
+        "custom_llm_tool_seconds",
+    ):
+        assert name in text, name
+
+
+def test_ready_reports_what_is_missing(make_server, upstream):
+    upstream.probe_status = 500
+    server = make_server()
+    response = httpx.get(server.url + "/ready")
+    assert response.status_code == 503
+    assert response.json() == {"status": "unavailable", "problems": ["the upstream LLM does not answer"]}
+    upstream.probe_status = 200
+    assert httpx.get(server.url + "/ready").json() == {"status": "ready"}
+
+
+def test_too_many_messages_is_400(make_server, upstream):
+    server = make_server(max_messages=3)
+    response = post(server, {"messages": [{"role": "user", "content": "x"}] * 4})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "too_many_messages"
+
+
+def test_per_key_concurrency_limit_is_429(make_server, upstream):
+    upstream.script.delay = 0.2
+    server = make_server(api_keys=("key-a", "key-b"), max_streams_per_key=1)
+    hold_a_stream(server, "key-a")
+    refused = post(server, ASK, headers={"authorization": "Bearer key-a"})
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_concurrent_requests"
+    assert refused.headers["retry-after"] == "1"
+    assert post(server, ASK, headers={"authorization": "Bearer key-b"}).status_code == 200
+
+
+def test_shutdown_lets_short_streams_finish(make_server, upstream):
+    upstream.script.delay = 0.05
+    server = make_server(config={"timeout_graceful_shutdown": 5})
+    with httpx.stream("POST", server.url + "/chat/completions", json=ASK, headers=AUTH, timeout=20) as response:
+        lines = response.iter_lines()
+        next(lines)
+        server.server.should_exit = True  # what SIGTERM does
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]" and "error" not in "".join(rest)
+
+
+def test_shutdown_closes_long_streams_with_an_error_and_done(make_server, upstream):
+    upstream.script.delay, upstream.script.words = 0.05, ["word "] * 200
+    server = make_server(config={"timeout_graceful_shutdown": 0.3})
+    with httpx.stream("POST", server.url + "/chat/completions", json=ASK, headers=AUTH, timeout=20) as response:
+        lines = response.iter_lines()
+        next(lines)
+        server.server.should_exit = True
+        rest = [line for line in lines if line]
+    assert json.loads(rest[-2][6:])["error"]["code"] == "shutting_down" and rest[-1] == "data: [DONE]"

@@ -1,0 +1,206 @@
+"""upstream.py: failures of the upstream, retry and fallback, the pool, and what an upstream may not make us do."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import API_KEY, UPSTREAM_KEY, error_of, hold_a_stream, metric, post, sse_events, text_of
+
+USER = [{"role": "user", "content": "Hi"}]
+ASK = {"messages": USER, "stream": True}
+
+
+def test_missing_done_from_upstream_still_ends_with_done(http, upstream):
+    upstream.script.done = False
+    events = sse_events(http.post("/chat/completions", json={"stream": True, "messages": USER}))
+    assert events[-1] == b"[DONE]" and len(events) == len(upstream.events()) + 1
+
+
+def test_crlf_and_multiline_events_are_normalised(http, upstream):
+    upstream.script.raw = (
+        b'data: {"a":1}\r\n\r\n: keep-alive comment\r\n\r\nevent: message\r\ndata: {"b":\r\ndata: 2}\r\n\r\n'
+        b"data: [DONE]\r\n\r\n"
+    )
+    assert sse_events(http.post("/chat/completions", json={"stream": True, "messages": USER})) == [
+        b'{"a":1}',
+        b'{"b":\n2}',
+        b"[DONE]",
+    ]
+
+
+def test_upstream_500_before_streaming_is_a_502(http, upstream):
+    upstream.script.status = 500
+    response = http.post("/chat/completions", json={"stream": True, "messages": USER})
+    assert response.status_code == 502 and error_of(response)["code"] == "upstream_failed"
+
+
+def test_upstream_429_passes_through_with_its_message(client, upstream):
+    upstream.script.status = 429
+    upstream.script.error = {
+        "error": {"message": "Rate limit reached for requests", "type": "requests", "code": "rate_limit_exceeded"}
+    }
+    with pytest.raises(openai.RateLimitError) as raised:
+        client.chat.completions.create(model="m", messages=USER, stream=True)
+    assert "Rate limit reached" in str(raised.value)
+
+
+def test_upstream_rejecting_our_key_never_echoes_it(http, upstream, caplog):
+    upstream.script.status = 401
+    upstream.script.error = {"error": {"message": f"Incorrect API key provided: {UPSTREAM_KEY}"}}
+    with caplog.at_level("DEBUG"):
+        response = http.post("/chat/completions", json={"stream": True, "messages": USER})
+    assert response.status_code == 502 and error_of(response)["code"] == "upstream_auth_failed"
+    assert UPSTREAM_KEY not in response.text and UPSTREAM_KEY not in caplog.text
+
+
+def test_unreachable_upstream_is_a_502(make_server, upstream):
+    with __import__("socket").socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    server = make_server(llm_base_url=f"http://127.0.0.1:{port}/v1")
+    response = httpx.post(
+        f"{server.url}/chat/completions",
+        headers={"authorization": f"Bearer {API_KEY}"},
+        json={"stream": True, "messages": USER},
+    )
+    assert response.status_code == 502 and error_of(response)["code"] == "upstream_unreachable"
+
+
+def test_slow_first_token_is_a_504(make_server, upstream):
+    upstream.script.first_delay = 2
+    server = make_server(llm_first_token_timeout=0.3)
+    response = httpx.post(
+        f"{server.url}/chat/completions",
+        headers={"authorization": f"Bearer {API_KEY}"},
+        json={"stream": True, "messages": USER},
+    )
+    # Nothing was sent to the caller yet, so the timeout is still a plain HTTP status.
+    assert response.status_code == 504 and error_of(response)["code"] == "upstream_timeout"
+
+
+def test_stall_mid_stream_ends_with_an_error_event_and_done(make_server, upstream):
+    upstream.script.stall_after = 3
+    server = make_server(llm_idle_timeout=0.3)
+    response = httpx.post(
+        f"{server.url}/chat/completions",
+        headers={"authorization": f"Bearer {API_KEY}"},
+        json={"stream": True, "messages": USER},
+    )
+    events = sse_events(response)
+    assert [b"data: " + e + b"\n\n" for e in events[:3]] == upstream.events()[:3]
+    assert json.loads(events[3]) == {
+        "error": {
+            "message": "The upstream LLM stopped sending.",
+            "type": "upstream_error",
+            "param": None,
+            "code": "upstream_timeout",
+        }
+    }
+    assert events[4:] == [b"[DONE]"]
+
+
+def test_sdk_sees_a_mid_stream_error(make_server, upstream):
+    upstream.script.stall_after = 3
+    server = make_server(llm_idle_timeout=0.3)
+    sdk = openai.OpenAI(base_url=server.url, api_key=API_KEY, max_retries=0)
+    with pytest.raises(openai.APIError, match="stopped sending"):
+        list(sdk.chat.completions.create(model="m", messages=USER, stream=True))
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 429])
+def test_a_failed_first_attempt_is_retried_once(server, upstream, status):
+    upstream.script.status, upstream.script.fail_times = status, 1
+    response = post(server, ASK)
+    assert response.status_code == 200 and text_of(sse_events(response)) == "Hello from the upstream."
+    assert len(upstream.requests) == 2
+
+
+def test_a_client_error_is_not_retried(server, upstream):
+    upstream.script.status = 400
+    upstream.script.error = {"error": {"message": "Unsupported parameter: 'foo'"}}
+    response = post(server, ASK)
+    assert response.status_code == 400 and "Unsupported parameter" in response.json()["error"]["message"]
+    assert len(upstream.requests) == 1
+
+
+def test_a_slow_first_token_is_retried(make_server, upstream):
+    upstream.script.first_delay, upstream.script.fail_times = 2, 1
+    server = make_server(llm_first_token_timeout=0.3)
+    response = post(server, ASK)
+    assert text_of(sse_events(response)) == "Hello from the upstream." and len(upstream.requests) == 2
+
+
+def test_the_fallback_serves_when_the_primary_fails_twice(make_server, upstream, fallback, fallback_server, caplog):
+    upstream.script.status = 500
+    server = make_server(
+        llm_fallback_base_url=f"{fallback_server.url}/v1",
+        llm_fallback_api_key="fallback-key",
+        llm_fallback_model="backup-model",
+    )
+    errors = 'custom_llm_upstream_errors_total{code="upstream_failed",upstream="primary"}'
+    before = metric(server, "custom_llm_fallbacks_total"), metric(server, errors)
+    with caplog.at_level(logging.INFO, logger="custom_llm"):
+        response = post(server, {**ASK, "model": "main-model"})
+    assert text_of(sse_events(response)) == "Hello from the upstream."
+    assert len(upstream.requests) == 2 and len(fallback.requests) == 1
+    assert fallback.requests[0]["body"]["model"] == "backup-model"
+    assert fallback.requests[0]["headers"]["authorization"] == "Bearer fallback-key"
+    assert "upstream=fallback" in caplog.text
+    assert metric(server, "custom_llm_fallbacks_total") == before[0] + 1
+    assert metric(server, errors) == before[1] + 2
+
+
+def test_the_fallback_serves_when_the_primary_stalls(make_server, upstream, fallback, fallback_server):
+    upstream.script.first_delay = 5
+    server = make_server(llm_first_token_timeout=0.3, llm_fallback_base_url=f"{fallback_server.url}/v1")
+    started = time.monotonic()
+    assert text_of(sse_events(post(server, ASK))) == "Hello from the upstream."
+    assert time.monotonic() - started < 2 and len(fallback.requests) == 1
+    assert upstream.disconnected.wait(2)  # the stalled attempts were closed, not left running
+
+
+def test_nothing_is_retried_after_content_was_sent(make_server, upstream, fallback, fallback_server):
+    upstream.script.stall_after = 3
+    server = make_server(llm_idle_timeout=0.3, llm_fallback_base_url=f"{fallback_server.url}/v1")
+    events = sse_events(post(server, ASK))
+    assert json.loads(events[-2])["error"]["code"] == "upstream_timeout" and events[-1] == b"[DONE]"
+    assert len(upstream.requests) == 1 and fallback.requests == []
+
+
+def test_an_empty_stream_is_retried_and_then_a_502(server, upstream):
+    upstream.script.raw = b"data: [DONE]\n\n"
+    response = post(server, ASK)
+    assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_empty"
+    assert len(upstream.requests) == 2
+
+
+def test_invalid_json_in_an_event_is_relayed_as_it_came(server, upstream):
+    upstream.script.raw = b'data: {"choices": [{"delta": {"content": "ok"}}]}\n\ndata: {not json\n\ndata: [DONE]\n\n'
+    assert sse_events(post(server, ASK)) == [b'{"choices": [{"delta": {"content": "ok"}}]}', b"{not json", b"[DONE]"]
+
+
+def test_requests_share_one_pooled_upstream_connection(client, upstream):
+    for _ in range(5):
+        list(client.chat.completions.create(model="m", stream=True, messages=[{"role": "user", "content": "Hi"}]))
+    assert len({r["client"] for r in upstream.requests}) == 1  # no client (or connection) per request
+
+
+def test_the_pool_is_warm_before_the_first_request(make_server, upstream):
+    server = make_server()
+    assert upstream.probes, "no warm-up call at start"
+    post(server, ASK).read()
+    assert upstream.requests[0]["client"] in upstream.probes  # the warm connection was reused
+
+
+def test_upstream_stream_cap_is_503(make_server, upstream):
+    upstream.script.delay = 0.2
+    server = make_server(max_upstream_streams=1)
+    hold_a_stream(server, API_KEY)
+    refused = post(server, ASK)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
