@@ -33,11 +33,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import orjson
 from dotenv import load_dotenv
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
-from pydantic.json_schema import models_json_schema
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 import metrics
@@ -50,7 +46,9 @@ from knowledge import (
     Knowledge,
     KnowledgeBase,
     Retriever,
+    index_command,
     retrieve,
+    search_command,
     waiting_phrase,
     with_passages,
 )
@@ -60,11 +58,12 @@ from serving import (
     EventStream,
     JSONReply,
     RequestLog,
+    add_error_handlers,
     bad_request,
     configure_logging,
-    error_response,
     facts,
     invalid_value,
+    openapi_with,
     read_json_body,
 )
 from text import latest_question, message_text
@@ -595,9 +594,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # collector's full passes, which otherwise pause every stream now and then.
     gc.freeze()
     yield
-    starting.cancel()  # a shutdown never waits for indexing
+    await svc.retriever.aclose()  # stops indexing between two files: a shutdown never waits for it
+    starting.cancel()
     await asyncio.gather(starting, return_exceptions=True)
-    await svc.retriever.aclose()
     await svc.llm.aclose()
 
 
@@ -629,7 +628,7 @@ def create_app(
     app.state.settings, app.state.service = settings, Service(settings, retriever, loop)
     app.include_router(router)
     add_error_handlers(app)
-    app.openapi = lambda: openapi(app)  # type: ignore[method-assign]
+    app.openapi = lambda: openapi_with(app, ChatCompletionRequest)  # type: ignore[method-assign]
     app.add_middleware(
         BearerAuth,
         keys=settings.api_keys,
@@ -638,58 +637,6 @@ def create_app(
     )
     app.add_middleware(RequestLog)
     return app
-
-
-def add_error_handlers(app: FastAPI) -> None:
-    """Every error in OpenAI's shape; an unexpected one logs its traceback and tells the caller nothing more."""
-
-    async def on_api_error(http: Request, error: Exception) -> Response:
-        assert isinstance(error, ApiError)
-        return error_response(error)
-
-    async def on_invalid_parameters(http: Request, error: Exception) -> Response:
-        assert isinstance(error, RequestValidationError)
-        first = error.errors()[0]
-        return error_response(invalid_value(first, first["loc"][1:]))  # loc[0] is "query", "path"...
-
-    async def on_http_error(http: Request, error: Exception) -> Response:
-        assert isinstance(error, StarletteHTTPException)
-        path = http.url.path[:100]
-        messages = {404: f"No such endpoint: {http.method} {path}.", 405: f"{http.method} is not allowed on {path}."}
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        return error_response(
-            ApiError(
-                error.status_code,
-                messages.get(error.status_code, str(error.detail)),
-                "invalid_request_error",
-                codes.get(error.status_code),
-            )
-        )
-
-    async def on_unexpected(http: Request, error: Exception) -> Response:
-        log.error("unhandled error", exc_info=error)
-        return error_response(
-            ApiError(
-                500, "The server failed to handle this request; the log has details.", "server_error", "internal_error"
-            )
-        )
-
-    app.add_exception_handler(ApiError, on_api_error)
-    app.add_exception_handler(RequestValidationError, on_invalid_parameters)
-    app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(Exception, on_unexpected)
-
-
-def openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema, plus the chat request model the routes read themselves."""
-    if not app.openapi_schema:
-        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        _, definitions = models_json_schema(
-            [(ChatCompletionRequest, "validation")], ref_template="#/components/schemas/{model}"
-        )
-        schema.setdefault("components", {}).setdefault("schemas", {}).update(definitions["$defs"])
-        app.openapi_schema = schema
-    return app.openapi_schema
 
 
 # ---------------------------------------------------------------------------------------------
@@ -730,27 +677,9 @@ def knowledge_command(args: argparse.Namespace, settings: Settings) -> int:
         settings = dataclasses.replace(settings, knowledge_dir=Path(args.folder))
     if args.index_file:
         settings = dataclasses.replace(settings, knowledge_index=args.index_file)
-    knowledge = settings.knowledge()
-    base = knowledge.base
-
-    async def run() -> int:
-        if args.command == "index":
-            report = await asyncio.to_thread(base.index, lambda source, chunks: print(f"  {source}: {chunks} chunks"))
-            print(
-                f"{report.files} files ({report.indexed} indexed, {report.removed} removed, "
-                f"{len(report.skipped)} skipped), {report.chunks} chunks written, {base.chunks} in the index, "
-                f"{report.seconds:.2f} s"
-            )
-            for skipped in report.skipped:
-                print(f"  skipped {skipped}")
-        else:
-            await knowledge.start()
-            for passage in await knowledge.search(args.question, args.limit):
-                print(f"{passage.score:7.3f}  {passage.citation()}\n         {passage.text[:200]!r}")
-        await knowledge.aclose()
-        return 0
-
-    return asyncio.run(run())
+    if args.command == "index":
+        return asyncio.run(index_command(settings.knowledge()))
+    return asyncio.run(search_command(settings.knowledge(), args.question, args.limit))
 
 
 def main(argv: list[str]) -> int:

@@ -253,6 +253,7 @@ class KnowledgeBase:
         self._lock = threading.Lock()
         self._db = self._open()
         self.loaded = False
+        self._stop = threading.Event()
         self._vocabulary: dict[str, list[str]] | None = None  # the index's words by initial, for misheard words
         self._vectors: tuple[np.ndarray, np.ndarray] | None = (
             None  # (rowids, unit vectors as a matrix) of the embedded chunks, for hybrid search
@@ -282,81 +283,98 @@ class KnowledgeBase:
     def index(self, progress: Callable[[str, int], None] | None = None, ready_after: bool = True) -> IndexReport:
         """Bring the index in step with the folder; only changed, added or removed files are touched.
 
-        Unreadable, empty, binary or huge files are skipped with a warning, never fatal."""
+        A file that cannot be read (unreadable, empty, binary, huge, renamed or deleted meanwhile,
+        a name that is not UTF-8) is skipped with a warning, never fatal. stop() ends a run between
+        two files, so a shutdown never waits for indexing."""
         started, report = time.perf_counter(), IndexReport()
-        if not self.folder.is_dir():
-            log.warning("knowledge folder %s does not exist; /rag answers without passages", self.folder)
-        paths = (
-            sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
-            if self.folder.is_dir()
-            else []
-        )
         with self._lock:
             known = {row[0]: row[1:] for row in self._db.execute("SELECT path, hash, size, mtime FROM files")}
         present = set()
-        for path in paths:
-            source = path.relative_to(self.folder).as_posix()
-            present.add(source)
+        for path in self.documents():
+            if self._stop.is_set():
+                return report
             report.files += 1
-            stat = path.stat()
-            if source in known and known[source][1:] == (stat.st_size, stat.st_mtime):
-                continue  # unchanged since the last run: not even read
             try:
-                if stat.st_size > MAX_FILE_BYTES:
-                    raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
-                if source in known and known[source][0] == digest:  # touched, not changed
-                    with self._lock:
-                        self._db.execute(
-                            "UPDATE files SET size = ?, mtime = ? WHERE path = ?", (stat.st_size, stat.st_mtime, source)
-                        )
-                        self._db.commit()
-                    continue
-                chunks = chunk_markdown(read_document(path))
-                if not chunks:
-                    raise ValueError("no text")
+                source = path.relative_to(self.folder).as_posix()
+                source.encode("utf-8")  # a name that is not UTF-8 cannot be stored or cited
+                present.add(source)
+                chunks = self._index_file(path, source, known.get(source))
             except Exception as error:  # one bad file never stops the rest
-                log.warning("skipping knowledge file %s: %s", source, error)
-                report.skipped.append(f"{source}: {error}")
+                log.warning("skipping knowledge file %r: %s", str(path.relative_to(self.folder)), error)
+                report.skipped.append(f"{path.relative_to(self.folder)}: {error}")
                 continue
-            rows = [
-                (split_cjk(f"{heading}\n{text}"), text, source, heading, text_hash(heading, text))
-                for heading, text in chunks
-            ]
-            with self._lock:
-                self._db.execute("DELETE FROM chunks WHERE source = ?", (source,))
-                self._db.executemany(
-                    "INSERT INTO chunks (terms, text, source, heading, hash) VALUES (?, ?, ?, ?, ?)", rows
-                )
-                self._db.execute(
-                    "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", (source, digest, stat.st_size, stat.st_mtime)
-                )
-                self._db.commit()
-            report.indexed += 1
-            report.chunks += len(rows)
-            if progress:
-                progress(source, len(rows))
-        gone = [source for source in known if source not in present]
-        with self._lock:
-            for source in gone:
-                self._db.execute("DELETE FROM chunks WHERE source = ?", (source,))
-                self._db.execute("DELETE FROM files WHERE path = ?", (source,))
-            self._db.commit()
-        report.removed = len(gone)
+            if chunks is not None:
+                report.indexed, report.chunks = report.indexed + 1, report.chunks + chunks
+                if progress:
+                    progress(source, chunks)
+        report.removed = self._forget([source for source in known if source not in present])
         report.seconds = time.perf_counter() - started
         if report.indexed or report.removed:
             self._vocabulary = None
         self.loaded = self.loaded or ready_after
         log.info(
             "knowledge: %d files, %d (re)indexed with %d chunks, %d removed, %d skipped, %.2f s",
-            report.files,
-            report.indexed,
-            report.chunks,
-            report.removed,
-            len(report.skipped),
-            report.seconds,
+            *(report.files, report.indexed, report.chunks, report.removed, len(report.skipped), report.seconds),
         )
         return report
+
+    def stop(self) -> None:
+        """Make a running index() return after the file it is on."""
+        self._stop.set()
+
+    def documents(self) -> list[Path]:
+        """The folder's documents; a link that leads out of the folder is not one of them."""
+        if not self.folder.is_dir():
+            log.warning("knowledge folder %s does not exist; /rag answers without passages", self.folder)
+            return []
+        root = self.folder.resolve()
+        found = []
+        for path in sorted(self.folder.rglob("*")):
+            try:
+                if path.suffix.lower() in SUFFIXES and path.is_file() and path.resolve().is_relative_to(root):
+                    found.append(path)
+            except OSError:  # vanished, or a link loop
+                continue
+        return found
+
+    def _index_file(self, path: Path, source: str, known: tuple[str, int, float] | None) -> int | None:
+        """(Re)index one file; how many chunks it has, or None when it had not changed."""
+        stat = path.stat()
+        if known is not None and known[1:] == (stat.st_size, stat.st_mtime):
+            return None  # unchanged since the last run: not even read
+        if stat.st_size > MAX_FILE_BYTES:
+            raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if known is not None and known[0] == digest:  # touched, not changed
+            with self._lock:
+                self._db.execute(
+                    "UPDATE files SET size = ?, mtime = ? WHERE path = ?", (stat.st_size, stat.st_mtime, source)
+                )
+                self._db.commit()
+            return None
+        chunks = chunk_markdown(read_document(path))
+        if not chunks:
+            raise ValueError("no text")
+        rows = [
+            (split_cjk(f"{heading}\n{text}"), text, source, heading, text_hash(heading, text))
+            for heading, text in chunks
+        ]
+        with self._lock:
+            self._db.execute("DELETE FROM chunks WHERE source = ?", (source,))
+            self._db.executemany("INSERT INTO chunks (terms, text, source, heading, hash) VALUES (?, ?, ?, ?, ?)", rows)
+            self._db.execute(
+                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", (source, digest, stat.st_size, stat.st_mtime)
+            )
+            self._db.commit()
+        return len(rows)
+
+    def _forget(self, sources: list[str]) -> int:
+        with self._lock:
+            for source in sources:
+                self._db.execute("DELETE FROM chunks WHERE source = ?", (source,))
+                self._db.execute("DELETE FROM files WHERE path = ?", (source,))
+            self._db.commit()
+        return len(sources)
 
     def search(self, question: str, limit: int = 3, vector: list[float] | None = None) -> list[Passage]:
         """The passages that best match the question, best first, above the relevance floor.
@@ -559,6 +577,7 @@ class Knowledge:
         return await asyncio.to_thread(self.base.search, question, limit, vector)
 
     async def aclose(self) -> None:
+        self.base.stop()
         if self.embeddings is not None:
             await self.embeddings.aclose()
 
@@ -623,3 +642,33 @@ def with_passages(messages: list[dict[str, Any]], passages: list[Passage]) -> li
     context = {"role": "system", "content": f"{GROUNDING_PROMPT}\n\n{sources}"}
     lead = next((i for i, m in enumerate(messages) if m.get("role") not in ("system", "developer")), len(messages))
     return [*messages[:lead], context, *messages[lead:]]
+
+
+# ---------------------------------------------------------------------------------------------
+# From a terminal: `python3 custom_llm.py index` and `python3 custom_llm.py search "question"`
+# ---------------------------------------------------------------------------------------------
+
+
+async def index_command(knowledge: Knowledge) -> int:
+    """Index the folder, printing each file as it goes and a summary."""
+    base = knowledge.base
+    report = await asyncio.to_thread(base.index, lambda source, chunks: print(f"  {source}: {chunks} chunks"))
+    print(
+        f"{report.files} files ({report.indexed} indexed, {report.removed} removed, {len(report.skipped)} skipped), "
+        f"{report.chunks} chunks written, {base.chunks} in the index, {report.seconds:.2f} s"
+    )
+    for skipped in report.skipped:
+        print(f"  skipped {skipped}")
+    if knowledge.embeddings is not None:
+        print(f"{await base.embed(knowledge.embeddings)} chunks embedded")
+    await knowledge.aclose()
+    return 0
+
+
+async def search_command(knowledge: Knowledge, question: str, limit: int) -> int:
+    """Print what a question retrieves, with scores and citations."""
+    await knowledge.start()
+    for passage in await knowledge.search(question, limit):
+        print(f"{passage.score:7.3f}  {passage.citation()}\n         {passage.text[:200]!r}")
+    await knowledge.aclose()
+    return 0

@@ -16,6 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -90,6 +96,54 @@ def invalid_value(problem: dict[str, Any], location: tuple[Any, ...]) -> ApiErro
     """A pydantic error as a 400 that names the field."""
     param = ".".join(str(part) for part in location) or None
     return bad_request(f"{param}: {problem['msg']}" if param else problem["msg"], "invalid_value", param)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape; an unexpected one logs its traceback and tells the caller nothing more."""
+
+    async def on_api_error(http: Request, error: Exception) -> Response:
+        assert isinstance(error, ApiError)
+        return error_response(error)
+
+    async def on_invalid_parameters(http: Request, error: Exception) -> Response:
+        assert isinstance(error, RequestValidationError)
+        first = error.errors()[0]
+        return error_response(invalid_value(first, first["loc"][1:]))  # loc[0] is "query", "path"...
+
+    async def on_http_error(http: Request, error: Exception) -> Response:
+        assert isinstance(error, StarletteHTTPException)
+        path = http.url.path[:100]
+        messages = {404: f"No such endpoint: {http.method} {path}.", 405: f"{http.method} is not allowed on {path}."}
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return error_response(
+            ApiError(
+                error.status_code,
+                messages.get(error.status_code, str(error.detail)),
+                "invalid_request_error",
+                codes.get(error.status_code),
+            )
+        )
+
+    async def on_unexpected(http: Request, error: Exception) -> Response:
+        log.error("unhandled error", exc_info=error)
+        return error_response(internal_error())
+
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_invalid_parameters)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+def openapi_with(app: FastAPI, *models: type[BaseModel]) -> dict[str, Any]:
+    """FastAPI's schema, plus the request models that routes reading their own body validate."""
+    if not app.openapi_schema:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _, definitions = models_json_schema(
+            [(model, "validation") for model in models], ref_template="#/components/schemas/{model}"
+        )
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(definitions["$defs"])
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,13 +77,20 @@ def test_non_streaming_audio_is_one_message(client):
 def test_disconnect_stops_the_pacing(server, caplog):
     with caplog.at_level(logging.INFO, logger="custom_llm"):
         with httpx.stream("POST", server.url + "/audio/chat/completions", json=ASK, headers=AUTH) as response:
+            request_id = response.headers["x-request-id"]
             lines = response.iter_lines()
             for _ in range(3):
                 next(lines)
+
+        def logged() -> list[str]:
+            return [
+                r.message for r in caplog.records if r.message.startswith("request ") and r.request_id == request_id
+            ]
+
         deadline = time.monotonic() + 2
-        while "path=/audio/chat/completions" not in caplog.text and time.monotonic() < deadline:
+        while not logged() and time.monotonic() < deadline:
             time.sleep(0.01)
-    line = next(r.message for r in caplog.records if "path=/audio/chat/completions" in r.message)
+    line = logged()[0]
     assert "cancelled=true" in line
     assert float(line.split("total_ms=")[1].split()[0]) < 2000  # the 10 s file was not played out
 
