@@ -579,7 +579,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     svc: Service = app.state.service
     settings = svc.settings
     svc.llm = settings.upstream()
-    svc.voice = settings.voice(svc.llm)
+    svc.voice = svc.voice or settings.voice(svc.llm)
     # Indexing runs beside the requests: searches see what is indexed so far, /ready waits for all.
     starting = asyncio.ensure_future(svc.retriever.start())
     if not settings.upstream_configured:
@@ -601,9 +601,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(
-    settings: Settings | None = None, tools: ToolRegistry | None = None, retriever: Retriever | None = None
+    settings: Settings | None = None,
+    tools: ToolRegistry | None = None,
+    retriever: Retriever | None = None,
+    voice: speech.Engine | None = None,
 ) -> FastAPI:
-    """The ASGI app. Pass your own tools or retriever to change what the server knows and does."""
+    """The ASGI app. Pass your own tools, retriever or voice to change what the server does, knows and sounds like."""
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
     if not settings.api_keys and not settings.allow_unauthenticated:
@@ -625,7 +628,7 @@ def create_app(
     app = FastAPI(
         title="Custom LLM server for Agora", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
     )
-    app.state.settings, app.state.service = settings, Service(settings, retriever, loop)
+    app.state.settings, app.state.service = settings, Service(settings, retriever, loop, voice=voice)
     app.include_router(router)
     add_error_handlers(app)
     app.openapi = lambda: openapi_with(app, ChatCompletionRequest)  # type: ignore[method-assign]

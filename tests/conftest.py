@@ -96,10 +96,9 @@ def make_server(upstream_server):
     """Start a server with some settings changed, or other tools: make_server(rag_top_k=1, tools=registry)."""
     started = []
 
-    def make(tools=None, config=None, **overrides) -> ServerThread:
-        server = ServerThread(
-            create_app(settings_for(upstream_server, **overrides), tools), **(config or {})
-        ).__enter__()
+    def make(tools=None, config=None, retriever=None, voice=None, **overrides) -> ServerThread:
+        app = create_app(settings_for(upstream_server, **overrides), tools, retriever, voice)
+        server = ServerThread(app, **(config or {})).__enter__()
         started.append(server)
         return server
 

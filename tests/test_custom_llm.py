@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 import custom_llm
+from tests.conftest import AUTH, post
 
 ROOT = Path(__file__).resolve().parent.parent
 ASK = {"messages": [{"role": "user", "content": "Hi"}], "stream": True}
@@ -98,3 +100,76 @@ def test_unknown_server_tool_names_fail_at_start(upstream_server):
 
     with pytest.raises(ValueError, match="unknown tools: nope"):
         create_app(settings_for(upstream_server, server_tools=("nope",)))
+
+
+# --- customising: each is one file of yours, handed to create_app ---------------------------------
+
+
+class Catalogue:
+    """A retriever of one's own: a dictionary instead of the SQLite index."""
+
+    ready = True
+
+    async def start(self) -> None:
+        pass
+
+    async def search(self, question: str, limit: int) -> list:
+        from knowledge import Passage
+
+        if "kettle" not in question.lower():
+            return []  # nothing relevant: /rag injects nothing
+        return [Passage("The K-2 kettle costs 49 euros.", "catalogue", "Kettles › K-2", 1.0)][:limit]
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_a_retriever_of_your_own(make_server, upstream):
+    server = make_server(retriever=Catalogue())
+    post(server, {"messages": [{"role": "user", "content": "How much is the kettle?"}]}, "/rag/chat/completions")
+    context = upstream.requests[-1]["body"]["messages"][0]["content"]
+    assert "catalogue › Kettles › K-2" in context and "49 euros" in context
+    hits = httpx.get(server.url + "/knowledge/search", params={"q": "kettle"}, headers=AUTH).json()["passages"]
+    assert hits == [{"source": "catalogue", "heading": "Kettles › K-2", "score": 1.0, "text": "The K-2 kettle costs 49 euros."}]
+    post(server, {"messages": [{"role": "user", "content": "Hello!"}]}, "/rag/chat/completions")
+    assert [m["role"] for m in upstream.requests[-1]["body"]["messages"]] == ["user"]
+
+
+def test_a_tool_of_your_own(make_server, upstream):
+    from tools import ToolRegistry
+
+    registry = ToolRegistry()
+
+    def order_status(order_id: str) -> dict:
+        """The delivery status of an order."""
+        return {"order_id": order_id, "status": "shipped"}
+
+    registry.add(order_status)
+    server = make_server(tools=registry)
+    upstream.script.turns = [{"calls": [("order_status", '{"order_id": "A7"}')]}, {"say": ["It shipped."]}]
+    answer = post(server, {"messages": [{"role": "user", "content": "Where is order A7?"}]}).json()
+    assert answer["choices"][0]["message"]["content"] == "It shipped."
+    assert upstream.requests[0]["body"]["tools"][0]["function"]["name"] == "order_status"
+    assert '"status":"shipped"' in upstream.requests[1]["body"]["messages"][-1]["content"]
+
+
+class Beeper:
+    """A voice of one's own: any object with synthesize(text) yielding 16 kHz mono s16le PCM."""
+
+    def __init__(self) -> None:
+        self.said: list[str] = []
+
+    async def synthesize(self, text: str):
+        self.said.append(text)
+        yield b"\x10\x00" * 1600 * len(text.split())  # 100 ms a word
+
+
+def test_a_voice_of_your_own(make_server, upstream):
+    voice = Beeper()
+    server = make_server(audio_source="tts", voice=voice)
+    upstream.script.words = ["Two words. ", "Three more words."]
+    answer = post(server, {"messages": [{"role": "user", "content": "Speak"}]}, "/audio/chat/completions").json()
+    audio = answer["choices"][0]["message"]["audio"]
+    assert voice.said == ["Two words.", "Three more words."] and audio["transcript"] == "Two words. Three more words."
+    # Five words, 100 ms each at 16 kHz; each sentence's last 40 ms frame is padded with silence.
+    assert 5 * 3200 <= len(base64.b64decode(audio["data"])) < 5 * 3200 + 2 * 1280
