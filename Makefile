@@ -11,8 +11,9 @@ $(VENV)/.run: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.run requirements-dev.txt
+$(VENV)/.dev: $(VENV)/.run requirements-dev.txt clients/package-lock.json
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	if command -v npm >/dev/null; then cd clients && npm ci --no-audit --no-fund --loglevel=error; fi
 	touch $@
 
 run: $(VENV)/.run

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import speech  # noqa: F401
-from tests.conftest import AUTH, audio_of, dominant_frequency, sse_events
+from tests.conftest import AUTH, audio_of, dominant_frequency, post, sse_events
 from tests.upstream import ScriptedUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,3 +236,59 @@ def test_espeak_speaks_end_to_end(make_server, upstream_server, upstream):
         "Hello from the local voice.",
         "It works offline.",
     ]
+
+
+# --- never silent: every answer carries its words -------------------------------------------------------
+
+CALLER_TOOL = {"type": "function", "function": {"name": "lookup_order", "parameters": {"type": "object"}}}
+
+
+def transcript_of(steps: list[dict]) -> str:
+    return "".join(s.get("transcript") or "" for s in steps).strip()
+
+
+def test_a_text_only_upstream_asked_for_audio_is_spoken(make_server, upstream_server, upstream):
+    server = tts_server(make_server, upstream_server)  # an upstream that ignores `modalities`
+    body = {**ASK, "modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "pcm16"}}
+    steps = audio_of(sse_events(post(server, body, "/audio/chat/completions")))
+    assert transcript_of(steps) == "Hello from the upstream." and any("data" in s for s in steps)
+    answer = post(server, {**body, "stream": False}, "/audio/chat/completions").json()
+    audio = answer["choices"][0]["message"]["audio"]
+    assert audio["transcript"] == "Hello from the upstream." and base64.b64decode(audio["data"])
+
+
+def test_without_a_voice_the_words_still_come_as_transcript(make_server, upstream, monkeypatch, caplog):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no espeak-ng: files mode has no voice for other words
+    server = make_server()
+    body = {**ASK, "modalities": ["text", "audio"]}
+    with caplog.at_level(logging.WARNING, logger="custom_llm"):
+        steps = audio_of(sse_events(post(server, body, "/audio/chat/completions")))
+        broadcast = {"stream": True, "messages": [{"role": "assistant", "content": "Welcome back!"}]}
+        greeting = audio_of(sse_events(post(server, broadcast, "/audio/chat/completions")))
+    assert transcript_of(steps) == "Hello from the upstream." and transcript_of(greeting) == "Welcome back!"
+    assert "transcript only" in caplog.text
+
+
+@pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed (CI installs it)")
+def test_a_broadcast_in_files_mode_says_its_own_words(make_server, upstream):
+    server = make_server(audio_head_start_ms=60_000)
+    body = {"stream": True, "messages": [{"role": "assistant", "content": "Sorry, something went wrong."}]}
+    steps = audio_of(sse_events(post(server, body, "/audio/chat/completions")))
+    assert transcript_of(steps) == "Sorry, something went wrong."
+    pcm = b"".join(base64.b64decode(s["data"]) for s in steps if "data" in s)
+    assert 0.5 < len(pcm) / 32_000 < 5 and upstream.requests == []  # spoken, not file.pcm (10.9 s)
+
+
+def test_the_callers_tool_calls_come_back_from_audio(make_server, upstream_server, upstream):
+    server = tts_server(make_server, upstream_server)
+    upstream.script.turns = [{"say": ["Let me look. "], "calls": [("lookup_order", '{"order_id": "7"}')]}]
+    events = sse_events(post(server, {**ASK, "tools": [CALLER_TOOL]}, "/audio/chat/completions"))
+    chunks = [json.loads(e) for e in events[:-1]]
+    calls = [d for c in chunks for d in c["choices"][0]["delta"].get("tool_calls") or []]
+    assert calls[0]["function"]["name"] == "lookup_order" and chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert "Let me look." in "".join(c["choices"][0]["delta"].get("audio", {}).get("transcript") or "" for c in chunks)
+    upstream.script.turns = [{"calls": [("lookup_order", '{"order_id": "7"}')]}]
+    answer = post(server, {**ASK, "stream": False, "tools": [CALLER_TOOL]}, "/audio/chat/completions").json()
+    choice = answer["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["tool_calls"][0]["function"] == {"name": "lookup_order", "arguments": '{"order_id": "7"}'}

@@ -36,10 +36,42 @@ def test_events_are_relayed_byte_for_byte_and_end_with_done(http, upstream):
     assert events[-1] == b"[DONE]"
 
 
-def test_missing_stream_means_streaming(http, upstream):
-    response = http.post("/chat/completions", json={"stream": True, "messages": USER})
-    assert sse_events(response)[-1] == b"[DONE]"
-    assert upstream.requests[-1]["body"]["stream"] is True
+@pytest.mark.parametrize("path", ["/chat/completions", "/rag/chat/completions", "/audio/chat/completions"])
+def test_missing_stream_means_one_json_completion_as_at_openai(http, upstream, path):
+    response = http.post(path, json={"messages": USER})
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.json()["object"] == "chat.completion"
+    if upstream.requests:
+        assert upstream.requests[-1]["body"]["stream"] is False or path == "/audio/chat/completions"
+
+
+@pytest.mark.parametrize(
+    "extra, headers",
+    [
+        ({"turn_id": 3}, {}),  # Agora's engine with vendor "custom"
+        ({"timestamp": 1678905236}, {}),
+        ({}, {"accept": "text/event-stream"}),  # a client that asks for SSE
+    ],
+)
+def test_the_engine_always_gets_sse(http, upstream, extra, headers):
+    response = http.post("/chat/completions", json={"messages": USER, **extra}, headers=headers)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert sse_events(response)[-1] == b"[DONE]" and upstream.requests[-1]["body"]["stream"] is True
+
+
+def test_an_explicit_stream_false_wins_even_for_the_engine(http, upstream):
+    response = http.post("/chat/completions", json={"messages": USER, "turn_id": 3, "stream": False})
+    assert response.json()["choices"][0]["message"]["content"] == "Hello from the upstream."
+
+
+@pytest.mark.parametrize("value", ["no", "false", 0, 1, "true", None])
+def test_stream_must_be_a_boolean(http, upstream, value):
+    response = http.post("/chat/completions", json={"messages": USER, "stream": value})
+    if value is None:  # null is "not given": one JSON completion
+        assert response.json()["object"] == "chat.completion"
+        return
+    assert response.status_code == 400 and error_of(response)["param"] == "stream"
+    assert upstream.requests == []
 
 
 def test_usage_chunk_passes_through(client, upstream):
