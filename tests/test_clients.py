@@ -87,8 +87,9 @@ def node_clients(url: str, calls: str) -> list[dict]:
         pytest.skip("node is not installed (CI installs it)")
     if not (ROOT / "clients" / "node_modules").is_dir():
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=ROOT / "clients", check=True, capture_output=True)
-    done = subprocess.run(["node", "clients.mjs", url, API_KEY, calls], cwd=ROOT / "clients", capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        ["node", "clients.mjs", url, API_KEY, calls], cwd=ROOT / "clients", capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     return [json.loads(line) for line in done.stdout.splitlines()]
 
@@ -97,7 +98,11 @@ def node_clients(url: str, calls: str) -> list[dict]:
 def test_openai_node_and_the_ai_sdk_default_calls(voiced, upstream, prefix):
     results = node_clients(voiced.url + prefix, "plain")
     assert {(r["client"], r["call"]) for r in results} == {
-        ("openai-node", "create"), ("openai-node", "create stream"), ("ai-sdk", "generateText"), ("ai-sdk", "streamText")}
+        ("openai-node", "create"),
+        ("openai-node", "create stream"),
+        ("ai-sdk", "generateText"),
+        ("ai-sdk", "streamText"),
+    }
     for result in results:
         assert result["ok"], result
         if result["client"] == "openai-node" or prefix != "/audio":  # the AI SDK reads no audio

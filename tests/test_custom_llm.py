@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -51,47 +53,103 @@ def test_settings_from_the_environment(monkeypatch):
     assert settings.waiting_messages_en == ("Wait.", "Hold on.")
 
 
-def test_two_workers_share_the_key_and_the_metrics(upstream_server, upstream, tmp_path):
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        number = free.getsockname()[1]
+class Started:
+    """A server process of ours on a free port, its stderr collected line by line."""
+
+    def __init__(self, command: list[str], env: dict[str, str]):
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            self.port = free.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PORT": str(self.port), "HOST": "127.0.0.1", **env}
+        command = [part.replace("{port}", str(self.port)) for part in command]
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.process.stderr), daemon=True).start()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(self.url + "/ready").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert self.process.poll() is None, "".join(self.lines)
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+
+    def wait_for_lines(self, text: str, count: int) -> list[str]:
+        deadline = time.monotonic() + 5
+        while sum(text in line for line in self.lines) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return [line for line in self.lines if text in line]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+LOG_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO custom_llm \[[0-9a-f]{16}\] request path=/chat/completions "
+)
+
+
+def test_two_workers_with_no_key_configured_share_one_key_and_log_every_request(upstream_server, upstream, tmp_path):
     env = {
-        **os.environ,
         "WORKERS": "2",
-        "PORT": str(number),
-        "HOST": "127.0.0.1",
-        "LOG_LEVEL": "WARNING",
+        "CUSTOM_LLM_API_KEY": "",
+        "LOG_LEVEL": "INFO",
+        "LLM_BASE_URL": f"{upstream_server.url}/v1",
+        "LLM_API_KEY": "k",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+    }  # an empty key, as .env.example ships it
+    server = Started([sys.executable, "custom_llm.py"], env)
+    try:
+        server.wait_ready()
+        keys = server.wait_for_lines("callers must send this key:", 1)
+        assert len(keys) == 1, keys  # made once, by the parent, before the workers start
+        headers = {"authorization": f"Bearer {keys[0].rsplit(':', 1)[1].strip()}"}
+        for _ in range(20):  # new connections, spread over both workers by the kernel
+            with httpx.Client() as client:
+                assert client.post(server.url + "/chat/completions", json=ASK, headers=headers).status_code == 200
+        text = httpx.get(server.url + "/metrics", headers=headers).text
+        assert 'custom_llm_requests_total{endpoint="chat",status="200"} 20.0' in text
+        logged = server.wait_for_lines("request path=/chat/completions", 20)
+        assert len(logged) == 20 and all(LOG_LINE.match(line) for line in logged), logged
+    finally:
+        server.stop()
+
+
+def test_the_readme_uvicorn_command_serves_and_logs(upstream_server, upstream, tmp_path):
+    env = {
+        "CUSTOM_LLM_API_KEY": "k1",
         "LLM_BASE_URL": f"{upstream_server.url}/v1",
         "LLM_API_KEY": "k",
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
     }
-    env.pop("CUSTOM_LLM_API_KEY", None)
-    process = subprocess.Popen([sys.executable, "custom_llm.py"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "custom_llm:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--workers",
+        "2",
+        "--no-access-log",
+    ]
+    server = Started(command, env)
     try:
-        key = None
-        while key is None:  # the key is printed once, by the parent, and both workers accept it
-            line = process.stderr.readline()
-            assert line, "the server exited"
-            if "callers must send this key:" in line:
-                key = line.rsplit(":", 1)[1].strip()
-        url, headers = f"http://127.0.0.1:{number}", {"authorization": f"Bearer {key}"}
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(url + "/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the workers did not start"
-            time.sleep(0.1)
-        for _ in range(20):  # new connections, spread over both workers by the kernel
-            with httpx.Client() as client:
-                assert client.post(url + "/chat/completions", json=ASK, headers=headers).status_code == 200
-        text = httpx.get(url + "/metrics", headers=headers).text
-        assert 'custom_llm_requests_total{endpoint="chat",status="200"} 20.0' in text
+        server.wait_ready()
+        response = httpx.post(server.url + "/chat/completions", json=ASK, headers={"authorization": "Bearer k1"})
+        assert response.status_code == 200
+        assert LOG_LINE.match(server.wait_for_lines("request path=/chat/completions", 1)[0])
     finally:
-        process.terminate()
-        process.wait(10)
+        server.stop()
 
 
 def test_unknown_server_tool_names_fail_at_start(upstream_server):
@@ -130,7 +188,9 @@ def test_a_retriever_of_your_own(make_server, upstream):
     context = upstream.requests[-1]["body"]["messages"][0]["content"]
     assert "catalogue › Kettles › K-2" in context and "49 euros" in context
     hits = httpx.get(server.url + "/knowledge/search", params={"q": "kettle"}, headers=AUTH).json()["passages"]
-    assert hits == [{"source": "catalogue", "heading": "Kettles › K-2", "score": 1.0, "text": "The K-2 kettle costs 49 euros."}]
+    assert hits == [
+        {"source": "catalogue", "heading": "Kettles › K-2", "score": 1.0, "text": "The K-2 kettle costs 49 euros."}
+    ]
     post(server, {"messages": [{"role": "user", "content": "Hello!"}]}, "/rag/chat/completions")
     assert [m["role"] for m in upstream.requests[-1]["body"]["messages"]] == ["user"]
 
