@@ -10,6 +10,7 @@ model asks again once the caller's results are in, and no call is lost or run tw
 import asyncio
 import logging
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -17,8 +18,8 @@ from typing import Any
 
 import orjson
 
-from events import Event, Relayed, Text, ToolCall
-from serving import upstream_error
+from events import Event, Metadata, Relayed, Text, ToolCall, content_of
+from serving import facts, upstream_error
 from text import language, latest_question
 from tools import ToolRegistry, failure
 from upstream import LLM
@@ -171,8 +172,29 @@ async def run_calls(loop: ToolLoop, calls: list[Call]) -> list[dict[str, Any]]:
             return failure(f"The arguments for {call.name} are larger than {loop.max_argument_bytes} bytes.")
         return await loop.tools.run(call.name, "".join(call.fragments))
 
-    results = await asyncio.gather(*(run(call) for call in calls))
+    started = time.perf_counter()
+    try:
+        results = await asyncio.gather(*(run(call) for call in calls))
+    finally:
+        facts().tools_ms = (facts().tools_ms or 0.0) + (time.perf_counter() - started) * 1000
     return [{"role": "tool", "tool_call_id": call.id, "content": result} for call, result in zip(calls, results)]
+
+
+@dataclass
+class Turn:
+    """What one streamed answer carries from round to round."""
+
+    caller_tools: set[str]
+    messages: list[dict[str, Any]]
+    hold: bool  # a heard-whole tool is offered: hold word-less leading events until we know
+    held: list[bytes] = field(default_factory=list)
+    spoken: bool = False  # words or calls went out: too late for the uninterruptible first chunk
+    bridged: bool = False
+
+    def release(self, payloads: list[bytes]) -> Relayed:
+        """Events with words, after whatever was held back before them."""
+        payloads, self.held, self.spoken = self.held + payloads, [], True
+        return Relayed(payloads)
 
 
 async def answer(llm: LLM, body: dict[str, Any], loop: ToolLoop) -> AsyncIterator[Event]:
@@ -182,52 +204,76 @@ async def answer(llm: LLM, body: dict[str, Any], loop: ToolLoop) -> AsyncIterato
     the server's is run here (in parallel) and the model is called again, up to max_rounds, then
     once more without server tools so the caller always gets an answer."""
     offered = offered_tools(body, loop.tools)
-    caller_tools = caller_tool_names(body)
-    messages = list(body["messages"])
-    bridged = False
+    hold = any(loop.tools.heard_whole(schema["function"]["name"]) for schema in offered)
+    turn = Turn(caller_tool_names(body), list(body["messages"]), hold)
     for round_number in range(loop.max_rounds + 1):
         last = round_number == loop.max_rounds or not offered
-        calls, said, finish = Round(caller_tools, loop), [], None
-        request = body if not offered else with_tools(body, messages, [] if last else offered)
-        async with llm.stream(request) as batches:
-            async for payloads in batches:
-                plain: list[bytes] = []
-                for payload in payloads:
-                    event = tool_call_event(payload)
-                    if event is None:
-                        plain.append(payload)
-                        continue
-                    if plain:
-                        yield Relayed(plain)
-                        said.append(plain)
-                        plain = []
-                    choice = event["choices"][0]
-                    delta = choice.get("delta") or {}
-                    forward = calls.route(delta.get("tool_calls") or [])
-                    if choice.get("finish_reason") == "tool_calls":
-                        finish = (event, forward)  # its fate depends on the whole round
-                    elif forward or delta.get("content"):
-                        yield ToolCall(without_tool_calls(event, forward))
-                if plain:
-                    yield Relayed(plain)
-                    said.append(plain)
+        calls, said = Round(turn.caller_tools, loop), []
+        request = body if not offered else with_tools(body, turn.messages, [] if last else offered)
+        finish = None
+        async for event in stream_round(llm, request, calls, turn):
+            if isinstance(event, Relayed):
+                said.append(event)
+            if isinstance(event, ToolCall) and event.chunk["choices"][0].get("finish_reason") == "tool_calls":
+                finish = event  # its fate depends on the whole round
+                continue
+            yield event
         calls.warn_if_bounded()
         if ends_answer(calls.calls, last):
+            if turn.held:
+                yield turn.release([])
             if finish is not None:
-                yield ToolCall(without_tool_calls(*finish))
+                yield finish
             return
-        server_calls = calls.server_calls()
-        text = "".join(Relayed(batch).text() for batch in said)
-        messages += [{"role": "assistant", "content": text or None, "tool_calls": [c.message() for c in server_calls]}]
-        results = asyncio.ensure_future(run_calls(loop, server_calls))
-        try:
-            if not bridged and not (await asyncio.wait({results}, timeout=loop.bridge_ms / 1000))[0]:
-                bridged = True  # the tools are slow: say something so the line is not silent
-                phrases = BRIDGE_PHRASES[language(latest_question(messages))]
-                yield Text(random.choice(phrases) + " ")
-            messages += await results
-        finally:
-            results.cancel()  # a barge-in while tools run cancels them
+        async for event in run_round(loop, calls, turn, "".join(batch.text() for batch in said)):
+            yield event
+
+
+async def stream_round(llm: LLM, request: dict[str, Any], calls: Round, turn: Turn) -> AsyncIterator[Event]:
+    """One upstream call: plain events relayed, tool-call events routed (the caller's passed on)."""
+    async with llm.stream(request) as batches:
+        async for payloads in batches:
+            plain: list[bytes] = []
+            for payload in payloads:
+                event = tool_call_event(payload)
+                if event is None:
+                    if turn.hold and not turn.spoken and not content_of(payload):
+                        turn.held.append(payload)  # a role chunk: nothing heard yet
+                        continue
+                    plain.append(payload)
+                    continue
+                if plain:
+                    yield turn.release(plain)
+                    plain = []
+                choice = event["choices"][0]
+                delta = choice.get("delta") or {}
+                forward = calls.route(delta.get("tool_calls") or [])
+                if forward or delta.get("content") or choice.get("finish_reason") == "tool_calls":
+                    yield ToolCall(without_tool_calls(event, forward))
+            if plain:
+                yield turn.release(plain)
+
+
+async def run_round(loop: ToolLoop, calls: Round, turn: Turn, text: str) -> AsyncIterator[Event]:
+    """Run the round's server calls (a bridge phrase if they are slow); their results join the history."""
+    server_calls = calls.server_calls()
+    if any(loop.tools.heard_whole(call.name) for call in server_calls):
+        if turn.spoken:
+            log.warning("an answer that must be heard whole had already begun; the engine may let it be cut off")
+        else:
+            yield Metadata({"interruptable": False})  # the first chunk, so the engine plays the rest whole
+    if turn.held:
+        yield turn.release([])
+    tool_calls = [c.message() for c in server_calls]
+    turn.messages += [{"role": "assistant", "content": text or None, "tool_calls": tool_calls}]
+    results = asyncio.ensure_future(run_calls(loop, server_calls))
+    try:
+        if not turn.bridged and not (await asyncio.wait({results}, timeout=loop.bridge_ms / 1000))[0]:
+            turn.bridged = True  # the tools are slow: say something so the line is not silent
+            yield Text(random.choice(BRIDGE_PHRASES[language(latest_question(turn.messages))]) + " ")
+        turn.messages += await results
+    finally:
+        results.cancel()  # a barge-in while tools run cancels them
 
 
 async def complete(llm: LLM, body: dict[str, Any], loop: ToolLoop) -> bytes:

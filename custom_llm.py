@@ -33,11 +33,12 @@ from typing import Annotated, Any, ClassVar, Literal
 import orjson
 from dotenv import load_dotenv
 from fastapi import APIRouter, FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.responses import Response
 
 import metrics
 import speech
+from agora import ENGINE_FIELDS, AgoraREST, end_call_tool, for_upstream
 from answer import ToolLoop, answer, complete
 from events import Event, Text
 from knowledge import (
@@ -55,6 +56,7 @@ from knowledge import (
 from serving import (
     ApiError,
     BearerAuth,
+    BytesStream,
     EventStream,
     JSONReply,
     RequestLog,
@@ -62,9 +64,9 @@ from serving import (
     bad_request,
     configure_logging,
     facts,
-    invalid_value,
     openapi_with,
     read_json_body,
+    validated,
 )
 from text import latest_question, message_text
 from tools import ToolRegistry, sample_tools
@@ -80,26 +82,6 @@ log = logging.getLogger("custom_llm")
 # ---------------------------------------------------------------------------------------------
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-
-# Fields Agora's engine adds to the body (vendor "custom", and the routing ids its sample backend
-# puts into llm.params). They are ours to read; an OpenAI upstream would reject them, and the
-# tokens among them must not leak to a model provider.
-ENGINE_FIELDS = frozenset(
-    {
-        "turn_id",
-        "timestamp",
-        "interruptable",
-        "context",
-        "channel",
-        "app_id",
-        "user_uid",
-        "agent_uid",
-        "subscriber_token",
-        "rtm_token",
-        "rtm_uid",
-    }
-)
-MESSAGE_ENGINE_FIELDS = ("turn_id", "timestamp", "metadata")
 
 
 def _list(value: str, sep: str = ",") -> tuple[str, ...]:
@@ -181,6 +163,11 @@ class Settings:
     tool_bridge_ms: int = setting("TOOL_BRIDGE_MS", 1000, int)
     tool_max_calls: int = setting("TOOL_MAX_CALLS", 16, int)
     tool_max_argument_bytes: int = setting("TOOL_MAX_ARGUMENT_BYTES", 64 * 1024, int)
+    agora_app_id: str = setting("AGORA_APP_ID", "")
+    agora_customer_id: str = setting("AGORA_CUSTOMER_ID", "")
+    agora_customer_secret: str = setting("AGORA_CUSTOMER_SECRET", "")
+    agora_api_base: str = setting("AGORA_API_BASE", "https://api.agora.io/api/conversational-ai-agent")
+    agora_hangup_grace_ms: int = setting("AGORA_HANGUP_GRACE_MS", 1500, int)
     log_level: str = setting("LOG_LEVEL", "INFO", str.upper)
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -235,6 +222,15 @@ class Settings:
                 self.max_upstream_streams,
             ),
         )
+
+    def tools(self, retriever: Retriever, tools: ToolRegistry | None) -> ToolRegistry:
+        """The server's tools: the given or sample ones, as SERVER_TOOLS selects, and end_call when
+        Agora's REST credentials are set."""
+        registry = (tools or sample_tools(retriever)).select(self.server_tools)
+        if self.agora_app_id and self.agora_customer_id and self.agora_customer_secret:
+            rest = AgoraREST(self.agora_app_id, self.agora_customer_id, self.agora_customer_secret, self.agora_api_base)
+            registry.add(end_call_tool(rest, self.agora_hangup_grace_ms / 1000), name="end_call", heard_whole=True)
+        return registry
 
     def knowledge(self) -> Knowledge:
         embeddings = None
@@ -366,6 +362,24 @@ class ChatCompletionRequest(_Open):
         return self.turn_id is not None or self.timestamp is not None
 
 
+class SpeechRequest(_Open):
+    """Agora's custom TTS request (`tts.vendor: "generic_http"`): OpenAI's /audio/speech shape.
+
+    The server speaks with its own voice (TTS_* settings); `model`, `voice`, `speed` and
+    `instruction` are read, and set through those settings instead."""
+
+    input: str = Field(max_length=4096)
+    model: str | None = None
+    voice: str | None = None
+    speed: float | None = None
+    sample_rate: int = Field(16_000, ge=8_000, le=48_000)
+    response_format: Literal["pcm"] = "pcm"
+    instruction: str | None = None
+    request_id: str | int | None = None
+    request_seq_id: int | None = None
+    request_end: bool | None = None
+
+
 @dataclass
 class Chat:
     """One chat request: the validated model (what we act on) and the body to forward upstream."""
@@ -388,11 +402,7 @@ async def read_chat(http: Request) -> Chat:
     """Read and validate a chat request; note its model and turn for the log."""
     settings: Settings = http.app.state.settings
     body = await read_json_body(http, settings.max_body_bytes)
-    try:
-        request = ChatCompletionRequest.model_validate(body)
-    except ValidationError as error:
-        first = error.errors(include_url=False)[0]
-        raise invalid_value(dict(first), first["loc"]) from None
+    request = validated(ChatCompletionRequest, body)
     if len(request.messages) > settings.max_messages:
         raise bad_request(
             f"messages: at most {settings.max_messages} messages are accepted.", "too_many_messages", "messages"
@@ -400,33 +410,8 @@ async def read_chat(http: Request) -> Chat:
     facts().model = request.model or settings.llm_model
     facts().turn_id = str(request.turn_id) if request.turn_id is not None else "-"
     stream = wants_stream(request, http.headers.get("accept", ""))
-    return Chat(request, upstream_body(body, settings, stream), stream)
-
-
-def upstream_body(body: dict[str, Any], settings: Settings, stream: bool) -> dict[str, Any]:
-    """The body for the upstream: the caller's own, minus the engine's fields, plus defaults.
-
-    Every other key, known to OpenAI or not (vLLM's top_k, Ollama's options...), is forwarded."""
-    dropped = ENGINE_FIELDS | settings.strip_fields
-    forwarded = {key: value for key, value in body.items() if key not in dropped}
-    forwarded["model"] = body.get("model") or settings.llm_model
-    forwarded["stream"] = stream
-    forwarded["messages"] = [_upstream_message(message) for message in body["messages"]]
-    return forwarded
-
-
-def _upstream_message(message: dict[str, Any]) -> dict[str, Any]:
-    message = {key: value for key, value in message.items() if key not in MESSAGE_ENGINE_FIELDS}
-    if isinstance(message.get("content"), list):
-        message["content"] = [_openai_image_part(part) for part in message["content"]]
-    return message
-
-
-def _openai_image_part(part: dict[str, Any]) -> dict[str, Any]:
-    """Agora's guide shows images as {"type": "image", "image_url": "<url>"}; OpenAI wants an object."""
-    if part.get("type") in ("image", "image_url") and isinstance(part.get("image_url"), str):
-        return {**part, "type": "image_url", "image_url": {"url": part["image_url"]}}
-    return part
+    facts().engine = {key: body[key] for key in ENGINE_FIELDS if key in body}
+    return Chat(request, for_upstream(body, settings.llm_model, stream, settings.strip_fields), stream)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,6 +419,12 @@ def _openai_image_part(part: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 router = APIRouter()
+SPEECH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SpeechRequest"}}},
+    }
+}
 CHAT_BODY = {
     "requestBody": {
         "required": True,
@@ -534,6 +525,22 @@ async def audio_chat_completions(http: Request) -> Response:
     return JSONReply(speech.audio_completion(events, chat.body["model"]))
 
 
+@router.post("/audio/speech", openapi_extra=SPEECH_BODY)
+async def audio_speech(http: Request) -> Response:
+    """Agora's custom TTS (generic_http): the text said with the server's voice, raw PCM as it is made."""
+    svc = service(http)
+    request = validated(SpeechRequest, await read_json_body(http, svc.settings.max_body_bytes))
+    if svc.voice is None:
+        raise ApiError(
+            503,
+            "No voice is configured: set AUDIO_SOURCE=tts and TTS_*, or install espeak-ng.",
+            "server_error",
+            "no_voice",
+        )
+    facts().model, facts().turn_id = request.model or "-", str(request.request_id or "-")
+    return BytesStream(speech.pcm_at(svc.voice, request.input, request.sample_rate), "audio/pcm")
+
+
 @router.get("/knowledge/search")
 async def knowledge_search(http: Request, q: str, limit: int = 5) -> dict[str, Any]:
     """What a question retrieves from the knowledge base (the passages /rag would inject)."""
@@ -617,7 +624,7 @@ def create_app(
     if settings.allow_unauthenticated and not settings.api_keys:
         log.warning("ALLOW_UNAUTHENTICATED is set: anyone who can reach this server can use it")
     retriever = retriever or settings.knowledge()
-    registry = (tools or sample_tools(retriever)).select(settings.server_tools)
+    registry = settings.tools(retriever, tools)
     loop = ToolLoop(
         registry,
         settings.tool_max_rounds,
@@ -631,7 +638,7 @@ def create_app(
     app.state.settings, app.state.service = settings, Service(settings, retriever, loop, voice=voice)
     app.include_router(router)
     add_error_handlers(app)
-    app.openapi = lambda: openapi_with(app, ChatCompletionRequest)  # type: ignore[method-assign]
+    app.openapi = lambda: openapi_with(app, ChatCompletionRequest, SpeechRequest)  # type: ignore[method-assign]
     app.add_middleware(
         BearerAuth,
         keys=settings.api_keys,

@@ -53,13 +53,32 @@ class Audio:
 
 
 @dataclass(slots=True)
+class Metadata:
+    """Agora's `chat.completion.custom_metadata` chunk, e.g. {"interruptable": False}: the engine reads
+    it only as the first chunk of an answer."""
+
+    metadata: dict[str, Any]
+
+
+@dataclass(slots=True)
 class End:
     """The end of an answer the server made itself (an upstream's answer carries its own)."""
 
     finish_reason: str = "stop"
 
 
-Event = Relayed | Text | ToolCall | Audio | End
+Event = Relayed | Text | ToolCall | Audio | Metadata | End
+
+
+def words_of(event: Event) -> str:
+    """What an event says aloud: its text, or an audio piece's transcript."""
+    if isinstance(event, Relayed):
+        return event.text()
+    if isinstance(event, Text):
+        return event.text
+    if isinstance(event, Audio):
+        return event.transcript or ""
+    return ""
 
 
 def content_of(payload: bytes) -> str:
@@ -96,6 +115,17 @@ class ChunkWriter:
             return sse(orjson.dumps(event.chunk))
         if isinstance(event, Text):
             return self.chunk({"content": event.text})
+        if isinstance(event, Metadata):
+            return sse(
+                orjson.dumps(
+                    {
+                        "id": self.id,
+                        "object": "chat.completion.custom_metadata",
+                        "choices": [],
+                        "metadata": event.metadata,
+                    }
+                )
+            )
         if isinstance(event, Audio):
             audio: dict[str, Any] = {"id": self.audio_id}
             if event.transcript is not None:

@@ -35,6 +35,7 @@ import aiohttp
 import numpy as np
 
 import metrics
+from serving import facts
 from text import CJK_RANGES, is_cjk, language, message_text
 
 log = logging.getLogger("custom_llm.knowledge")
@@ -632,6 +633,7 @@ async def retrieve(retriever: Retriever, messages: list[dict[str, Any]], limit: 
         return []
     finally:
         metrics.RETRIEVAL.observe(time.perf_counter() - started)
+        facts().retrieval_ms = (time.perf_counter() - started) * 1000
 
 
 def with_passages(messages: list[dict[str, Any]], passages: list[Passage]) -> list[dict[str, Any]]:

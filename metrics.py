@@ -32,6 +32,12 @@ DURATION = Histogram(
 IN_FLIGHT = Gauge(
     "custom_llm_in_flight_requests", "Requests being answered now.", ["endpoint"], multiprocess_mode="livesum"
 )
+FIRST_SENTENCE = Histogram(
+    "custom_llm_first_sentence_seconds",
+    "From request to the end of the first complete sentence sent (our side of Agora's llm_ttfs).",
+    ["endpoint"],
+    buckets=SECONDS,
+)
 CANCELLED = Counter("custom_llm_cancelled_total", "Requests the caller hung up on (barge-in).", ["endpoint"])
 UPSTREAM_FIRST_EVENT = Histogram(
     "custom_llm_upstream_first_event_seconds",

@@ -12,14 +12,14 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -27,9 +27,11 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import metrics
-from events import DONE, ChunkWriter, Event, sse
+from events import DONE, ChunkWriter, Event, sse, words_of
+from text import SENTENCE_END
 
 log = logging.getLogger("custom_llm")
+M = TypeVar("M", bound=BaseModel)
 
 # ---------------------------------------------------------------------------------------------
 # Errors: one exception, a status before the first byte and an event after it
@@ -151,6 +153,15 @@ def openapi_with(app: FastAPI, *models: type[BaseModel]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def validated(model: type[M], body: dict[str, Any]) -> M:
+    """The body as the request model; the first problem as a 400 that names the field."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        raise invalid_value(dict(first), first["loc"]) from None
+
+
 async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
     """The request body as a JSON object, read with a size cap so a huge body costs nothing."""
     content_type = request.headers.get("content-type", "application/json")
@@ -189,10 +200,20 @@ class Facts:
     answer loop and the disconnect watch each fill in what they learn."""
 
     request_id: str
+    started: float = 0.0  # time.perf_counter() at arrival
     model: str = "-"
     turn_id: str = "-"
     upstream: str = "-"
     cancelled: bool = False
+    engine: dict[str, Any] = field(default_factory=dict)  # the engine's own fields: channel, agent_id...
+    # Our side of Agora's per-turn metrics, in ms: retrieval, tools, upstream first byte, first sentence.
+    retrieval_ms: float | None = None
+    tools_ms: float | None = None
+    upstream_ttfb_ms: float | None = None
+    first_sentence_ms: float | None = None
+
+    def since_start_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
 
 
 _facts: contextvars.ContextVar[Facts | None] = contextvars.ContextVar("facts", default=None)
@@ -286,9 +307,14 @@ class EventStream(CancelOnDisconnect):
                 started = True
             await send({"type": "http.response.body", "body": data, "more_body": more})
 
+        said: str | None = ""  # the words sent so far, until the first sentence is complete
         try:
             async for event in self.events:
                 await emit(self.write(event))
+                if said is not None and (words := words_of(event)):
+                    said += words
+                    if SENTENCE_END.search(said):
+                        facts().first_sentence_ms, said = facts().since_start_ms(), None
         except asyncio.CancelledError:
             if not self.hung_up:  # the server is shutting down: close the answer properly
                 if started:
@@ -308,6 +334,33 @@ class EventStream(CancelOnDisconnect):
         finally:
             await asyncio.shield(self.events.aclose())  # type: ignore[attr-defined]  # closes the upstream even when cancelled mid-send
         await emit(DONE, more=False)
+
+
+class BytesStream(CancelOnDisconnect):
+    """Raw bytes as they are made (PCM for Agora's custom TTS); an error before the first byte is
+    an error in OpenAI's shape, one after it ends the body early (and is logged)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], media_type: str):
+        super().__init__()
+        self.chunks, self.headers_out = chunks, [(b"content-type", media_type.encode())]
+
+    async def respond(self, send: Send) -> None:
+        started = False
+        try:
+            async for chunk in self.chunks:
+                if not started:
+                    await send({"type": "http.response.start", "status": 200, "headers": self.headers_out})
+                    started = True
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except ApiError as error:
+            if not started:
+                return await send_error(send, error)
+            log.warning("stream cut short: %s", error.message)
+        finally:
+            await asyncio.shield(self.chunks.aclose())  # type: ignore[attr-defined]  # a hang-up stops the work
+        if not started:
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers_out})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class JSONReply(CancelOnDisconnect):
@@ -397,11 +450,11 @@ class RequestLog:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        request = Facts(uuid.uuid4().hex[:16])
+        request = Facts(uuid.uuid4().hex[:16], time.perf_counter())
         token = _facts.set(request)
         endpoint = metrics.endpoint(scope["path"])
         metrics.IN_FLIGHT.labels(endpoint).inc()
-        started = time.perf_counter()
+        started = request.started
         status, first_byte, chunks = 0, 0.0, 0
 
         async def logged_send(message: Message) -> None:
@@ -428,23 +481,25 @@ class RequestLog:
                 metrics.FIRST_BYTE.labels(endpoint).observe(first_byte - started)
             if request.cancelled:
                 metrics.CANCELLED.labels(endpoint).inc()
+            if request.first_sentence_ms is not None:
+                metrics.FIRST_SENTENCE.labels(endpoint).observe(request.first_sentence_ms / 1000)
 
             def ms(t: float) -> str:
                 return f"{(t - started) * 1000:.1f}" if t else "-"
 
             log.info(
-                "request path=%s status=%s model=%s turn=%s upstream=%s ttfb_ms=%s total_ms=%s chunks=%d cancelled=%s",
-                printable(scope["path"]),
-                status or "-",
-                printable(request.model),
-                printable(request.turn_id),
-                request.upstream,
-                ms(first_byte),
-                ms(ended),
-                chunks,
-                str(request.cancelled).lower(),
+                "request path=%s status=%s model=%s turn=%s upstream=%s ttfb_ms=%s total_ms=%s chunks=%d cancelled=%s "
+                "retrieval_ms=%s tools_ms=%s upstream_ttfb_ms=%s first_sentence_ms=%s",
+                *(printable(scope["path"]), status or "-", printable(request.model), printable(request.turn_id)),
+                *(request.upstream, ms(first_byte), ms(ended), chunks, str(request.cancelled).lower()),
+                *(_ms(request.retrieval_ms), _ms(request.tools_ms), _ms(request.upstream_ttfb_ms)),
+                _ms(request.first_sentence_ms),
             )
             _facts.reset(token)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 class RequestIdFilter(logging.Filter):

@@ -28,9 +28,9 @@ import orjson
 import soxr
 import yarl
 
-from events import Audio, End, Event, Relayed, Text, ToolCall, completion_id, merge_tool_calls
+from events import Audio, End, Event, Relayed, Text, ToolCall, completion_id, merge_tool_calls, words_of
 from serving import upstream_error
-from text import CJK
+from text import CJK, SENTENCE_END
 
 log = logging.getLogger("custom_llm.speech")
 
@@ -51,9 +51,6 @@ _FENCE = re.compile(r"```.*?(```|$)", re.S)
 _LINK = re.compile(r"\[([^\]]*)\]\([^)]*\)")
 _URL = re.compile(r"(https?://|www\.)\S*[^\s.,;:!?)\]]")
 _MARKS = re.compile(r"(^|\n)\s{0,3}(#{1,6}\s+|[-*+]\s+|>\s?|\d+[.)]\s+)|[*_`~]{1,3}")
-# A sentence ends at .!? before a space, or at the end of the text so far unless a digit precedes
-# it (the next delta may be "14" after "3."): waiting for the next word would cost a whole delta.
-_END = re.compile(r"[.!?…]+[\"')\]]*(?=\s)|(?<!\d)[.!?…]+[\"')\]]*$|[。！？；]+|\n")
 _CLAUSE = re.compile(r"[,;:](?=\s)|[，、：]")
 FIRST_SEGMENT_MIN = 12  # characters before the first segment may end at a comma
 MAX_SEGMENT = 220  # a segment with no punctuation is cut at a space near this length
@@ -76,7 +73,7 @@ def _length(text: str) -> int:
 
 def _cut(buffer: str, first: bool) -> int:
     """Where the next segment ends in the buffer, or 0 when it needs more text."""
-    ends = [m.end() for m in [_END.search(buffer)] if m]
+    ends = [m.end() for m in [SENTENCE_END.search(buffer)] if m]
     if first:  # the first segment may end at a clause, so the first audio leaves sooner
         ends += [m.end() for m in _CLAUSE.finditer(buffer) if _length(buffer[: m.end()]) >= FIRST_SEGMENT_MIN][:1]
     if ends:
@@ -127,10 +124,8 @@ async def segments(deltas: AsyncIterator[str]) -> AsyncIterator[str]:
 class Resampler:
     """Streaming, anti-aliased sample-rate conversion of s16le mono (soxr, high quality)."""
 
-    def __init__(self, rate: int):
-        self.stream = (
-            soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="int16", quality="HQ") if rate != SAMPLE_RATE else None
-        )
+    def __init__(self, rate: int, target: int = SAMPLE_RATE):
+        self.stream = soxr.ResampleStream(rate, target, 1, dtype="int16", quality="HQ") if rate != target else None
         self.odd = b""
 
     def __call__(self, pcm: bytes, last: bool = False) -> bytes:
@@ -368,6 +363,22 @@ def local_engine() -> Engine | None:
     return EspeakSpeech() if shutil.which("espeak-ng") else None
 
 
+async def pcm_at(engine: Engine, text: str, rate: int) -> AsyncIterator[bytes]:
+    """The text spoken, as raw s16le mono PCM at any rate, as it is made (POST /audio/speech)."""
+    if not text.strip():
+        return  # Agora may close a sequence with an empty request_end request
+    resample = Resampler(SAMPLE_RATE, rate)
+    try:
+        async for piece in engine.synthesize(text):
+            if out := resample(piece):
+                yield out
+    except SpeechError as error:
+        log.warning("speech failed: %s", error)
+        raise upstream_error(502, "The speech service failed.", "speech_failed") from None
+    if out := resample(b"", last=True):
+        yield out
+
+
 # ---------------------------------------------------------------------------------------------
 # The sources of an audio answer, as events: transcript first, then 40 ms frames
 # ---------------------------------------------------------------------------------------------
@@ -411,13 +422,10 @@ def spoken_separator(text: str) -> str:
 async def words(events: AsyncIterator[Event], held: list[ToolCall]) -> AsyncIterator[str]:
     """The words of an answer's events; calls to the caller's tools are held for after the speech."""
     async for event in events:
-        if isinstance(event, Relayed):
-            if text := event.text():
-                yield text
-        elif isinstance(event, Text):
-            yield event.text
-        elif isinstance(event, ToolCall):
+        if isinstance(event, ToolCall):
             held.append(event)
+        elif text := words_of(event):
+            yield text
 
 
 async def spoken_answer(

@@ -12,6 +12,11 @@ CJK_RANGES = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 CJK = re.compile(f"[{CJK_RANGES}]")
 
 
+# A sentence ends at .!? before a space, or at the end of the text so far unless a digit precedes
+# it (the next delta may be "14" after "3."), or at Chinese and Japanese full stops.
+SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*(?=\s)|(?<!\d)[.!?…]+[\"')\]]*$|[。！？；]+|\n")
+
+
 def is_cjk(text: str) -> bool:
     """Whether the text has any Chinese, Japanese or Korean character."""
     return CJK.search(text) is not None

@@ -43,6 +43,7 @@ class Tool:
     arguments: type[BaseModel]  # a pydantic model of the parameters, made from the signature
     schema: dict[str, Any]  # the OpenAI tool definition, made once
     timeout: float
+    heard_whole: bool = False  # the answer after a call to it must be heard whole (no barge-in)
 
 
 def tool_schema(name: str, description: str, arguments: type[BaseModel]) -> dict[str, Any]:
@@ -59,7 +60,14 @@ class ToolRegistry:
     def __init__(self) -> None:
         self.tools: dict[str, Tool] = {}
 
-    def add(self, function: Callable[..., Any], *, name: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def add(
+        self,
+        function: Callable[..., Any],
+        *,
+        name: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        heard_whole: bool = False,
+    ) -> None:
         fields: dict[str, Any] = {
             parameter.name: (
                 parameter.annotation if parameter.annotation is not inspect.Parameter.empty else Any,
@@ -70,12 +78,12 @@ class ToolRegistry:
         name = name or function.__name__
         description = inspect.cleandoc(function.__doc__ or name).split("\n\n")[0].replace("\n", " ")
         arguments = create_model(f"{name}_arguments", **fields)
-        self.tools[name] = Tool(name, function, arguments, tool_schema(name, description, arguments), timeout)
+        schema = tool_schema(name, description, arguments)
+        self.tools[name] = Tool(name, function, arguments, schema, timeout, heard_whole)
 
     def select(self, names: tuple[str, ...] | None) -> "ToolRegistry":
-        """The registry limited to some names (None keeps all); unknown names are an error at start."""
-        if names is None:
-            return self
+        """A copy limited to some names (None keeps all); unknown names are an error at start."""
+        names = tuple(self.tools) if names is None else names
         unknown = set(names) - set(self.tools)
         if unknown:
             raise ValueError(
@@ -84,6 +92,11 @@ class ToolRegistry:
         selected = ToolRegistry()
         selected.tools = {name: self.tools[name] for name in names}
         return selected
+
+    def heard_whole(self, name: str) -> bool:
+        """Whether a call to this tool makes the answer after it uninterruptible."""
+        tool = self.tools.get(name)
+        return tool is not None and tool.heard_whole
 
     def schemas(self) -> list[dict[str, Any]]:
         return [tool.schema for tool in self.tools.values()]

@@ -242,7 +242,10 @@ class LLM:
         """The answer's events, a batch per network read; leaving the block early closes the
         upstream connection, which is how an upstream learns to stop generating."""
         with self._slot():
+            started = time.perf_counter()
             upstream, response, first, batches = await self._with_retries(lambda up: self._first_event(up, body))
+            if facts().upstream_ttfb_ms is None:  # the first round's, retries and fallback included
+                facts().upstream_ttfb_ms = (time.perf_counter() - started) * 1000
 
             async def events() -> Batches:
                 yield first

@@ -20,8 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from bench import free_port, knowledge_corpus, pct, wait_for_port  # noqa: E402
@@ -67,10 +65,10 @@ async def quality(rows: list[str]) -> None:
         server = subprocess.Popen([embed_python, str(ROOT / "bench" / "embed_server.py"), str(port)])
         try:
             wait_for_port(port, server)
-            async with aiohttp.ClientSession() as session:
-                embeddings = Embeddings(session, f"http://127.0.0.1:{port}/v1", "", "all-MiniLM-L6-v2")
-                await kb.embed(embeddings)
-                vectors = await embeddings.embed([q["q"] for q in questions])
+            embeddings = Embeddings(f"http://127.0.0.1:{port}/v1", "", "all-MiniLM-L6-v2")
+            await kb.embed(embeddings)
+            vectors = await embeddings.embed([q["q"] for q in questions])
+            await embeddings.aclose()
             systems["hybrid: BM25 + all-MiniLM-L6-v2"] = [
                 [p.source for p in kb.search(q["q"], 5, v)] for q, v in zip(questions, vectors)
             ]

@@ -179,7 +179,10 @@ def test_engine_fields_stay_on_our_side(http, upstream):
         {"role": "system", "content": "Be brief."},
         {"role": "assistant", "content": "How can I help?"},
         {"role": "user", "content": "Tell me a joke"},
-        {"role": "assistant", "content": "Why did the "},
+        {
+            "role": "assistant",
+            "content": "Why did the [The user interrupted this answer here and did not hear the rest.]",
+        },
         {"role": "user", "content": "go on"},
     ]
 

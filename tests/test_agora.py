@@ -1,0 +1,317 @@
+"""agora.py and the Agora-native parts of the server: history as the user heard it, per-turn timing,
+the voice as Agora's custom TTS (POST /audio/speech), and ending the call through Agora's REST API."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import AUTH, ServerThread, metric, post, sse_events, text_of
+from tests.upstream import ScriptedUpstream
+
+HEARD = "The opening hours are nine to five on "
+ORIGINAL = HEARD + "weekdays and ten to four on Saturdays."
+
+
+def agora_history(heard: str, original: str, question: str) -> dict:
+    """A request as Agora's engine sends it (vendor "custom") after the user barged in."""
+    return {
+        "stream": True,
+        "turn_id": 4,
+        "timestamp": 1678905236,
+        "channel": "room-1",
+        "messages": [
+            {"role": "system", "content": "You are a shop assistant."},
+            {
+                "role": "user",
+                "content": "When are you open?",
+                "turn_id": 3,
+                "metadata": {"source": "asr", "user": "u1"},
+            },
+            {
+                "role": "assistant",
+                "content": heard,
+                "turn_id": 3,
+                "metadata": {
+                    "source": "llm",
+                    "interrupted": True,
+                    "interrupt_timestamp": 1678905225,
+                    "original": original,
+                },
+            },
+            {"role": "user", "content": question, "turn_id": 4, "metadata": {"source": "asr", "user": "u1"}},
+        ],
+    }
+
+
+# --- 1. history that matches what was heard -------------------------------------------------------
+
+
+def test_the_model_learns_where_it_was_interrupted(server, upstream):
+    post(server, agora_history(HEARD, ORIGINAL, "Sorry, go on?")).read()
+    sent = upstream.requests[-1]["body"]["messages"]
+    assert sent[2] == {
+        "role": "assistant",
+        "content": HEARD.rstrip() + " [The user interrupted this answer here and did not hear the rest.]",
+    }
+    assert "Saturdays" not in json.dumps(sent)  # what was not heard is never sent as if it were
+    assert all(set(m) <= {"role", "content"} for m in sent)
+
+
+def test_a_chinese_answer_gets_the_chinese_mark(server, upstream):
+    post(server, agora_history("我们的营业时间是", "我们的营业时间是早上九点到下午五点。", "再说一遍？")).read()
+    assert (
+        upstream.requests[-1]["body"]["messages"][2]["content"]
+        == "我们的营业时间是【用户在这里打断了这条回答，没有听到后面的内容。】"
+    )
+
+
+def test_a_finished_answer_is_left_as_it_was(server, upstream):
+    body = agora_history(ORIGINAL, ORIGINAL, "Thanks")
+    body["messages"][2]["metadata"] = {"source": "llm"}
+    post(server, body).read()
+    assert upstream.requests[-1]["body"]["messages"][2] == {"role": "assistant", "content": ORIGINAL}
+
+
+# --- 2. per-turn timing ---------------------------------------------------------------------------
+
+
+def logged(caplog, request_id: str) -> str:
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        lines = [r.message for r in caplog.records if r.message.startswith("request ") and r.request_id == request_id]
+        if lines:
+            return lines[0]
+        time.sleep(0.01)
+    raise AssertionError("no request line")
+
+
+def field(line: str, name: str) -> str:
+    return line.split(f" {name}=")[1].split()[0]
+
+
+def test_each_turn_logs_our_side_of_agoras_turn_metrics(server, upstream, caplog):
+    upstream.script.words = ["Nine", " to five.", " On Saturdays", " ten to four."]
+    upstream.script.delay = 0.02
+    before = metric(server, 'custom_llm_first_sentence_seconds_count{endpoint="rag"}')
+    with caplog.at_level(logging.INFO, logger="custom_llm"):
+        response = post(server, agora_history(HEARD, ORIGINAL, "When do you open?"), "/rag/chat/completions")
+        line = logged(caplog, response.headers["x-request-id"])
+    assert field(line, "turn") == "4"
+    retrieval, ttfb, first, total = (
+        float(field(line, name)) for name in ("retrieval_ms", "upstream_ttfb_ms", "first_sentence_ms", "total_ms")
+    )
+    assert 0 <= retrieval < total and 0 < ttfb < total and 0 < first < total
+    # The waiting phrase is the first sentence heard on /rag: it leaves before retrieval ends.
+    assert first <= retrieval + 5
+    assert metric(server, 'custom_llm_first_sentence_seconds_count{endpoint="rag"}') == before + 1
+
+
+def test_the_first_sentence_ends_at_chinese_punctuation_and_tools_are_timed(server, upstream, caplog):
+    upstream.script.turns = [
+        {"calls": [("calculate", '{"expression": "6*7"}')]},
+        {"say": ["结果是四十二。", "还有别的吗"]},
+    ]
+    with caplog.at_level(logging.INFO, logger="custom_llm"):
+        response = post(
+            server, {"stream": True, "turn_id": 9, "messages": [{"role": "user", "content": "六乘七是多少"}]}
+        )
+        assert text_of(sse_events(response)) == "结果是四十二。还有别的吗"
+        line = logged(caplog, response.headers["x-request-id"])
+    assert float(field(line, "tools_ms")) >= 0 and float(field(line, "first_sentence_ms")) > 0
+    assert field(line, "retrieval_ms") == "-"  # /chat retrieves nothing
+
+
+# --- 3. the voice as Agora's custom TTS -----------------------------------------------------------
+
+
+@pytest.fixture
+def voiced(make_server, upstream_server, upstream):
+    return make_server(audio_source="tts", tts_base_url=f"{upstream_server.url}/v1")
+
+
+def speak(server, text: str, **params) -> httpx.Response:
+    body = {
+        "model": "m",
+        "input": text,
+        "voice": "alloy",
+        "speed": 1.0,
+        "response_format": "pcm",
+        "instruction": "",
+        "request_id": "r1",
+        "request_seq_id": 0,
+        **params,
+    }
+    return httpx.post(server.url + "/audio/speech", json=body, headers=AUTH, timeout=20)
+
+
+@pytest.mark.parametrize("rate", [16_000, 24_000, 8_000])
+def test_audio_speech_answers_raw_pcm_at_the_asked_rate(voiced, upstream, rate):
+    response = speak(voiced, "Hello there, this is the voice.", sample_rate=rate)
+    assert response.status_code == 200 and response.headers["content-type"] == "audio/pcm"
+    seconds = len(ScriptedUpstream.speech_pcm("Hello there, this is the voice.")) / 2 / ScriptedUpstream.SPEECH_RATE
+    assert abs(len(response.content) / 2 / rate - seconds) < 0.02
+    assert upstream.speech_requests[-1]["input"] == "Hello there, this is the voice."
+
+
+def test_audio_speech_defaults_to_16_khz_and_accepts_an_empty_closing_request(voiced, upstream):
+    response = httpx.post(voiced.url + "/audio/speech", json={"input": "Hi."}, headers=AUTH, timeout=20)
+    assert response.status_code == 200 and len(response.content) == len(ScriptedUpstream.speech_pcm("Hi.")) * 2 // 3
+    closing = speak(voiced, "", request_end=True)
+    assert closing.status_code == 200 and closing.content == b""
+
+
+def test_audio_speech_needs_the_key_and_a_valid_body(voiced, upstream):
+    assert httpx.post(voiced.url + "/audio/speech", json={"input": "Hi"}).status_code == 401
+    for bad, param in (
+        ({"input": "Hi", "sample_rate": 100}, "sample_rate"),
+        ({"text": "Hi"}, "input"),
+        ({"input": "Hi", "response_format": "mp3"}, "response_format"),
+    ):
+        response = httpx.post(voiced.url + "/audio/speech", json=bad, headers=AUTH)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+def test_a_hang_up_stops_the_synthesis(voiced, upstream):
+    upstream.script.speech_delay = 0.3
+    with httpx.stream(
+        "POST", voiced.url + "/audio/speech", json={"input": "A long sentence. " * 10}, headers=AUTH
+    ) as response:
+        next(response.iter_bytes())
+    assert upstream.speech_disconnected.wait(2), "the speech request kept going after the hang-up"
+
+
+def test_a_failing_voice_is_a_502_before_any_audio(voiced, upstream):
+    upstream.script.speech_status = 500
+    response = speak(voiced, "Hello.")
+    assert response.status_code == 502 and response.json()["error"]["code"] == "speech_failed"
+
+
+# --- 4. ending the call -----------------------------------------------------------------------------
+
+
+class FakeAgora:
+    """Agora's Conversational AI REST API, the two calls end_call makes, recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str]] = []  # method, path with query, authorization
+        self.status = 200
+        self.agents = [{"agent_id": "agent-42", "channel": "room-1", "status": "RUNNING"}]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            return await send({"type": "lifespan.shutdown.complete"})
+        headers = dict(scope["headers"])
+        self.calls.append(
+            (
+                scope["method"],
+                scope["path"] + "?" + scope["query_string"].decode(),
+                headers.get(b"authorization", b"").decode(),
+            )
+        )
+        body = {"data": {"count": len(self.agents), "list": self.agents}} if scope["method"] == "GET" else {}
+        await send(
+            {"type": "http.response.start", "status": self.status, "headers": [(b"content-type", b"application/json")]}
+        )
+        await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+
+@pytest.fixture
+def agora():
+    fake = FakeAgora()
+    with ServerThread(fake) as server:
+        fake.url = server.url
+        yield fake
+
+
+def hanging_up(make_server, agora, upstream, goodbye: str = "Goodbye!"):
+    server = make_server(
+        agora_app_id="app-1",
+        agora_customer_id="cust",
+        agora_customer_secret="secret",
+        agora_api_base=agora.url,
+        agora_hangup_grace_ms=0,
+    )
+    upstream.script.turns = [{"calls": [("end_call", json.dumps({"goodbye": goodbye}))]}, {"say": [goodbye]}]
+    return server
+
+
+def wait_for(condition, seconds: float = 3.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_end_call_is_offered_only_with_agora_credentials(server, make_server, agora, upstream):
+    post(server, {"messages": [{"role": "user", "content": "Hi"}]}).read()
+    assert "end_call" not in [t["function"]["name"] for t in upstream.requests[-1]["body"]["tools"]]
+    hanging_up(make_server, agora, upstream)
+    upstream.reset()
+    post(
+        make_server(agora_app_id="a", agora_customer_id="c", agora_customer_secret="s"),
+        {"messages": [{"role": "user", "content": "Hi"}]},
+    ).read()
+    assert "end_call" in [t["function"]["name"] for t in upstream.requests[-1]["body"]["tools"]]
+
+
+def test_end_call_says_goodbye_uninterruptibly_then_stops_the_agent(make_server, agora, upstream, caplog):
+    server = hanging_up(make_server, agora, upstream)
+    with caplog.at_level(logging.INFO, logger="custom_llm"):
+        events = sse_events(
+            post(
+                server,
+                {
+                    "stream": True,
+                    "turn_id": 7,
+                    "channel": "room-1",
+                    "messages": [{"role": "user", "content": "Bye, that's all."}],
+                },
+            )
+        )
+        first = json.loads(events[0])
+        assert first["object"] == "chat.completion.custom_metadata" and first["metadata"] == {"interruptable": False}
+        assert first["choices"] == [] and text_of(events) == "Goodbye!" and events[-1] == b"[DONE]"
+        assert agora.calls == []  # not before the goodbye has been heard
+        wait_for(lambda: len(agora.calls) == 2)
+    auth = "Basic " + base64.b64encode(b"cust:secret").decode()
+    assert agora.calls == [
+        ("GET", "/v2/projects/app-1/agents?channel=room-1&state=2", auth),
+        ("POST", "/v2/projects/app-1/agents/agent-42/leave?", auth),
+    ]
+    assert "end_call: agent agent-42 stopped" in caplog.text
+
+
+def test_an_agent_id_from_llm_params_is_stopped_directly(make_server, agora, upstream):
+    server = hanging_up(make_server, agora, upstream)
+    post(server, {"stream": True, "agent_id": "agent-7", "messages": [{"role": "user", "content": "Bye"}]}).read()
+    wait_for(lambda: agora.calls)
+    assert [call[:2] for call in agora.calls] == [("POST", "/v2/projects/app-1/agents/agent-7/leave?")]
+    assert "agent_id" not in upstream.requests[-1]["body"]  # a routing id, never sent to the model
+
+
+@pytest.mark.parametrize(
+    "status, agents, said",
+    [
+        (401, None, "listing the channel's agents failed with status 401"),
+        (200, [], "no running agent in the channel (already gone)"),
+    ],
+)
+def test_rest_failures_still_end_with_the_goodbye(make_server, agora, upstream, caplog, status, agents, said):
+    agora.status = status
+    if agents is not None:
+        agora.agents = agents
+    server = hanging_up(make_server, agora, upstream)
+    with caplog.at_level(logging.INFO, logger="custom_llm"):
+        events = sse_events(
+            post(server, {"stream": True, "channel": "room-1", "messages": [{"role": "user", "content": "Bye"}]})
+        )
+        assert text_of(events) == "Goodbye!" and events[-1] == b"[DONE]"
+        wait_for(lambda: said in caplog.text)
+    assert said in caplog.text
