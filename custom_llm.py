@@ -58,6 +58,7 @@ from serving import (
     BearerAuth,
     BytesStream,
     EventStream,
+    GuardedHttpTools,
     JSONReply,
     RequestLog,
     add_error_handlers,
@@ -132,6 +133,8 @@ class Settings:
     host: str = setting("HOST", "0.0.0.0")
     port: int = setting("PORT", 8000, int)
     max_body_bytes: int = setting("MAX_BODY_BYTES", 4 * 1024 * 1024, int)
+    max_header_bytes: int = setting("MAX_HEADER_BYTES", 64 * 1024, int)
+    header_timeout_seconds: float = setting("HEADER_TIMEOUT_SECONDS", 10.0, float)
     max_messages: int = setting("MAX_MESSAGES", 2048, int)
     max_streams_per_key: int = setting("MAX_STREAMS_PER_KEY", 0, int)  # 0: no limit
     max_upstream_streams: int = setting("MAX_UPSTREAM_STREAMS", 1000, int)
@@ -140,6 +143,8 @@ class Settings:
     strip_fields: frozenset[str] = setting("STRIP_FIELDS", frozenset(), lambda v: frozenset(_list(v)))
     knowledge_dir: Path = setting("KNOWLEDGE_DIR", HERE / "knowledge", Path)
     knowledge_index: str = setting("KNOWLEDGE_INDEX", "")  # empty: one file per folder under .index/
+    knowledge_max_file_bytes: int = setting("KNOWLEDGE_MAX_FILE_BYTES", 20_000_000, int)
+    knowledge_pdf_seconds: float = setting("KNOWLEDGE_PDF_SECONDS", 10.0, float)
     rag_top_k: int = setting("RAG_TOP_K", 3, int)
     rag_min_score: float = setting("RAG_MIN_SCORE", 0.5, float)
     rag_deadline_ms: int = setting("RAG_DEADLINE_MS", 300, int)
@@ -241,7 +246,14 @@ class Settings:
                 self.embedding_model,
             )
         return Knowledge(
-            KnowledgeBase(self.knowledge_dir, self.knowledge_index or None, self.rag_min_score), embeddings
+            KnowledgeBase(
+                self.knowledge_dir,
+                self.knowledge_index or None,
+                self.rag_min_score,
+                self.knowledge_max_file_bytes,
+                self.knowledge_pdf_seconds,
+            ),
+            embeddings,
         )
 
     def voice(self, llm: LLM) -> speech.Engine | None:
@@ -616,6 +628,7 @@ def create_app(
     """The ASGI app. Pass your own tools, retriever or voice to change what the server does, knows and sounds like."""
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
+    GuardedHttpTools.configure(settings.max_header_bytes, settings.header_timeout_seconds)
     if not settings.api_keys and not settings.allow_unauthenticated:
         raise ValueError(
             "set CUSTOM_LLM_API_KEY (the key callers send), or ALLOW_UNAUTHENTICATED=true for local "
@@ -671,6 +684,7 @@ def serve(settings: Settings) -> None:
         port=settings.port,
         log_level=settings.log_level.lower(),
         access_log=False,
+        http=GuardedHttpTools,
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
     )
     if settings.workers <= 1:

@@ -24,6 +24,8 @@ import logging
 import random
 import re
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -43,7 +45,6 @@ log = logging.getLogger("custom_llm.knowledge")
 SUFFIXES = {".md", ".markdown", ".txt", ".html", ".htm", ".pdf"}
 MAX_CHUNK_CHARS = 1200
 OVERLAP_CHARS = 150
-MAX_FILE_BYTES = 20_000_000
 MAX_QUERY_TERMS = 32
 PREFIX_MIN = 5  # words this long also match as prefixes ("configur" finds "configuration")
 
@@ -139,13 +140,44 @@ class _HTMLText(html.parser.HTMLParser):
         return re.sub(r"\n\s*\n\s*", "\n\n", "".join(self.parts)).strip()
 
 
-def read_document(path: Path) -> str:
+# Run in a child process, so a hostile PDF (a decompression bomb, a page that takes minutes) costs
+# at most `seconds` and cannot hold the index or the memory of the server.
+_PDF_TEXT = """
+import sys
+from pypdf import PdfReader
+limit, size, pages = int(sys.argv[2]), 0, []
+for page in PdfReader(sys.argv[1]).pages:
+    text = (page.extract_text() or "").strip()
+    size += len(text)
+    if size > limit:
+        sys.exit(3)
+    pages.append(text)
+sys.stdout.buffer.write("\\n\\n".join(text for text in pages if text).encode("utf-8"))
+"""
+
+
+def pdf_text(path: Path, max_chars: int, seconds: float) -> str:
+    """A PDF's text (pypdf), extracted within a time and a size limit."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _PDF_TEXT, str(path), str(max_chars)],
+            capture_output=True,
+            timeout=seconds,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"its text could not be extracted within {seconds:g} s") from None
+    if done.returncode == 3:
+        raise ValueError(f"it holds more than {max_chars} characters of text")
+    if done.returncode:
+        raise ValueError("not a readable PDF")
+    return done.stdout.decode("utf-8", "replace")
+
+
+def read_document(path: Path, max_chars: int = 20_000_000, pdf_seconds: float = 10.0) -> str:
     """A document's text, with headings as '#' lines where the format has them."""
     if path.suffix.lower() == ".pdf":
-        from pypdf import PdfReader  # imported only when a PDF is there
-
-        pages = [page.extract_text() or "" for page in PdfReader(path).pages]
-        return "\n\n".join(page.strip() for page in pages if page.strip())
+        return pdf_text(path, max_chars, pdf_seconds)
     raw = path.read_bytes()
     if b"\0" in raw[:8000]:
         raise ValueError("binary content")
@@ -247,8 +279,16 @@ class KnowledgeBase:
     """A persistent FTS5 index of one folder; index() and search() are safe from any thread, and a
     search waits for the index only while one file's rows are written."""
 
-    def __init__(self, folder: str | Path, index_path: str | Path | None = None, min_score: float = 0.0):
+    def __init__(
+        self,
+        folder: str | Path,
+        index_path: str | Path | None = None,
+        min_score: float = 0.0,
+        max_file_bytes: int = 20_000_000,
+        pdf_seconds: float = 10.0,
+    ):
         self.folder = Path(folder)
+        self.max_file_bytes, self.pdf_seconds = max_file_bytes, pdf_seconds
         self.index_path = str(index_path or default_index(self.folder))
         self.min_score = min_score
         self._lock = threading.Lock()
@@ -343,8 +383,8 @@ class KnowledgeBase:
         stat = path.stat()
         if known is not None and known[1:] == (stat.st_size, stat.st_mtime):
             return None  # unchanged since the last run: not even read
-        if stat.st_size > MAX_FILE_BYTES:
-            raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
+        if stat.st_size > self.max_file_bytes:
+            raise ValueError(f"larger than {self.max_file_bytes} bytes")
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if known is not None and known[0] == digest:  # touched, not changed
             with self._lock:
@@ -353,7 +393,7 @@ class KnowledgeBase:
                 )
                 self._db.commit()
             return None
-        chunks = chunk_markdown(read_document(path))
+        chunks = chunk_markdown(read_document(path, self.max_file_bytes, self.pdf_seconds))
         if not chunks:
             raise ValueError("no text")
         rows = [

@@ -1,5 +1,6 @@
 """Serving HTTP: errors in OpenAI's shape, reading a request, SSE and JSON answers that stop when
-the caller hangs up, Bearer auth, the request log, and the one channel for per-request facts.
+the caller hangs up, Bearer auth, the request log, the one channel for per-request facts, and
+the HTTP protocol with bounds on a request head.
 
 Everything here is pure ASGI (BaseHTTPMiddleware would buffer and slow the streams).
 """
@@ -25,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 import metrics
 from events import DONE, ChunkWriter, Event, sse, words_of
@@ -520,3 +522,68 @@ def configure_logging(level: str) -> None:
         handler.addFilter(RequestIdFilter())
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
         logger.addHandler(handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTTP protocol: uvicorn's httptools, with a request head bounded in size and in time
+# ---------------------------------------------------------------------------------------------
+
+
+class GuardedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol, safe to face the internet without a proxy in front.
+
+    httptools puts no bound on a request head: a header that never ends grows without limit, and
+    a connection that sends nothing, or a byte now and then, is kept open forever. Here a head
+    larger than `max_head_bytes` gets a 431 and a head not complete within `head_seconds` (counted
+    from the connection, or from the first byte of the next request on a kept-alive one) gets a
+    408; both close the connection. `configure()` sets the limits in each worker process."""
+
+    max_head_bytes = 64 * 1024
+    head_seconds = 10.0
+
+    @classmethod
+    def configure(cls, max_head_bytes: int, head_seconds: float) -> None:
+        cls.max_head_bytes, cls.head_seconds = max_head_bytes, head_seconds
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.head_bytes = 0
+        self.head_timer: asyncio.TimerHandle | None = self.loop.call_later(self.head_seconds, self._head_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        in_head = self.head_timer is not None
+        if in_head:
+            self.head_bytes += len(data)
+        super().data_received(data)
+        if in_head and self.head_timer is not None and self.head_bytes > self.max_head_bytes:
+            self._refuse(431, b"Request Header Fields Too Large")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self.head_timer is None:  # the next request on a kept-alive connection
+            self.head_bytes = 0
+            self.head_timer = self.loop.call_later(self.head_seconds, self._head_timeout)
+
+    def on_headers_complete(self) -> None:
+        self._stop_head_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _stop_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _head_timeout(self) -> None:
+        self.head_timer = None
+        if not self.transport.is_closing():
+            self._refuse(408, b"Request Timeout")
+
+    def _refuse(self, status: int, reason: bytes) -> None:
+        self._stop_head_timer()
+        self.url, self.headers = b"", []  # drop what was buffered
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-length: 0\r\nconnection: close\r\n\r\n" % (status, reason))
+        self.transport.close()

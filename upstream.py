@@ -63,8 +63,17 @@ class Upstream:
         """The response, its status checked; failures become ApiErrors."""
         if self.model:  # the fallback may serve under another model name
             body = {**body, "model": self.model}
+        try:
+            data = orjson.dumps(body)
+        except orjson.JSONEncodeError:  # orjson reads 1024 levels of nesting but writes only 255
+            raise ApiError(
+                400,
+                "The request is nested too deeply to forward (at most 255 levels).",
+                "invalid_request_error",
+                "too_deeply_nested",
+            ) from None
         with self.errors():
-            response = await self.session.post(self.url, data=orjson.dumps(body), headers=self.headers)
+            response = await self.session.post(self.url, data=data, headers=self.headers)
             if response.status >= 400:
                 try:
                     raise self.refusal(response.status, await response.content.read(64 * 1024))
@@ -153,6 +162,8 @@ class LLM:
         self.limits = limits
         self.streams = 0
         self.last_success = 0.0
+        self.probing: asyncio.Future[bool] | None = None
+        self.probed_at = 0.0
 
     async def aclose(self) -> None:
         await self.session.close()
@@ -269,12 +280,15 @@ class LLM:
         async def call(upstream: Upstream) -> bytes:
             response = await upstream.post(body)
             try:
+                pieces, size = [], 0
                 with upstream.errors():
-                    content = await response.content.read(self.limits.max_response_bytes + 1)
-                if len(content) > self.limits.max_response_bytes:
-                    log.warning("upstream %s answer exceeds %d bytes", upstream.name, self.limits.max_response_bytes)
-                    raise upstream_error(502, "The upstream LLM's answer is too large.", "upstream_too_large")
-                return content
+                    async for piece in response.content.iter_any():
+                        size += len(piece)
+                        if size > self.limits.max_response_bytes:
+                            log.warning("upstream %s answer exceeds %d bytes", upstream.name, size - len(piece))
+                            raise upstream_error(502, "The upstream LLM's answer is too large.", "upstream_too_large")
+                        pieces.append(piece)
+                return b"".join(pieces)
             finally:
                 response.close()
 
@@ -282,10 +296,14 @@ class LLM:
             return await self._with_retries(call)
 
     async def ready(self) -> bool:
-        """Answered in the last minute, or answers a probe now."""
+        """Answered in the last minute, or answers a probe now. Callers asking at once share one
+        probe, and a failed probe stands for a second: /ready needs no key, so it must not let
+        anyone multiply calls to the upstream."""
         if time.monotonic() - self.last_success < 60:
             return True
-        if await self.primary.probe():
+        if self.probing is None or (self.probing.done() and time.monotonic() - self.probed_at > 1):
+            self.probing, self.probed_at = asyncio.ensure_future(self.primary.probe()), time.monotonic()
+        if await asyncio.shield(self.probing):
             self.last_success = time.monotonic()
             return True
         return False

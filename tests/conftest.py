@@ -20,6 +20,7 @@ import uvicorn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from custom_llm import Settings, create_app
+from serving import GuardedHttpTools
 from tests.upstream import ScriptedUpstream
 
 API_KEY = "test-key"
@@ -98,7 +99,7 @@ def make_server(upstream_server):
 
     def make(tools=None, config=None, retriever=None, voice=None, **overrides) -> ServerThread:
         app = create_app(settings_for(upstream_server, **overrides), tools, retriever, voice)
-        server = ServerThread(app, **(config or {})).__enter__()
+        server = ServerThread(app, **{"http": GuardedHttpTools, **(config or {})}).__enter__()
         started.append(server)
         return server
 
@@ -109,7 +110,7 @@ def make_server(upstream_server):
 
 @pytest.fixture(scope="session")
 def server(upstream_server):
-    with ServerThread(create_app(settings_for(upstream_server))) as server:
+    with ServerThread(create_app(settings_for(upstream_server)), http=GuardedHttpTools) as server:
         yield server
 
 

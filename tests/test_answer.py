@@ -259,3 +259,24 @@ def test_rag_runs_tools_too(server, upstream):
     events = stream(server, {"messages": ASK}, "/rag/chat/completions")
     assert text_of(events).endswith("It is noon.")
     assert "1280" in tool_messages(upstream.requests[1])[0]["content"]
+
+
+# --- bounds on what the model can make the loop do ---------------------------------------------------
+
+
+def test_huge_arguments_get_an_error_result_and_cost_linear_time(make_server, upstream):
+    server = make_server(tool_max_argument_bytes=64 * 1024)
+    arguments = '{"expression": "' + "1+" * 4_000_000 + '1"}'  # 8 MB, in 4 KB fragments
+    upstream.script.turns = [{"calls": [("calculate", arguments)], "fragment": 4096}, ANSWER]
+    started = time.monotonic()
+    events = stream(server, {"messages": ASK})
+    assert text_of(events) == "It is noon." and time.monotonic() - started < 10
+    assert "larger than 65536 bytes" in tool_messages(upstream.requests[1])[0]["content"]
+
+
+def test_a_round_takes_at_most_tool_max_calls(make_server, upstream, caplog):
+    server = make_server(tool_max_calls=16)
+    upstream.script.turns = [{"calls": [("calculate", '{"expression": "1+1"}')] * 3000}, ANSWER]
+    with caplog.at_level("WARNING", logger="custom_llm.answer"):
+        assert text_of(stream(server, {"messages": ASK})) == "It is noon."
+    assert len(tool_messages(upstream.requests[1])) == 16 and "more than 16 tool calls" in caplog.text

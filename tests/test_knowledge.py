@@ -5,8 +5,11 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -133,15 +136,14 @@ def test_the_index_survives_a_restart(folder, tmp_path):
     assert again.index().indexed == 0
 
 
-def test_bad_files_are_skipped_and_counted(folder, tmp_path, caplog, monkeypatch):
+def test_bad_files_are_skipped_and_counted(folder, tmp_path, caplog):
     (folder / "empty.md").write_text("")
     (folder / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (folder / "binary.txt").write_bytes(b"text\0with a nul")
     (folder / "broken.pdf").write_bytes(b"%PDF-1.4 this is not a pdf")
     (folder / "huge.md").write_text("x" * 2000)
-    monkeypatch.setattr(knowledge, "MAX_FILE_BYTES", 1000)
     with caplog.at_level(logging.WARNING):
-        report = make_kb(folder, tmp_path).index()
+        report = make_kb(folder, tmp_path, max_file_bytes=1000).index()
     assert sorted(s.split(":")[0] for s in report.skipped) == [
         "binary.txt",
         "broken.pdf",
@@ -188,3 +190,78 @@ def test_cli_index_and_search(folder, tmp_path):
     assert "(0 indexed" in run("index", str(folder)).stdout
     hits = run("search", "is delivery free", "--folder", str(folder))
     assert hits.returncode == 0 and "shop.md › Shop › Delivery" in hits.stdout.splitlines()[0]
+
+
+# --- hostile documents ------------------------------------------------------------------------------
+
+
+def pdf_bomb() -> bytes:
+    """A PDF of a few kilobytes whose one page decompresses to 60 MB of text operators."""
+    import zlib
+
+    content = zlib.compress(b"BT /F1 12 Tf " + b"(a) Tj " * 8_000_000 + b"ET", 9)
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 5 0 R >> >> /Contents 4 0 R >>",
+        b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(content) + content + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out, offsets = b"%PDF-1.4\n", []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    return out + b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+
+
+def test_a_pdf_bomb_costs_at_most_its_time_limit(folder, tmp_path):
+    (folder / "bomb.pdf").write_bytes(pdf_bomb())
+    assert len((folder / "bomb.pdf").read_bytes()) < 200_000
+    started = time.monotonic()
+    report = make_kb(folder, tmp_path, pdf_seconds=1.0).index()
+    assert time.monotonic() - started < 5
+    assert [s for s in report.skipped if s.startswith("bomb.pdf")] and report.indexed == 5
+    assert top(make_kb(folder, tmp_path), "how do I descale it with citric acid") == "manual.pdf"  # PDFs still work
+
+
+def test_a_name_that_is_not_utf8_or_a_file_that_vanishes_never_stops_indexing(folder, tmp_path):
+    (folder / os.fsdecode(b"caf\xe9.md")).write_bytes(b"# Caf\n\nCoffee is served all day.\n")
+    for n in range(5):
+        (folder / f"z{n}.md").write_text(f"# Note {n}\n\nNote number {n}.\n")
+    kb = make_kb(folder, tmp_path)
+
+    def vanish(source: str, chunks: int) -> None:  # delete a file indexing has not reached yet
+        (folder / "z3.md").unlink(missing_ok=True)
+
+    report = kb.index(progress=vanish)
+    assert kb.loaded and report.indexed == 5 + 4
+    assert sorted(s.split(":")[0] for s in report.skipped) == ["caf\udce9.md", "z3.md"]
+
+
+def test_a_link_out_of_the_folder_is_not_indexed(folder, tmp_path):
+    secret = tmp_path / "outside" / "secret.md"
+    secret.parent.mkdir()
+    secret.write_text("# Secret\n\nThe launch code is 0000.\n")
+    (folder / "link.md").symlink_to(secret)
+    (folder / "inside.md").symlink_to(folder / "shop.md")  # a link that stays inside is fine
+    kb = make_kb(folder, tmp_path)
+    kb.index()
+    assert all(p.source != "link.md" for p in kb.search("launch code", 5))
+    assert any(p.source == "inside.md" for p in kb.search("delivery ring road", 5))
+
+
+def test_stop_ends_indexing_between_two_files(tmp_path):
+    big = tmp_path / "big"
+    big.mkdir()
+    for n in range(3000):
+        (big / f"{n}.md").write_text(f"# Doc {n}\n\n" + "words and more words. " * 50)
+    kb = KnowledgeBase(big, tmp_path / "big.sqlite3")
+    indexing = threading.Thread(target=kb.index)
+    indexing.start()
+    time.sleep(0.2)
+    kb.stop()
+    indexing.join(2)
+    assert not indexing.is_alive() and not kb.loaded

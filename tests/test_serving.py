@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import threading
 import time
 
 import httpx
@@ -216,6 +218,7 @@ def test_ready_reports_what_is_missing(make_server, upstream):
     assert response.status_code == 503
     assert response.json() == {"status": "unavailable", "problems": ["the upstream LLM does not answer"]}
     upstream.probe_status = 200
+    time.sleep(1.1)  # a failed probe stands for a second, so /ready cannot multiply upstream calls
     assert httpx.get(server.url + "/ready").json() == {"status": "ready"}
 
 
@@ -255,3 +258,97 @@ def test_shutdown_closes_long_streams_with_an_error_and_done(make_server, upstre
         server.server.should_exit = True
         rest = [line for line in lines if line]
     assert json.loads(rest[-2][6:])["error"]["code"] == "shutting_down" and rest[-1] == "data: [DONE]"
+
+
+# --- hostile clients, before any key is checked ------------------------------------------------------
+
+
+def raw_connection(server) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=5)
+
+
+def answer_to(connection: socket.socket) -> bytes:
+    """What the server sends before it closes the connection (b"" if it only closes)."""
+    received = b""
+    while chunk := connection.recv(65536):
+        received += chunk
+    return received
+
+
+@pytest.mark.parametrize("path", ["/health", "/chat/completions"])
+def test_a_header_that_never_ends_gets_431_and_costs_nothing(make_server, path):
+    server = make_server(max_header_bytes=64 * 1024)
+    with raw_connection(server) as connection:
+        connection.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\nx-junk: ".encode())
+        try:
+            for _ in range(50 * 16):  # up to 50 MB, 64 KB at a time
+                connection.sendall(b"a" * 65536)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server closed the connection: what we want
+        assert answer_to(connection).startswith(b"HTTP/1.1 431 ")
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /chat/compl", b"GET /health HTTP/1.1\r\nhost: x\r\n"])
+def test_connections_that_send_nothing_or_a_partial_head_are_closed(make_server, sent):
+    server = make_server(header_timeout_seconds=0.5)
+    with raw_connection(server) as connection:
+        connection.sendall(sent)
+        started = time.monotonic()
+        assert answer_to(connection) in (
+            b"",
+            b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        )
+        assert time.monotonic() - started < 2
+
+
+def test_a_header_a_second_does_not_hold_a_connection(make_server):
+    server = make_server(header_timeout_seconds=0.5)
+    with raw_connection(server) as connection:
+        connection.sendall(b"GET /health HTTP/1.1\r\n")
+        started = time.monotonic()
+        try:
+            for n in range(20):  # slowloris: one header every 0.2 s, forever
+                connection.sendall(b"x-%d: y\r\n" % n)
+                time.sleep(0.2)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert answer_to(connection).startswith(b"HTTP/1.1 408") and time.monotonic() - started < 2
+    with raw_connection(server) as connection:  # a kept-alive connection is held to the same bound
+        connection.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert b"200 OK" in connection.recv(65536)
+        connection.sendall(b"GET /health HTTP/1.1\r\n")
+        assert answer_to(connection).startswith(b"HTTP/1.1 408")
+
+
+def test_nothing_a_caller_sends_can_forge_or_bloat_a_log_line(server, upstream, caplog):
+    with caplog.at_level(logging.INFO, logger="custom_llm"):
+        httpx.get(server.url + "/health%0a2026-01-01 INFO custom_llm [x] request path=/forged")
+        post(server, {**ASK, "model": "m\nforged" + "x" * 3_000_000, "turn_id": "7\r\nforged"}).read()
+        time.sleep(0.2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "custom_llm"]
+    assert lines and all("\n" not in line and "\r" not in line and len(line) < 2000 for line in lines)
+
+
+def test_shutdown_before_the_first_event_is_a_503_in_openais_shape(make_server, upstream):
+    upstream.script.first_delay = 5
+    server = make_server(config={"timeout_graceful_shutdown": 0.3})
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(response=post(server, ASK)))
+    thread.start()
+    time.sleep(0.3)
+    server.server.should_exit = True  # what SIGTERM does
+    thread.join(10)
+    response = result["response"]
+    assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
+
+
+def test_an_error_before_the_first_byte_is_no_barge_in(make_server, upstream):
+    server = make_server()
+    before = metric(server, 'custom_llm_cancelled_total{endpoint="chat"}')
+    upstream.script.status = 500
+    for _ in range(3):
+        assert post(server, ASK).status_code == 502
+    time.sleep(0.1)
+    assert metric(server, 'custom_llm_cancelled_total{endpoint="chat"}') == before

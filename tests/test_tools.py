@@ -88,3 +88,21 @@ def test_get_current_time_knows_time_zones():
     assert tools.get_current_time("Asia/Shanghai")["iso"].endswith("+08:00")
     with pytest.raises(ValueError, match="unknown time zone"):
         tools.get_current_time("Mars/Olympus")
+
+
+def test_results_past_64_bits_are_results():
+    import asyncio
+
+    registry = tools.sample_tools(None)  # search_knowledge is not called here
+    result = asyncio.run(registry.run("calculate", '{"expression": "factorial(25)"}'))
+    assert result == '{"expression": "factorial(25)", "result": 15511210043330985984000000}'
+
+
+def test_an_expected_refusal_is_logged_without_a_traceback(caplog):
+    import asyncio
+
+    registry = tools.sample_tools(None)
+    with caplog.at_level("INFO", logger="custom_llm.tools"):
+        result = asyncio.run(registry.run("calculate", '{"expression": "1/0"}'))
+    assert "division by zero" in result
+    assert "Traceback" not in caplog.text and all(r.exc_info is None for r in caplog.records)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -204,3 +205,89 @@ def test_upstream_stream_cap_is_503(make_server, upstream):
     hold_a_stream(server, API_KEY)
     refused = post(server, ASK)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
+
+
+# --- what an upstream may not make the server hold or do ------------------------------------------
+
+
+def health_ms(server) -> float:
+    started = time.monotonic()
+    assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+    return (time.monotonic() - started) * 1000
+
+
+def test_a_huge_event_is_refused_in_linear_time(make_server, upstream):
+    upstream.script.pieces = [b'data: {"choices": [{"delta": {"content": "'] + [b"x" * 65536] * 256  # 16 MB, no end
+    server = make_server(llm_max_event_bytes=1 << 20)
+    started = time.monotonic()
+    response = post(server, ASK)
+    assert response.status_code == 502 and error_of(response)["code"] == "upstream_event_too_large"
+    assert time.monotonic() - started < 2 and health_ms(server) < 200
+
+
+def test_a_compressed_answer_is_never_expanded(make_server, upstream):
+    import gzip
+
+    bomb = gzip.compress(b"data: " + b"x" * 50_000_000)  # 50 MB in about 50 KB, without an event end
+    upstream.script.raw, upstream.script.headers = bomb, [(b"content-encoding", b"gzip")]
+    server = make_server()
+    response = post(server, ASK)
+    assert upstream.requests[-1]["headers"]["accept-encoding"] == "identity"
+    assert response.status_code in (200, 502)  # bytes relayed as they came, or refused: never inflated
+    assert len(response.content) < 1_000_000
+
+
+def test_keepalive_comments_do_not_keep_a_dead_stream_open(make_server, upstream):
+    upstream.script.words, upstream.script.forever, upstream.script.delay = ["Hi"], b": keepalive\n\n", 0.05
+    server = make_server(llm_idle_timeout=0.3)
+    started = time.monotonic()
+    events = sse_events(post(server, ASK))
+    assert json.loads(events[-2])["error"]["code"] == "upstream_timeout" and events[-1] == b"[DONE]"
+    assert time.monotonic() - started < 2
+
+
+def test_an_endless_stream_is_cut_by_time_and_by_size(make_server, upstream):
+    upstream.script.words, upstream.script.delay = ["Hi"], 0.01
+    upstream.script.forever = b'data: {"choices": [{"index": 0, "delta": {"content": "more "}}]}\n\n'
+    events = sse_events(post(make_server(llm_max_stream_seconds=0.5), ASK))
+    assert json.loads(events[-2])["error"]["code"] == "upstream_timeout" and events[-1] == b"[DONE]"
+    upstream.script.delay = 0.0
+    events = sse_events(post(make_server(llm_max_response_bytes=200_000), ASK))
+    assert json.loads(events[-2])["error"]["code"] == "upstream_too_large" and events[-1] == b"[DONE]"
+
+
+def test_a_huge_non_streaming_answer_is_refused(make_server, upstream):
+    upstream.script.body = b'{"choices": [{"message": {"content": "' + b"x" * 3_000_000 + b'"}}]}'
+    response = post(make_server(llm_max_response_bytes=1_000_000), {**ASK, "stream": False})
+    assert response.status_code == 502 and error_of(response)["code"] == "upstream_too_large"
+
+
+@pytest.mark.parametrize("status", [400, 404, 422, 429])
+def test_our_key_is_scrubbed_from_every_upstream_error(server, upstream, caplog, status):
+    upstream.script.status = status
+    upstream.script.error = {"error": {"message": f"bad request; headers were authorization: Bearer {UPSTREAM_KEY}"}}
+    with caplog.at_level(logging.DEBUG):
+        response = post(server, ASK)
+    assert response.status_code == status and "[redacted]" in error_of(response)["message"]
+    assert UPSTREAM_KEY not in response.text and UPSTREAM_KEY not in caplog.text
+
+
+def test_nesting_orjson_cannot_write_is_a_400(server, upstream):
+    deep = {}
+    for _ in range(300):
+        deep = {"x": deep}
+    response = post(server, {**ASK, "metadata": deep})
+    assert response.status_code == 400 and error_of(response)["code"] == "too_deeply_nested"
+
+
+def test_ready_shares_one_probe_among_many_callers(make_server, upstream):
+    upstream.probe_status = 500
+    server = make_server()
+    probes = len(upstream.probes)
+
+    def ask_ready(_) -> int:
+        return httpx.get(server.url + "/ready", timeout=10).status_code
+
+    with ThreadPoolExecutor(50) as pool:
+        statuses = list(pool.map(ask_ready, range(300)))
+    assert set(statuses) == {503} and len(upstream.probes) - probes <= 5

@@ -29,6 +29,10 @@ class Script:
     done: bool = True  # end with data: [DONE]
     stall_after: int | None = None  # stop sending (but keep the connection) after this many events
     raw: bytes | None = None  # send these bytes verbatim as the whole stream body
+    pieces: list[bytes] | None = None  # send these, `delay` apart, as the whole stream body
+    forever: bytes | None = None  # after the events, send this again and again, `delay` apart
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # extra response headers
+    body: bytes | None = None  # the whole body of a non-streaming answer
     usage: bool = False  # a final usage chunk with choices: []
     # Tool-calling turns: each request takes the next (the last one repeats), e.g.
     # {"say": ["Let me check. "], "calls": [("calculate", '{"expression": "2+2"}')], "after": ["Done."]}
@@ -95,7 +99,8 @@ class ScriptedUpstream:
                     },
                 )
             )
-        fragments = [[arguments[i : i + 3] for i in range(0, len(arguments), 3)] for _, arguments in calls]
+        size = turn.get("fragment", 3)
+        fragments = [[arguments[i : i + size] for i in range(0, len(arguments), size)] for _, arguments in calls]
         for step in range(max(map(len, fragments), default=0)):
             for index, pieces in enumerate(fragments):
                 if step < len(pieces):
@@ -176,6 +181,11 @@ class ScriptedUpstream:
         if script.status != 200:
             return await self._json(send, script.status, script.error or {"error": {"message": "scripted failure"}})
         turn = self.turn()
+        if not request.get("stream") and script.body is not None:
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
+            )
+            return await send({"type": "http.response.body", "body": script.body})
         if not request.get("stream"):
             message = self.turn_message(turn) if turn else {"role": "assistant", "content": "".join(script.words)}
             return await self._json(
@@ -207,11 +217,16 @@ class ScriptedUpstream:
             self.active -= 1
 
     async def _stream(self, send, script: Script, events: list[bytes] | None) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        headers = [(b"content-type", b"text/event-stream"), *script.headers]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         if script.first_delay:
             await asyncio.sleep(script.first_delay)
         if script.raw is not None:
             await send({"type": "http.response.body", "body": script.raw, "more_body": True})
+        elif script.pieces is not None:
+            for piece in script.pieces:
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+                await asyncio.sleep(script.delay)
         else:
             for n, event in enumerate(events or self.events()):
                 if script.stall_after is not None and n >= script.stall_after:
@@ -219,6 +234,9 @@ class ScriptedUpstream:
                 await send({"type": "http.response.body", "body": event, "more_body": True})
                 if script.delay:
                     await asyncio.sleep(script.delay)
+            while script.forever is not None:
+                await send({"type": "http.response.body", "body": script.forever, "more_body": True})
+                await asyncio.sleep(script.delay)
             if script.done:
                 await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
