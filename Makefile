@@ -1,5 +1,6 @@
 # make run: start the server from a fresh clone (installs only what running needs);
-# make test: lint, type-check and the whole suite; make bench: the benchmarks; make soak: faults and hang-ups.
+# make test: lint, type-check and the whole suite; make bench: latency, voice, retrieval and capacity;
+# make soak: thousands of streams with faults and hang-ups.
 VENV := .venv
 PY := $(VENV)/bin/python
 
@@ -31,6 +32,7 @@ bench: $(VENV)/.dev
 	$(PY) bench/bench.py
 	$(PY) bench/voice.py
 	$(PY) bench/retrieval.py
+	$(PY) bench/capacity.py
 
 bench-knowledge: $(VENV)/.dev
 	$(PY) bench/retrieval.py

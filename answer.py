@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from events import Event, Metadata, Relayed, Text, ToolCall, content_of
+from events import Event, Metadata, Note, Relayed, Text, ToolCall, content_of
 from serving import facts, upstream_error
 from text import language, latest_question
 from tools import ToolRegistry, failure
@@ -272,6 +272,11 @@ async def run_round(loop: ToolLoop, calls: Round, turn: Turn, text: str) -> Asyn
             turn.bridged = True  # the tools are slow: say something so the line is not silent
             yield Text(random.choice(BRIDGE_PHRASES[language(latest_question(turn.messages))]) + " ")
         turn.messages += await results
+        for call, result in zip(server_calls, turn.messages[-len(server_calls) :]):
+            yield Note(
+                "tool",
+                {"name": call.name, "arguments": "".join(call.fragments)[:1000], "result": result["content"][:1000]},
+            )
     finally:
         results.cancel()  # a barge-in while tools run cancels them
 

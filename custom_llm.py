@@ -36,11 +36,12 @@ from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.responses import Response
 
+import checker
 import metrics
 import speech
 from agora import ENGINE_FIELDS, AgoraREST, end_call_tool, for_upstream
 from answer import ToolLoop, answer, complete
-from events import Event, Text
+from events import Event, Note, Text
 from knowledge import (
     WAITING_PHRASES,
     Embeddings,
@@ -173,6 +174,7 @@ class Settings:
     agora_customer_secret: str = setting("AGORA_CUSTOMER_SECRET", "")
     agora_api_base: str = setting("AGORA_API_BASE", "https://api.agora.io/api/conversational-ai-agent")
     agora_hangup_grace_ms: int = setting("AGORA_HANGUP_GRACE_MS", 1500, int)
+    playground: bool = setting("PLAYGROUND", True, _bool)
     log_level: str = setting("LOG_LEVEL", "INFO", str.upper)
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -399,6 +401,10 @@ class Chat:
     request: ChatCompletionRequest
     body: dict[str, Any]
     stream: bool
+    notes: bool  # the caller asked for notes (x-custom-llm-notes: 1): the playground does
+
+    def events(self, events: AsyncIterator[Event]) -> EventStream:
+        return EventStream(events, self.body["model"], self.notes)
 
 
 def wants_stream(request: ChatCompletionRequest, accept: str) -> bool:
@@ -423,7 +429,8 @@ async def read_chat(http: Request) -> Chat:
     facts().turn_id = str(request.turn_id) if request.turn_id is not None else "-"
     stream = wants_stream(request, http.headers.get("accept", ""))
     facts().engine = {key: body[key] for key in ENGINE_FIELDS if key in body}
-    return Chat(request, for_upstream(body, settings.llm_model, stream, settings.strip_fields), stream)
+    notes = http.headers.get("x-custom-llm-notes") == "1"
+    return Chat(request, for_upstream(body, settings.llm_model, stream, settings.strip_fields), stream, notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,7 +483,7 @@ async def chat_completions(http: Request) -> Response:
     """Relays the upstream LLM's answer as it arrives, running the server's tools between rounds."""
     chat, svc = await read_chat(http), service(http)
     if chat.stream:
-        return EventStream(answer(svc.upstream(), chat.body, svc.loop), chat.body["model"])
+        return chat.events(answer(svc.upstream(), chat.body, svc.loop))
     return JSONReply(complete(svc.upstream(), chat.body, svc.loop))
 
 
@@ -486,6 +493,7 @@ async def rag_events(svc: Service, body: dict[str, Any]) -> AsyncIterator[Event]
     phrases = {"en": settings.waiting_messages_en, "zh": settings.waiting_messages_zh}
     yield Text(waiting_phrase(phrases, latest_question(body["messages"])))
     passages = await retrieve(svc.retriever, body["messages"], settings.rag_top_k, settings.rag_deadline_ms)
+    yield Note("passages", [{"citation": p.citation(), "text": p.text, "score": round(p.score, 4)} for p in passages])
     async for event in answer(
         svc.upstream(), {**body, "messages": with_passages(body["messages"], passages)}, svc.loop
     ):
@@ -498,7 +506,7 @@ async def rag_chat_completions(http: Request) -> Response:
     chat, svc = await read_chat(http), service(http)
     llm = svc.upstream()
     if chat.stream:
-        return EventStream(rag_events(svc, chat.body), chat.body["model"])
+        return chat.events(rag_events(svc, chat.body))
     passages = await retrieve(
         svc.retriever, chat.body["messages"], svc.settings.rag_top_k, svc.settings.rag_deadline_ms
     )
@@ -533,7 +541,7 @@ async def audio_chat_completions(http: Request) -> Response:
     chat = await read_chat(http)
     events = audio_events(service(http), chat)
     if chat.stream:
-        return EventStream(events, chat.body["model"])
+        return chat.events(events)
     return JSONReply(speech.audio_completion(events, chat.body["model"]))
 
 
@@ -559,6 +567,14 @@ async def knowledge_search(http: Request, q: str, limit: int = 5) -> dict[str, A
     query = q[:2000]
     passages = await service(http).retriever.search(query, max(1, min(limit, 50)))
     return {"query": query, "passages": [p.as_dict() for p in passages]}
+
+
+PLAYGROUND = HERE / "playground.html"
+
+
+async def playground(http: Request) -> Response:
+    """The playground page: talk to the server as Agora's engine would, in a browser (PLAYGROUND)."""
+    return Response(await asyncio.to_thread(PLAYGROUND.read_bytes), media_type="text/html; charset=utf-8")
 
 
 @router.get("/health")
@@ -650,13 +666,15 @@ def create_app(
     )
     app.state.settings, app.state.service = settings, Service(settings, retriever, loop, voice=voice)
     app.include_router(router)
+    if settings.playground:
+        app.add_api_route("/playground", playground, methods=["GET"], include_in_schema=False)
     add_error_handlers(app)
     app.openapi = lambda: openapi_with(app, ChatCompletionRequest, SpeechRequest)  # type: ignore[method-assign]
     app.add_middleware(
         BearerAuth,
         keys=settings.api_keys,
         max_per_key=settings.max_streams_per_key,
-        public=frozenset({"/health", "/ready"}),
+        public=frozenset({"/health", "/ready", "/playground"}),
     )
     app.add_middleware(RequestLog)
     return app
@@ -718,7 +736,13 @@ def main(argv: list[str]) -> int:
     search.add_argument("--limit", type=int, default=5)
     for command in (index, search):
         command.add_argument("--index-file", help="the SQLite index (default: KNOWLEDGE_INDEX, or .index/)")
+    check = commands.add_parser("check", help="check any custom LLM URL against what Agora's engine sends and expects")
+    check.add_argument("url", help="e.g. http://localhost:8000/rag/chat/completions")
+    check.add_argument("--key", default="", help="the Bearer key the endpoint expects")
+    check.add_argument("--model", default="gpt-4o-mini", help="the model name sent (default: gpt-4o-mini)")
     args = parser.parse_args(argv)
+    if args.command == "check":  # needs no settings: the endpoint may be anyone's
+        return checker.run(args.url, args.key, args.model)
     try:
         settings = Settings.from_env()
     except ValueError as error:

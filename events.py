@@ -61,13 +61,22 @@ class Metadata:
 
 
 @dataclass(slots=True)
+class Note:
+    """What happened inside the answer (the passages retrieved, a tool's call and result), written as
+    an SSE comment for a caller that asked for notes (the playground); clients ignore comments."""
+
+    kind: str
+    data: Any
+
+
+@dataclass(slots=True)
 class End:
     """The end of an answer the server made itself (an upstream's answer carries its own)."""
 
     finish_reason: str = "stop"
 
 
-Event = Relayed | Text | ToolCall | Audio | Metadata | End
+Event = Relayed | Text | ToolCall | Audio | Metadata | Note | End
 
 
 def words_of(event: Event) -> str:
@@ -104,6 +113,7 @@ class ChunkWriter:
     audio id), the first chunk of the server's own carrying the assistant role."""
 
     model: str
+    notes: bool = False  # write Note events (else they are left out)
     id: str = field(default_factory=completion_id)
     audio_id: str = field(default_factory=lambda: f"audio_{uuid.uuid4().hex}")
     first: bool = True
@@ -115,6 +125,8 @@ class ChunkWriter:
             return sse(orjson.dumps(event.chunk))
         if isinstance(event, Text):
             return self.chunk({"content": event.text})
+        if isinstance(event, Note):
+            return b": note " + orjson.dumps({"kind": event.kind, "data": event.data}) + b"\n\n" if self.notes else b""
         if isinstance(event, Metadata):
             return sse(
                 orjson.dumps(

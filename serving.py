@@ -239,6 +239,9 @@ def printable(value: object, limit: int = 100) -> str:
 # Answers that stop their work the moment the caller hangs up (a barge-in)
 # ---------------------------------------------------------------------------------------------
 
+# How far into an answer its first sentence is looked for; past it (no punctuation at all), the
+# relayed events are not parsed for words any more, so the hot path stays a byte relay.
+FIRST_SENTENCE_SCAN = 400
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -294,10 +297,10 @@ class EventStream(CancelOnDisconnect):
     Headers go out with the first event, so an error before it (say the upstream refused) is a
     plain HTTP error in OpenAI's shape; an error after it is one error event, then `[DONE]`."""
 
-    def __init__(self, events: AsyncIterator[Event], model: str):
+    def __init__(self, events: AsyncIterator[Event], model: str, notes: bool = False):
         super().__init__()
         self.events = events
-        self.write = ChunkWriter(model)
+        self.write = ChunkWriter(model, notes)
 
     async def respond(self, send: Send) -> None:
         started = False
@@ -312,11 +315,14 @@ class EventStream(CancelOnDisconnect):
         said: str | None = ""  # the words sent so far, until the first sentence is complete
         try:
             async for event in self.events:
-                await emit(self.write(event))
+                if data := self.write(event):
+                    await emit(data)
                 if said is not None and (words := words_of(event)):
                     said += words
                     if SENTENCE_END.search(said):
                         facts().first_sentence_ms, said = facts().since_start_ms(), None
+                    elif len(said) > FIRST_SENTENCE_SCAN:
+                        said = None  # no sentence end so far: stop reading the relayed events' words
         except asyncio.CancelledError:
             if not self.hung_up:  # the server is shutting down: close the answer properly
                 if started:

@@ -65,11 +65,13 @@ def test_the_python_snippets(server, upstream):
         assert done.returncode == 0 and "Hello from the upstream." in done.stdout, (snippet, done.stderr)
 
 
-def test_the_knowledge_commands(server, tmp_path):
+def test_the_custom_llm_commands(server, upstream, tmp_path):
     commands = [
         line for block in blocks("bash") for line in block.splitlines() if line.startswith("python3 custom_llm.py ")
     ]
-    assert {command.split()[2] for command in commands} >= {"index", "search"}
+    assert {command.split()[2] for command in commands} >= {"index", "search", "check"}
+    said = {"index": "files (", "search": "›", "check": " passed, 0 failed"}
+    upstream.script.delay, upstream.script.words = 0.01, ["One", " two."] * 20  # long enough to hang up on
     for command in commands:
         done = run(command, server, KNOWLEDGE_INDEX=str(tmp_path / "index.sqlite3"))
-        assert done.returncode == 0 and ("files (" in done.stdout or "›" in done.stdout), (command, done.stderr)
+        assert done.returncode == 0 and said[command.split()[2]] in done.stdout, (command, done.stdout, done.stderr)
