@@ -2,9 +2,9 @@
 search, and the /rag helpers around it (the waiting phrase, the follow-up query, the deadline,
 the grounding prompt), behind a small `Retriever` interface you can replace.
 
-- Documents: .md, .txt, .html and .pdf, found recursively, cut along their own headings and
-  paragraphs into chunks of bounded size with a little overlap; every chunk keeps its file and
-  heading path, so answers can cite where they came from.
+- Documents (read by documents.py): .md, .txt, .html and .pdf, found recursively, cut along their
+  own headings and paragraphs into chunks of bounded size with a little overlap; every chunk keeps
+  its file and heading path, so answers can cite where they came from.
 - The index is a SQLite file. A restart with unchanged documents re-indexes nothing; a changed,
   added or removed file updates only its own chunks (content hashes decide).
 - Search is BM25. English words are stemmed (FTS5's porter tokenizer); Chinese and Japanese,
@@ -18,39 +18,33 @@ the grounding prompt), behind a small `Retriever` interface you can replace.
 import asyncio
 import difflib
 import hashlib
-import html.parser
 import itertools
 import logging
 import random
 import re
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 import aiohttp
 import numpy as np
 
 import metrics
+from documents import SUFFIXES, chunk_markdown, read_document
 from serving import facts
 from text import CJK_RANGES, is_cjk, language, message_text
 
 log = logging.getLogger("custom_llm.knowledge")
 
-SUFFIXES = {".md", ".markdown", ".txt", ".html", ".htm", ".pdf"}
-MAX_CHUNK_CHARS = 1200
-OVERLAP_CHARS = 150
 MAX_QUERY_TERMS = 32
 PREFIX_MIN = 5  # words this long also match as prefixes ("configur" finds "configuration")
 
 _CJK = re.compile(f"([{CJK_RANGES}])")
 _WORD = re.compile(r"\w+", re.UNICODE)
-_HEADING = re.compile(r"^(#{1,6})\s+(.*)$")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, hash TEXT, size INTEGER, mtime REAL);
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks USING fts5(
@@ -94,101 +88,6 @@ class IndexReport:
 # ---------------------------------------------------------------------------------------------
 
 
-class _HTMLText(html.parser.HTMLParser):
-    """HTML as markdown-ish text: headings become '#' lines, blocks become paragraphs."""
-
-    BLOCKS: ClassVar[set[str]] = {
-        "p",
-        "div",
-        "li",
-        "tr",
-        "br",
-        "section",
-        "article",
-        "table",
-        "ul",
-        "ol",
-        "pre",
-        "blockquote",
-    }
-    SKIP: ClassVar[set[str]] = {"script", "style", "noscript", "template", "svg"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: list[str] = []
-        self.skipping = 0
-
-    def handle_starttag(self, tag, attrs) -> None:
-        if tag in self.SKIP:
-            self.skipping += 1
-        elif re.fullmatch(r"h[1-6]", tag):
-            self.parts.append("\n\n" + "#" * int(tag[1]) + " ")
-        elif tag in self.BLOCKS:
-            self.parts.append("\n\n")
-
-    def handle_endtag(self, tag) -> None:
-        if tag in self.SKIP:
-            self.skipping = max(0, self.skipping - 1)
-        elif re.fullmatch(r"h[1-6]", tag) or tag in self.BLOCKS:
-            self.parts.append("\n\n")
-
-    def handle_data(self, data) -> None:
-        if not self.skipping:
-            self.parts.append(re.sub(r"\s+", " ", data))
-
-    def text(self) -> str:
-        return re.sub(r"\n\s*\n\s*", "\n\n", "".join(self.parts)).strip()
-
-
-# Run in a child process, so a hostile PDF (a decompression bomb, a page that takes minutes) costs
-# at most `seconds` and cannot hold the index or the memory of the server.
-_PDF_TEXT = """
-import sys
-from pypdf import PdfReader
-limit, size, pages = int(sys.argv[2]), 0, []
-for page in PdfReader(sys.argv[1]).pages:
-    text = (page.extract_text() or "").strip()
-    size += len(text)
-    if size > limit:
-        sys.exit(3)
-    pages.append(text)
-sys.stdout.buffer.write("\\n\\n".join(text for text in pages if text).encode("utf-8"))
-"""
-
-
-def pdf_text(path: Path, max_chars: int, seconds: float) -> str:
-    """A PDF's text (pypdf), extracted within a time and a size limit."""
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", _PDF_TEXT, str(path), str(max_chars)],
-            capture_output=True,
-            timeout=seconds,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise ValueError(f"its text could not be extracted within {seconds:g} s") from None
-    if done.returncode == 3:
-        raise ValueError(f"it holds more than {max_chars} characters of text")
-    if done.returncode:
-        raise ValueError("not a readable PDF")
-    return done.stdout.decode("utf-8", "replace")
-
-
-def read_document(path: Path, max_chars: int = 20_000_000, pdf_seconds: float = 10.0) -> str:
-    """A document's text, with headings as '#' lines where the format has them."""
-    if path.suffix.lower() == ".pdf":
-        return pdf_text(path, max_chars, pdf_seconds)
-    raw = path.read_bytes()
-    if b"\0" in raw[:8000]:
-        raise ValueError("binary content")
-    text = raw.decode("utf-8")
-    if path.suffix.lower() in (".html", ".htm"):
-        parser = _HTMLText()
-        parser.feed(text)
-        return parser.text()
-    return text
-
-
 def text_hash(heading: str, text: str) -> str:
     return hashlib.sha256(f"{heading}\n{text}".encode()).hexdigest()
 
@@ -196,57 +95,6 @@ def text_hash(heading: str, text: str) -> str:
 def split_cjk(text: str) -> str:
     """Put spaces around CJK characters so FTS5 sees each one as a token."""
     return _CJK.sub(r" \1 ", text)
-
-
-def _tail(text: str) -> str:
-    """The end of a chunk carried into the next one, starting at a word boundary."""
-    tail = text[-OVERLAP_CHARS:]
-    space = tail.find(" ")
-    return tail[space + 1 :] if 0 <= space < len(tail) // 2 else tail
-
-
-def chunk_markdown(text: str) -> list[tuple[str, str]]:
-    """Split a document into (heading path, text) chunks along headings and paragraphs.
-
-    A section longer than a chunk continues in the next one, which starts with the last words of
-    the one before (the overlap), so a fact cut in two is still found whole in one of them."""
-    chunks: list[tuple[str, str]] = []
-    path: list[str] = []
-    paragraphs: list[str] = []
-
-    def flush() -> None:
-        current = ""
-        for paragraph in paragraphs:
-            if current and len(current) + len(paragraph) > MAX_CHUNK_CHARS:
-                chunks.append((" › ".join(path), current))
-                current = _tail(current) + " …"
-            current = f"{current}\n\n{paragraph}" if current else paragraph
-        if current:
-            chunks.append((" › ".join(path), current))
-        paragraphs.clear()
-
-    for block in re.split(r"\n\s*\n", text):
-        block = block.strip()
-        if not block:
-            continue
-        heading = _HEADING.match(block.splitlines()[0])
-        if heading:
-            flush()
-            level = len(heading.group(1))
-            del path[level - 1 :]
-            path.append(heading.group(2).strip().strip("#").strip())
-            block = "\n".join(block.splitlines()[1:]).strip()
-            if not block:
-                continue
-        # A paragraph longer than a chunk is cut at line or sentence ends so no chunk grows unbounded.
-        while len(block) > MAX_CHUNK_CHARS:
-            cut = max(block.rfind("\n", 0, MAX_CHUNK_CHARS), block.rfind(". ", 0, MAX_CHUNK_CHARS) + 1)
-            cut = cut if cut > MAX_CHUNK_CHARS // 2 else MAX_CHUNK_CHARS
-            paragraphs.append(block[:cut].strip())
-            block = block[cut:].strip()
-        paragraphs.append(block)
-    flush()
-    return chunks
 
 
 def query_terms(question: str) -> list[str]:

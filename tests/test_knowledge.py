@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import knowledge
+import documents
 from knowledge import KnowledgeBase
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,10 +101,10 @@ def test_noisy_spoken_questions_still_find_the_passage(folder, tmp_path):
 def test_chunks_are_bounded_overlap_and_keep_their_heading(tmp_path):
     sentences = [f"Fact number {n} is that item {n} weighs {n} kilos." for n in range(120)]
     (tmp_path / "long.md").write_text("# Catalogue\n\n## Weights\n\n" + "\n\n".join(sentences))
-    chunks = knowledge.chunk_markdown((tmp_path / "long.md").read_text())
+    chunks = documents.chunk_markdown((tmp_path / "long.md").read_text())
     assert len(chunks) > 3
     assert all(heading == "Catalogue › Weights" for heading, _ in chunks)
-    assert all(len(text) <= knowledge.MAX_CHUNK_CHARS + knowledge.OVERLAP_CHARS + 10 for _, text in chunks)
+    assert all(len(text) <= documents.MAX_CHUNK_CHARS + documents.OVERLAP_CHARS + 10 for _, text in chunks)
     for (_, before), (_, after) in itertools.pairwise(chunks):
         assert after.split(" …")[0] in before  # each chunk starts with the end of the one before
     joined = " ".join(text for _, text in chunks)
@@ -265,3 +265,34 @@ def test_stop_ends_indexing_between_two_files(tmp_path):
     kb.stop()
     indexing.join(2)
     assert not indexing.is_alive() and not kb.loaded
+
+
+# --- reading documents as a person sees them (documents.py) ---------------------------------------
+
+
+def test_html_main_content_only_and_code_is_never_a_heading():
+    page = """<html><body>
+      <nav class="sidebar"><ul><li><a href="/">Home</a></li><li>Install guide</li></ul></nav>
+      <div class="toc">Contents: Setup, Usage</div>
+      <main><h1>Setup</h1><p>Install the agent with the package manager.</p>
+        <pre># install as root
+apt-get install agent
+
+# then start it
+agent --start</pre>
+        <h2>Usage</h2><p>Run <code>agent</code> and speak.</p></main>
+      <footer>Copyright Example Corp</footer><script>var tracking = 1</script></body></html>"""
+    chunks = documents.chunk_markdown(documents.html_text(page))
+    assert [heading for heading, _ in chunks] == ["Setup", "Setup › Usage"]
+    setup = chunks[0][1]
+    assert "# install as root" in setup and "agent --start" in setup  # the code is text of its section
+    text = " ".join(text for _, text in chunks)
+    for furniture in ("Home", "Install guide", "Contents", "Copyright", "tracking"):
+        assert furniture not in text, furniture
+
+
+def test_markdown_code_fences_are_text_of_their_section():
+    markdown = "# Shell\n\nRun this:\n\n```bash\n# a comment, not a heading\n\necho hi\n```\n\n## Next\n\nDone.\n"
+    chunks = documents.chunk_markdown(markdown)
+    assert [heading for heading, _ in chunks] == ["Shell", "Shell › Next"]
+    assert "# a comment, not a heading\n\necho hi" in chunks[0][1]
