@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import re
 import socket
@@ -233,3 +234,15 @@ def test_a_voice_of_your_own(make_server, upstream):
     assert voice.said == ["Two words.", "Three more words."] and audio["transcript"] == "Two words. Three more words."
     # Five words, 100 ms each at 16 kHz; each sentence's last 40 ms frame is padded with silence.
     assert 5 * 3200 <= len(base64.b64decode(audio["data"])) < 5 * 3200 + 2 * 1280
+
+
+def test_start_up_says_what_is_missing(make_server, upstream, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="custom_llm"):
+        make_server(
+            llm_base_url="https://api.openai.com/v1",
+            llm_api_key="",
+            knowledge_dir=tmp_path / "nowhere",
+            knowledge_index=str(tmp_path / "index.sqlite3"),
+        )
+    assert "no upstream LLM: set LLM_API_KEY" in caplog.text and "answer 503" in caplog.text
+    assert "knowledge folder" in caplog.text and "does not exist" in caplog.text
