@@ -130,7 +130,7 @@ class ToolRegistry:
         except TimeoutError:
             return failure(f"{name} did not finish within {tool.timeout:g} seconds.")
         except ValueError as error:  # an expected refusal (bad expression, unknown zone): no traceback
-            log.info("tool %s refused: %s", name, str(error)[:200])
+            log.info("tool %s refused (%s)", name, type(error).__name__)  # its words may quote the caller
             return failure(f"{name} failed: {type(error).__name__}: {str(error)[:200]}")
         except Exception as error:  # the model reads the failure and can recover; the log has the trace
             log.warning("tool %s failed", name, exc_info=error)
