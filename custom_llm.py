@@ -36,7 +36,6 @@ from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.responses import Response
 
-import checker
 import metrics
 import speech
 from agora import ENGINE_FIELDS, AgoraREST, end_call_tool, for_upstream
@@ -742,6 +741,8 @@ def main(argv: list[str]) -> int:
     check.add_argument("--model", default="gpt-4o-mini", help="the model name sent (default: gpt-4o-mini)")
     args = parser.parse_args(argv)
     if args.command == "check":  # needs no settings: the endpoint may be anyone's
+        import checker  # only here: the server itself never needs an HTTP client of this kind
+
         return checker.run(args.url, args.key, args.model)
     try:
         settings = Settings.from_env()

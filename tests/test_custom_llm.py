@@ -246,3 +246,31 @@ def test_start_up_says_what_is_missing(make_server, upstream, tmp_path, caplog):
         )
     assert "no upstream LLM: set LLM_API_KEY" in caplog.text and "answer 503" in caplog.text
     assert "knowledge folder" in caplog.text and "does not exist" in caplog.text
+
+
+def test_make_run_installs_everything_the_server_imports():
+    """`make run` installs requirements.txt only: every package a server module imports is listed there."""
+    import ast
+    import importlib.metadata
+    import re
+
+    listed = {
+        re.split(r"[<>=\[ ;#]", line.strip())[0].lower().replace("_", "-")
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    ours = {path.stem for path in ROOT.glob("*.py")}
+    distributions = importlib.metadata.packages_distributions()
+    for module in ROOT.glob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            )
+            for name in names:
+                top = name.split(".")[0]
+                if top in ours or top in sys.stdlib_module_names:
+                    continue
+                owners = {d.lower().replace("_", "-") for d in distributions.get(top, [top])}
+                assert owners & listed, f"{module.name} imports {top}, which requirements.txt lacks"
