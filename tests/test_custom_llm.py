@@ -129,26 +129,19 @@ def test_the_readme_uvicorn_command_serves_and_logs(upstream_server, upstream, t
         "LLM_API_KEY": "k",
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
     }
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--factory",
-        "custom_llm:create_app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "{port}",
-        "--workers",
-        "2",
-        "--no-access-log",
-    ]
+    line = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("uvicorn --factory"))
+    command = [sys.executable, "-m", *line.split()]  # as written, on a loopback port of the test's
+    command[command.index("--host") + 1], command[command.index("--port") + 1] = "127.0.0.1", "{port}"
+    command[command.index("--workers") + 1] = "2"
     server = Started(command, env)
     try:
         server.wait_ready()
         response = httpx.post(server.url + "/chat/completions", json=ASK, headers={"authorization": "Bearer k1"})
         assert response.status_code == 200
         assert LOG_LINE.match(server.wait_for_lines("request path=/chat/completions", 1)[0])
+        with socket.create_connection(("127.0.0.1", server.port)) as connection:  # the head bound holds
+            connection.sendall(b"GET /health HTTP/1.1\r\nx-junk: " + b"a" * 100_000)
+            assert connection.recv(100).startswith(b"HTTP/1.1 431")
     finally:
         server.stop()
 
