@@ -28,13 +28,17 @@ lint: $(VENV)/.dev
 test: lint
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.dev
+$(VENV)/.bench: $(VENV)/.dev bench/requirements-compare.txt
+	$(PY) -m pip install --quiet -r bench/requirements-compare.txt
+	touch $@
+
+bench: $(VENV)/.bench
 	$(PY) bench/bench.py
 	$(PY) bench/voice.py
 	$(PY) bench/retrieval.py
 	$(PY) bench/capacity.py
 
-bench-knowledge: $(VENV)/.dev
+bench-knowledge: $(VENV)/.bench
 	$(PY) bench/retrieval.py
 
 soak: $(VENV)/.dev

@@ -5,7 +5,8 @@
   speech-recognition noise) over Python's reference topics (shipped with CPython) plus
   bench/corpus-zh: recall@1 and recall@5 for BM25, for hybrid (BM25 + embeddings, when an
   embeddings server is at hand: EMBED_PYTHON=<python with bench/requirements-embed.txt>), and for a
-  naive keyword-overlap baseline measured the same way. Writes bench/results/knowledge.md.
+  naive keyword-overlap baseline, and the best available alternatives on the same chunks (bm25s and
+  tantivy, bench/alternatives.py), all measured the same way. Writes bench/results/knowledge.md.
 """
 
 import asyncio
@@ -22,6 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+import alternatives  # noqa: E402
+
 from bench import free_port, knowledge_corpus, pct, wait_for_port  # noqa: E402
 from knowledge import Embeddings, KnowledgeBase, split_cjk  # noqa: E402
 
@@ -45,6 +48,12 @@ def naive_ranking(kb: KnowledgeBase, question: str) -> list[str]:
     return [source for score, source in scored if score]
 
 
+def chunks_of(kb: KnowledgeBase) -> list[tuple[str, str]]:
+    """The chunks the server indexed, as (source, heading and text), for the alternatives."""
+    with kb._lock:
+        return kb._db.execute("SELECT source, heading || char(10) || text FROM chunks ORDER BY rowid").fetchall()
+
+
 def recall(rankings: list[list[str]], labels: list[list[str]], k: int) -> float:
     return sum(any(source in label for source in ranking[:k]) for ranking, label in zip(rankings, labels)) / len(labels)
 
@@ -59,6 +68,8 @@ async def quality(rows: list[str]) -> None:
         "naive keyword overlap": [naive_ranking(kb, q["q"]) for q in questions],
         "BM25 (this server)": [[p.source for p in kb.search(q["q"], 5)] for q in questions],
     }
+    for system in (alternatives.BM25S(chunks_of(kb)), alternatives.Tantivy(chunks_of(kb))):
+        systems[system.name] = [system.search(q["q"], 5) for q in questions]
     embed_python = os.environ.get("EMBED_PYTHON")
     if embed_python:
         port = free_port()
@@ -118,6 +129,10 @@ def speed(rows: list[str]) -> None:
         kb.search(question, 3)
         timings.append((time.perf_counter() - started) * 1000)
     again = KnowledgeBase(folder, folder.parent / f"{folder.name}.sqlite3").index()
+    others = [
+        (s.name, alternatives.timed(s, questions))
+        for s in (alternatives.BM25S(chunks_of(kb)), alternatives.Tantivy(chunks_of(kb)))
+    ]
     rows += [
         f"Knowledge base, measured {time.strftime('%Y-%m-%d')} (`make bench-knowledge`).",
         "",
@@ -129,6 +144,10 @@ def speed(rows: list[str]) -> None:
         f"| ≥ 1,000 |",
         f"| restart with unchanged documents: files re-indexed / time | {again.indexed} / {again.seconds * 1000:.0f} ms "
         f"| 0 |",
+        *(
+            f"| the same {kb.chunks:,} chunks, {name}, p50 / p99 (ms) | {pct(t, 50):.2f} / {pct(t, 99):.2f} | - |"
+            for name, t in others
+        ),
     ]
 
 
