@@ -274,7 +274,6 @@ class Said:
 
     transcript: str | None = None
     audio: bytes | None = None
-    subtitle: bool = False
 
 
 async def _fill(engine: Engine, text: str, queue: asyncio.Queue) -> None:
@@ -322,7 +321,7 @@ async def speak(texts: AsyncIterator[str], engine: Engine, head_start_ms: int | 
                 broken = True
             if broken:
                 task.cancel()
-                yield Said(transcript=text, subtitle=True)
+                yield Said(transcript=text)
                 continue
             yield Said(transcript=text)
             while frame is not None:

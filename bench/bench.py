@@ -108,6 +108,13 @@ def start_servers(label: str, **server_env: str) -> tuple[int, int, subprocess.P
     return up_port, sv_port, upstream, server
 
 
+def save(name: str, table: str) -> None:
+    """Write a results table to bench/results/<name> (git-ignored)."""
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / name).write_text(table)
+
+
 def stop(*processes: subprocess.Popen) -> None:
     for process in processes:
         process.terminate()
@@ -547,7 +554,7 @@ def main() -> None:
 
     bench = uvloop.run(run(set(args.only)))
     table = report(bench)
-    (ROOT / "bench" / "results" / "latest.md").write_text(table)
+    save("latest.md", table)
     print("\n" + table)
 
 

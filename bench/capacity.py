@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from bench import body, cpu_seconds, ms, pct, start_servers, stop, stream  # noqa: E402
+from bench import body, cpu_seconds, ms, pct, save, start_servers, stop, stream  # noqa: E402
 
 WINDOW = 15.0  # seconds of load per level and path
 TURN = body(n=100, interval=0.02)
@@ -127,8 +127,7 @@ def main() -> None:
         rows.append(f"| with `MAX_UPSTREAM_STREAMS={streams}`, twice as many calls: |  |  |  |  |  |  |  |")
         asyncio.run(overload(capacity, streams, rows))
     table = "\n".join(rows) + "\n"
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / "capacity.md").write_text(table)
+    save("capacity.md", table)
     print(table)
 
 

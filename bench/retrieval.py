@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import alternatives  # noqa: E402
 
-from bench import free_port, knowledge_corpus, pct, wait_for_port  # noqa: E402
+from bench import free_port, knowledge_corpus, pct, save, wait_for_port  # noqa: E402
 from knowledge import Embeddings, KnowledgeBase, split_cjk  # noqa: E402
 
 WORD = re.compile(r"\w+")
@@ -156,8 +156,7 @@ def main() -> None:
     speed(rows)
     asyncio.run(quality(rows))
     table = "\n".join(rows) + "\n"
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / "knowledge.md").write_text(table)
+    save("knowledge.md", table)
     print(table)
 
 

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, UPSTREAM_KEY, error_of, sse_events
+from tests.conftest import API_KEY, UPSTREAM_KEY, error_of, post, sse_events
 
 USER = [{"role": "user", "content": "Hi"}]
 AUTH = {"authorization": f"Bearer {API_KEY}"}
@@ -189,22 +189,14 @@ def test_engine_fields_stay_on_our_side(http, upstream):
 
 def test_strip_fields_setting_keeps_more_keys_back(make_server, upstream):
     server = make_server(strip_fields=frozenset({"tenant"}))
-    httpx.post(
-        f"{server.url}/chat/completions",
-        headers={"authorization": f"Bearer {API_KEY}"},
-        json={"stream": True, "messages": USER, "tenant": "acme", "top_k": 3},
-    ).read()
+    post(server, {"stream": True, "messages": USER, "tenant": "acme", "top_k": 3}).read()
     received = upstream.requests[-1]["body"]
     assert "tenant" not in received and received["top_k"] == 3
 
 
 def test_model_defaults_to_llm_model(make_server, upstream):
     server = make_server(llm_model="default-model")
-    httpx.post(
-        f"{server.url}/chat/completions",
-        headers={"authorization": f"Bearer {API_KEY}"},
-        json={"stream": True, "messages": USER},
-    ).read()
+    post(server, {"stream": True, "messages": USER}).read()
     assert upstream.requests[-1]["body"]["model"] == "default-model"
 
 
@@ -256,10 +248,6 @@ def test_disconnect_before_first_token_cancels_the_upstream(http, upstream):
 
 def test_no_upstream_configured_is_a_503(make_server, upstream):
     server = make_server(llm_base_url="https://api.openai.com/v1", llm_api_key="")
-    response = httpx.post(
-        f"{server.url}/chat/completions",
-        headers={"authorization": f"Bearer {API_KEY}"},
-        json={"stream": True, "messages": USER},
-    )
+    response = post(server, {"stream": True, "messages": USER})
     assert response.status_code == 503 and error_of(response)["code"] == "no_upstream"
     assert upstream.requests == []

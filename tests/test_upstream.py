@@ -65,22 +65,14 @@ def test_unreachable_upstream_is_a_502(make_server, upstream):
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]
     server = make_server(llm_base_url=f"http://127.0.0.1:{port}/v1")
-    response = httpx.post(
-        f"{server.url}/chat/completions",
-        headers={"authorization": f"Bearer {API_KEY}"},
-        json={"stream": True, "messages": USER},
-    )
+    response = post(server, {"stream": True, "messages": USER})
     assert response.status_code == 502 and error_of(response)["code"] == "upstream_unreachable"
 
 
 def test_slow_first_token_is_a_504(make_server, upstream):
     upstream.script.first_delay = 2
     server = make_server(llm_first_token_timeout=0.3)
-    response = httpx.post(
-        f"{server.url}/chat/completions",
-        headers={"authorization": f"Bearer {API_KEY}"},
-        json={"stream": True, "messages": USER},
-    )
+    response = post(server, {"stream": True, "messages": USER})
     # Nothing was sent to the caller yet, so the timeout is still a plain HTTP status.
     assert response.status_code == 504 and error_of(response)["code"] == "upstream_timeout"
 
@@ -88,11 +80,7 @@ def test_slow_first_token_is_a_504(make_server, upstream):
 def test_stall_mid_stream_ends_with_an_error_event_and_done(make_server, upstream):
     upstream.script.stall_after = 3
     server = make_server(llm_idle_timeout=0.3)
-    response = httpx.post(
-        f"{server.url}/chat/completions",
-        headers={"authorization": f"Bearer {API_KEY}"},
-        json={"stream": True, "messages": USER},
-    )
+    response = post(server, {"stream": True, "messages": USER})
     events = sse_events(response)
     assert [b"data: " + e + b"\n\n" for e in events[:3]] == upstream.events()[:3]
     assert json.loads(events[3]) == {
