@@ -276,6 +276,9 @@ def test_ready_shares_one_probe_among_many_callers(make_server, upstream):
     def ask_ready(_) -> int:
         return httpx.get(server.url + "/ready", timeout=10).status_code
 
+    started = time.monotonic()
     with ThreadPoolExecutor(50) as pool:
         statuses = list(pool.map(ask_ready, range(300)))
-    assert set(statuses) == {503} and len(upstream.probes) - probes <= 5
+    # A failed probe stands for a second, so a slow machine may see one more per second it takes.
+    allowed = 2 + int(time.monotonic() - started)
+    assert set(statuses) == {503} and len(upstream.probes) - probes <= allowed
