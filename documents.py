@@ -77,10 +77,24 @@ def html_text(html: str) -> str:
         marks = " ".join([*(tag.get("class") or []), str(tag.get("id") or "")])
         if _FURNITURE.search(marks) and tag.name not in ("body", "html", "main", "article"):
             tag.decompose()
+    for link in soup.select("a[rel~=next], a[rel~=prev], a[rel~=up]"):
+        _drop_link_bar(link)
     root = soup.find("main") or soup.select_one("[role=main]") or soup.find("article") or soup.body or soup
     parts: list[str] = []
     _walk(root, parts)
     return re.sub(r"\n\s*\n\s*", "\n\n", "".join(parts)).strip()
+
+
+def _drop_link_bar(link: Tag) -> None:
+    """Remove the "Next: … Previous: … Up: …" bar a page-to-page link sits in (texinfo, many
+    generators): the nearest block around it, when a good part of its text is link text."""
+    block = link.find_parent(("p", "div", "td", "li"))
+    if block is None or block.decomposed or block.name in ("body", "main", "article"):
+        return
+    text = len(block.get_text(" ", strip=True))
+    linked = sum(len(a.get_text(" ", strip=True)) for a in block.find_all("a"))
+    if text and linked / text >= 0.3:  # "Next: <a>…</a>, Up: <a>…</a>" is mostly its links
+        block.decompose()
 
 
 def _walk(node: Tag, parts: list[str]) -> None:
@@ -203,18 +217,18 @@ def chunk_markdown(text: str) -> list[tuple[str, str]]:
     A section longer than a chunk continues in the next one, which starts with the last words of
     the one before (the overlap), so a fact cut in two is still found whole in one of them."""
     chunks: list[tuple[str, str]] = []
-    path: list[str] = []
+    path: list[tuple[int, str]] = []  # (level, title) of the headings the text sits under
     paragraphs: list[str] = []
 
     def flush() -> None:
-        current = ""
+        current, where = "", " › ".join(title for _, title in path)
         for paragraph in paragraphs:
             if current and len(current) + len(paragraph) > MAX_CHUNK_CHARS:
-                chunks.append((" › ".join(path), current))
+                chunks.append((where, current))
                 current = _tail(current) + " …"
             current = f"{current}\n\n{paragraph}" if current else paragraph
         if current:
-            chunks.append((" › ".join(path), current))
+            chunks.append((where, current))
         paragraphs.clear()
 
     for block, code in blocks(text):
@@ -222,8 +236,10 @@ def chunk_markdown(text: str) -> list[tuple[str, str]]:
         heading = None if code else _HEADING.match(block.splitlines()[0]) if block else None
         if heading:
             flush()
-            del path[len(heading.group(1)) - 1 :]
-            path.append(heading.group(2).strip().strip("#").strip())
+            level = len(heading.group(1))
+            while path and path[-1][0] >= level:  # a sibling or an uncle ends the sections below it
+                path.pop()
+            path.append((level, heading.group(2).strip().strip("#").strip()))
             block = "\n".join(block.splitlines()[1:]).strip()
         if block.strip():
             paragraphs.extend(_pieces(block))

@@ -296,3 +296,18 @@ def test_markdown_code_fences_are_text_of_their_section():
     chunks = documents.chunk_markdown(markdown)
     assert [heading for heading, _ in chunks] == ["Shell", "Shell › Next"]
     assert "# a comment, not a heading\n\necho hi" in chunks[0][1]
+
+
+def test_page_to_page_link_bars_are_navigation_and_sibling_sections_stay_siblings():
+    # The shape GNU texinfo writes: a "Next/Previous/Up" bar above every section, h2 then h3s.
+    bar = '<div class="header"><p>Next: <a rel="next" href="b.html">Output</a>, Up: <a rel="up" href="i.html">Top</a></p></div>'
+    page = f"""<html><body><div class="chapter">{bar}<h2>1 Comparison</h2><p>How diff compares.</p>
+      <div class="section">{bar}<h3>1.1 Hunks</h3><p>Groups of lines.</p></div>
+      <div class="section">{bar}<h3>1.2 Blank lines</h3><p>Ignoring them.</p></div></div></body></html>"""
+    chunks = documents.chunk_markdown(documents.html_text(page))
+    assert [heading for heading, _ in chunks] == [
+        "1 Comparison",
+        "1 Comparison › 1.1 Hunks",
+        "1 Comparison › 1.2 Blank lines",
+    ]
+    assert not any("Next" in text or "Top" in text for _, text in chunks)
