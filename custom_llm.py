@@ -146,7 +146,8 @@ class Settings:
     knowledge_max_file_bytes: int = setting("KNOWLEDGE_MAX_FILE_BYTES", 20_000_000, int)
     knowledge_pdf_seconds: float = setting("KNOWLEDGE_PDF_SECONDS", 10.0, float)
     rag_top_k: int = setting("RAG_TOP_K", 3, int)
-    rag_min_score: float = setting("RAG_MIN_SCORE", 0.5, float)
+    # Share (0 to 1) of a question's information a passage must hold to be injected; knowledge.py.
+    rag_min_coverage: float = setting("RAG_MIN_COVERAGE", 0.5, float)
     rag_deadline_ms: int = setting("RAG_DEADLINE_MS", 300, int)
     embedding_model: str = setting("EMBEDDING_MODEL", "")  # set: hybrid search (BM25 + embeddings)
     embedding_base_url: str = setting("EMBEDDING_BASE_URL", "")  # empty: LLM_BASE_URL
@@ -190,6 +191,10 @@ class Settings:
             value = getattr(self, spec.name)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
                 raise ValueError(f"{spec.metadata['env']} must not be negative, not {value}")
+        if self.rag_min_coverage > 1:
+            raise ValueError(f"RAG_MIN_COVERAGE is a share from 0 to 1, not {self.rag_min_coverage}")
+        if os.environ.get("RAG_MIN_SCORE"):  # a raw BM25 floor meant something else at every corpus size
+            log.warning("RAG_MIN_SCORE is no longer read; RAG_MIN_COVERAGE (0 to 1) decides what /rag injects")
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -250,7 +255,7 @@ class Settings:
             KnowledgeBase(
                 self.knowledge_dir,
                 self.knowledge_index or None,
-                self.rag_min_score,
+                self.rag_min_coverage,
                 self.knowledge_max_file_bytes,
                 self.knowledge_pdf_seconds,
             ),

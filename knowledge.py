@@ -7,18 +7,22 @@ the grounding prompt), behind a small `Retriever` interface you can replace.
   its file and heading path, so answers can cite where they came from.
 - The index is a SQLite file. A restart with unchanged documents re-indexes nothing; a changed,
   added or removed file updates only its own chunks (content hashes decide).
-- Search is BM25. English words are stemmed (FTS5's porter tokenizer); Chinese and Japanese,
-  written without spaces, are indexed character by character and questions are split the same
-  way; long words also match as prefixes, and every word is optional, so a misheard or cut-off
-  word in a spoken question does not lose the passage.
+- Search ranks by BM25 over the words terms.py makes (English stemmed, Chinese segmented by
+  jieba, stopwords and question words out), then keeps only the passages that cover enough of
+  what the question asks: the share of its informative words, each weighted by how rare it is in
+  general language, that the passage contains. That share means the same for a one-file FAQ as
+  for 100,000 chunks, so "tell me a joke" finds nothing anywhere and "are you open on mondays"
+  finds its answer in a two-chunk FAQ.
+- A word the index does not know may have been misheard: it also matches known words that sound
+  the same (hawks → hooks, 全线 → 权限) and two words heard apart ("time out" → timeout), for
+  less credit than the word itself.
 - Hybrid search, with an OpenAI-compatible /embeddings endpoint: BM25 and the embeddings'
   ranking fused by reciprocal rank.
 """
 
 import asyncio
-import difflib
+import bisect
 import hashlib
-import itertools
 import logging
 import random
 import re
@@ -36,20 +40,27 @@ import numpy as np
 import metrics
 from documents import SUFFIXES, chunk_markdown, read_document
 from serving import facts
-from text import CJK_RANGES, is_cjk, language, message_text
+from terms import Word, heard_apart, index_terms, question_words, sound, warm_up
+from text import is_cjk, language, message_text
 
 log = logging.getLogger("custom_llm.knowledge")
 
-MAX_QUERY_TERMS = 32
-PREFIX_MIN = 5  # words this long also match as prefixes ("configur" finds "configuration")
-
-_CJK = re.compile(f"([{CJK_RANGES}])")
-_WORD = re.compile(r"\w+", re.UNICODE)
+SCHEMA_VERSION = 2  # bumped when the terms change: an index made by another version is rebuilt
+CANDIDATES = 24  # BM25's best this many are checked for coverage
+HEARD_CREDIT = 0.8  # a word matched only as what it may have been misheard for counts this much
+HEARD_MAX = 3  # known words one unknown word may stand for
+PREFIX_MIN = 4  # an unknown word this long may be the start of a known one, cut off
+# A passage must also hold at least this much of the question's information (terms.py's weights:
+# a word less common than "open" or "return", or two everyday ones), so "name" or "love" alone is no topic.
+MIN_EVIDENCE = 2.5
+COMMON_SHARE = 0.05  # a term in more than this share of the chunks is not looked up, only counted
+HEADING_WEIGHT = 3.0  # a word in a passage's heading path (its page and section titles) counts this much more
+RANKING = f"bm25(chunks, 1.0, {HEADING_WEIGHT})"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, hash TEXT, size INTEGER, mtime REAL);
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks USING fts5(
-    terms, text UNINDEXED, source UNINDEXED, heading UNINDEXED, hash UNINDEXED,
-    tokenize = 'porter unicode61 remove_diacritics 2');
+    terms, heading_terms, text UNINDEXED, source UNINDEXED, heading UNINDEXED, hash UNINDEXED,
+    tokenize = 'unicode61 remove_diacritics 2');
 CREATE TABLE IF NOT EXISTS embeddings (hash TEXT PRIMARY KEY, vector BLOB);
 CREATE VIRTUAL TABLE IF NOT EXISTS vocabulary USING fts5vocab(chunks, row);
 """
@@ -65,12 +76,19 @@ class Passage:
     heading: str  # "Title › Section", where the passage sits in its document
     score: float  # BM25 (or the fused score in hybrid search), higher is better
     rowid: int = 0
+    coverage: float = 1.0  # the share of the question's information the passage holds (0 to 1)
 
     def citation(self) -> str:
         return f"{self.source} › {self.heading}" if self.heading else self.source
 
     def as_dict(self) -> dict:
-        return {"source": self.source, "heading": self.heading, "score": round(self.score, 4), "text": self.text}
+        return {
+            "source": self.source,
+            "heading": self.heading,
+            "score": round(self.score, 4),
+            "coverage": round(self.coverage, 3),
+            "text": self.text,
+        }
 
 
 @dataclass
@@ -92,24 +110,24 @@ def text_hash(heading: str, text: str) -> str:
     return hashlib.sha256(f"{heading}\n{text}".encode()).hexdigest()
 
 
-def split_cjk(text: str) -> str:
-    """Put spaces around CJK characters so FTS5 sees each one as a token."""
-    return _CJK.sub(r" \1 ", text)
+def match_expression(terms: list[str]) -> str:
+    """Terms as an FTS5 OR-query of quoted terms (quoting keeps FTS5 syntax out)."""
+    return " OR ".join('"' + term.replace('"', '""') + '"' for term in terms)
 
 
-def query_terms(question: str) -> list[str]:
-    return list(dict.fromkeys(t.lower() for t in _WORD.findall(split_cjk(question))))[:MAX_QUERY_TERMS]
-
-
-def match_expression(terms: list[str]) -> str | None:
-    """Terms as an FTS5 OR-query of quoted terms (quoting keeps FTS5 syntax out); long words
-    also match as prefixes, for words cut short or with another ending."""
-    quoted = []
-    for term in terms:
-        quoted.append('"' + term.replace('"', '""') + '"')
-        if len(term) >= PREFIX_MIN and term.isascii():
-            quoted.append('"' + term[:-1].replace('"', '""') + '"*')
-    return " OR ".join(quoted) or None
+def coverage(
+    words: list[Word], heard: dict[str, list[str]], joined: dict[str, str], present: set[str]
+) -> tuple[float, float]:
+    """How much of the question's information a passage holds: (share, amount). A word matched
+    only as what it may have been misheard for counts for less, and never alone."""
+    said = guessed = 0.0
+    for word in words:
+        if word.term in present or joined.get(word.term) in present:  # "de scale" heard in two is as said
+            said += word.weight
+        elif any(alternative in present for alternative in heard.get(word.term, ())):
+            guessed += word.weight * HEARD_CREDIT
+    held = said + guessed if said else 0.0
+    return held / sum(word.weight for word in words), held
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,19 +149,22 @@ class KnowledgeBase:
         self,
         folder: str | Path,
         index_path: str | Path | None = None,
-        min_score: float = 0.0,
+        min_coverage: float = 0.5,
         max_file_bytes: int = 20_000_000,
         pdf_seconds: float = 10.0,
     ):
         self.folder = Path(folder)
         self.max_file_bytes, self.pdf_seconds = max_file_bytes, pdf_seconds
         self.index_path = str(index_path or default_index(self.folder))
-        self.min_score = min_score
+        self.min_coverage = min_coverage
         self._lock = threading.Lock()
         self._db = self._open()
         self.loaded = False
         self._stop = threading.Event()
-        self._vocabulary: dict[str, list[str]] | None = None  # the index's words by initial, for misheard words
+        self._vocabulary: dict[str, int] | None = None  # the index's terms -> in how many chunks
+        self._chunk_count = 0
+        self._sorted: list[str] = []  # the index's terms in order, for cut-off words
+        self._sounds: dict[str, list[str]] = {}  # how a term sounds -> the index's terms that sound so
         self._vectors: tuple[np.ndarray, np.ndarray] | None = (
             None  # (rowids, unit vectors as a matrix) of the embedded chunks, for hybrid search
         )
@@ -154,14 +175,19 @@ class KnowledgeBase:
             Path(self.index_path).parent.mkdir(parents=True, exist_ok=True)
         try:
             db = sqlite3.connect(self.index_path, check_same_thread=False, timeout=5)
-            db.executescript(SCHEMA)
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if tables and version != SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(f"made by another version ({version}, this is {SCHEMA_VERSION})")
+            db.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
             db.execute("SELECT hash FROM chunks LIMIT 1").fetchone()
             return db
-        except sqlite3.DatabaseError as error:  # corrupt, or not a database at all: start again
+        except sqlite3.DatabaseError as error:  # corrupt, not a database at all, or older: start again
             log.warning("knowledge index %s is unusable (%s); rebuilding it", self.index_path, error)
+            db.close()
             Path(self.index_path).unlink(missing_ok=True)
             db = sqlite3.connect(self.index_path, check_same_thread=False, timeout=5)
-            db.executescript(SCHEMA)
+            db.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
             return db
 
     @property
@@ -198,8 +224,8 @@ class KnowledgeBase:
                     progress(source, chunks)
         report.removed = self._forget([source for source in known if source not in present])
         report.seconds = time.perf_counter() - started
-        if report.indexed or report.removed:
-            self._vocabulary = None
+        if report.indexed or report.removed or self._vocabulary is None:
+            self._learn_vocabulary()
         self.loaded = self.loaded or ready_after
         log.info(
             "knowledge: %d files, %d (re)indexed with %d chunks, %d removed, %d skipped, %.2f s",
@@ -245,12 +271,14 @@ class KnowledgeBase:
         if not chunks:
             raise ValueError("no text")
         rows = [
-            (split_cjk(f"{heading}\n{text}"), text, source, heading, text_hash(heading, text))
+            (index_terms(text), index_terms(heading), text, source, heading, text_hash(heading, text))
             for heading, text in chunks
         ]
         with self._lock:
             self._db.execute("DELETE FROM chunks WHERE source = ?", (source,))
-            self._db.executemany("INSERT INTO chunks (terms, text, source, heading, hash) VALUES (?, ?, ?, ?, ?)", rows)
+            self._db.executemany(
+                "INSERT INTO chunks (terms, heading_terms, text, source, heading, hash) VALUES (?, ?, ?, ?, ?, ?)", rows
+            )
             self._db.execute(
                 "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", (source, digest, stat.st_size, stat.st_mtime)
             )
@@ -285,49 +313,82 @@ class KnowledgeBase:
         return [Passage(passages[r].text, passages[r].source, passages[r].heading, fused[r], r) for r in best]
 
     def _keyword(self, question: str, limit: int) -> list[Passage]:
-        expression = match_expression(self._heard(query_terms(question)))
-        if expression is None:
+        """BM25's best passages that hold enough of what the question asks, best first."""
+        words = question_words(question)
+        if not words:  # "hello", "thanks", 你好: nothing to look up
+            return []
+        heard, joined = self._heard(question, words)
+        vocabulary = self._vocabulary or {}
+        terms = [w.term for w in words] + [t for found in heard.values() for t in found] + list(joined.values())
+        known = sorted({t for t in terms if t in vocabulary}, key=vocabulary.__getitem__)
+        # The words in most chunks hardly change BM25's order but cost the most to score: rank by
+        # the others (coverage still counts them all).
+        common = COMMON_SHARE * max(self._chunk_count, 1)
+        looked_up = [t for t in known if vocabulary[t] <= common] or known[:1]
+        if not looked_up:
             return []
         with self._lock:
             rows = self._db.execute(
-                "SELECT rowid, text, source, heading, bm25(chunks, 1.0) FROM chunks"
-                " WHERE chunks MATCH ? ORDER BY bm25(chunks, 1.0) LIMIT ?",
-                (expression, limit),
+                f"SELECT rowid, text, source, heading, terms || ' ' || heading_terms, {RANKING} FROM chunks"
+                f" WHERE chunks MATCH ? ORDER BY {RANKING} LIMIT ?",
+                (match_expression(looked_up), max(limit, CANDIDATES)),
             ).fetchall()
-        # FTS5's bm25() is negative, lower is better; flip it so callers read "higher is better".
-        passages = [Passage(text, source, heading, -score, rowid) for rowid, text, source, heading, score in rows]
-        return [p for p in passages if p.score > self.min_score]
+        passages = []
+        for rowid, text, source, heading, held_terms, score in rows:
+            share, amount = coverage(words, heard, joined, set(held_terms.split()))
+            if share >= self.min_coverage and amount >= MIN_EVIDENCE:
+                # FTS5's bm25() is negative, lower is better; flip it so callers read "higher is better".
+                passages.append(Passage(text, source, heading, -score, rowid, share))
+        return passages[:limit]
 
     # --- speech-recognition noise ------------------------------------------------------------------
 
-    def _heard(self, terms: list[str]) -> list[str]:
-        """The terms plus what a misheard word was probably meant to be: a word split in two
-        ("lamb da") joined again, and a word the index does not know ("yeild") replaced by the
-        closest words it does know."""
-        joined = [a + b for a, b in itertools.pairwise(terms) if min(len(a), len(b)) <= 4 and (a + b).isalpha()]
-        extra = [word for word in joined if self._known(word)]
-        for term in terms:
-            if len(term) >= 4 and term.isascii() and term.isalpha() and not self._known(term):
-                extra += difflib.get_close_matches(term, self._words(term[0]), n=2, cutoff=0.75)
-        return terms + [word for word in extra if word not in terms]
+    def _heard(self, question: str, words: list[Word]) -> tuple[dict[str, list[str]], dict[str, str]]:
+        """For each word the index does not know, the known words it may have been meant as: a
+        word heard in two ("time out", 日 至) joined again, words that sound the same, and words
+        it is the cut-off start of. Known words are taken as said. Returns (term -> what it may
+        have been misheard for, term -> the known word it and its neighbour make together)."""
+        vocabulary = self._vocabulary if self._vocabulary is not None else self._learn_vocabulary()
+        heard: dict[str, list[str]] = {}
+        joined: dict[str, str] = {}
+        for together, stands_for in heard_apart(question):
+            for term in stands_for:
+                if term in vocabulary and len(term) > 1:
+                    continue
+                if together in vocabulary:
+                    joined[term] = together
+                else:
+                    heard.setdefault(term, []).extend(self._sounds.get(sound(together), [])[:HEARD_MAX])
+        for word in words:
+            if word.term not in vocabulary and len(word.term) >= 2:
+                sounds_like = [t for t in self._sounds.get(sound(word.term), []) if t != word.term]
+                heard.setdefault(word.term, []).extend(sounds_like[:HEARD_MAX] + self._completions(word))
+        return {term: list(dict.fromkeys(found)) for term, found in heard.items() if found}, joined
 
-    def _known(self, word: str) -> bool:
+    def _completions(self, word: Word) -> list[str]:
+        """Known English terms a cut-off word begins ("deliv" → delivery), found by bisection."""
+        if word.chinese or len(word.term) < PREFIX_MIN:
+            return []
+        found: list[str] = []
+        for term in self._sorted[bisect.bisect_left(self._sorted, word.term) :]:
+            if not term.startswith(word.term) or len(found) == HEARD_MAX:
+                break
+            found.append(term)
+        return found
+
+    def _learn_vocabulary(self) -> dict[str, int]:
+        """The index's terms, and which of them sound alike (rebuilt when the index changes)."""
+        warm_up()
         with self._lock:
-            return (
-                self._db.execute("SELECT 1 FROM chunks WHERE chunks MATCH ? LIMIT 1", (f'"{word}"',)).fetchone()
-                is not None
-            )
-
-    def _words(self, initial: str) -> list[str]:
-        """The index's (stemmed) words that start with a letter, cached until the index changes."""
-        if self._vocabulary is None:
-            with self._lock:
-                words = [row[0] for row in self._db.execute("SELECT term FROM vocabulary WHERE doc > 0")]
-            self._vocabulary = {}
-            for word in words:
-                if word.isascii() and word.isalpha() and len(word) >= 3:
-                    self._vocabulary.setdefault(word[0], []).append(word)
-        return self._vocabulary.get(initial, [])
+            counted = self._db.execute("SELECT term, doc FROM vocabulary WHERE doc > 0 ORDER BY doc DESC").fetchall()
+            self._chunk_count = self._db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        vocabulary = dict(counted)
+        sounds: dict[str, list[str]] = {}  # the most used first: the likelier meant
+        for term, _ in counted:
+            if len(term) >= 2 and not term.isdigit():
+                sounds.setdefault(sound(term), []).append(term)
+        self._vocabulary, self._sounds, self._sorted = vocabulary, sounds, sorted(vocabulary)
+        return vocabulary
 
     # --- embeddings (hybrid search, when EMBEDDING_MODEL is set) ---------------------------------
 

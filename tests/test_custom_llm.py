@@ -183,7 +183,13 @@ def test_a_retriever_of_your_own(make_server, upstream):
     assert "catalogue › Kettles › K-2" in context and "49 euros" in context
     hits = httpx.get(server.url + "/knowledge/search", params={"q": "kettle"}, headers=AUTH).json()["passages"]
     assert hits == [
-        {"source": "catalogue", "heading": "Kettles › K-2", "score": 1.0, "text": "The K-2 kettle costs 49 euros."}
+        {
+            "source": "catalogue",
+            "heading": "Kettles › K-2",
+            "score": 1.0,
+            "coverage": 1.0,
+            "text": "The K-2 kettle costs 49 euros.",
+        }
     ]
     post(server, {"messages": [{"role": "user", "content": "Hello!"}]}, "/rag/chat/completions")
     assert [m["role"] for m in upstream.requests[-1]["body"]["messages"]] == ["user"]

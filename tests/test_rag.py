@@ -91,10 +91,10 @@ def test_no_match_means_no_context_message(server, upstream):
 def test_non_streaming_rag_answers_with_context(client, upstream):
     client = client.with_options(base_url=str(client.base_url).rstrip("/") + "/rag")
     completion = client.chat.completions.create(
-        model="m", stream=False, messages=[{"role": "user", "content": "What is the audio chunk size?"}]
+        model="m", stream=False, messages=[{"role": "user", "content": "Must the audio be mono PCM?"}]
     )
     assert completion.choices[0].message.content == "Hello from the upstream."
-    assert "1280" in upstream.requests[-1]["body"]["messages"][0]["content"]
+    assert "16-bit, mono PCM" in upstream.requests[-1]["body"]["messages"][0]["content"]
 
 
 def test_sdk_streams_rag(client, upstream):
@@ -146,7 +146,7 @@ def test_http_search_returns_the_same_hits(server):
     response = httpx.get(server.url + "/knowledge/search", params={"q": "What audio format?", "limit": 2}, headers=AUTH)
     body = response.json()
     assert response.status_code == 200 and body["query"] == "What audio format?" and len(body["passages"]) == 2
-    assert {"source", "heading", "score", "text"} == set(body["passages"][0])
+    assert {"source", "heading", "score", "coverage", "text"} == set(body["passages"][0])
     assert httpx.get(server.url + "/knowledge/search", params={"q": "x"}).status_code == 401
     missing = httpx.get(server.url + "/knowledge/search", headers=AUTH)
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "q"

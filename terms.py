@@ -1,0 +1,183 @@
+"""The words search works with: what a text means to the knowledge base, and what a question asks.
+
+- English words are lowercased and stemmed (Snowball, PyStemmer); Chinese is segmented into words
+  by jieba (its dictionary ships in its wheel). Stopwords, question words and the small words of
+  conversation ("hello", "please", 吗, 怎么) are dropped in both languages: they never decide a match.
+- Every word of a question weighs what it tells in general language: wordfreq's frequency of the
+  word among English or Chinese text at large, as surprisal. "pytorch" or 权限 says much, "set" or
+  设置 little. This weight does not depend on the documents, so it means the same for one FAQ file
+  as for 100,000 chunks, which is what the relevance decision in knowledge.py needs.
+- How a word sounds, for misheard words: a Metaphone code in English (hawks/hooks, jason/json),
+  toneless pinyin in Chinese (全线/权限, 日至/日志).
+"""
+
+import itertools
+import logging
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import jellyfish
+import jieba
+import Stemmer
+import wordfreq
+from pypinyin import lazy_pinyin
+
+from text import CJK_RANGES
+
+jieba.setLogLevel(logging.WARNING)  # its "building prefix dict" lines are not ours to log
+_RUNS = re.compile(f"[{CJK_RANGES}]+|[^\\W_{CJK_RANGES}]+")  # a run of CJK, or a word of letters and digits
+_CJK_RUN = re.compile(f"[{CJK_RANGES}]+")
+_STEM = Stemmer.Stemmer("english")
+MAX_WORDS = 32  # a question's words considered; a hostile 10,000-word question costs no more
+MOST_COMMON_ZIPF = 8.0  # wordfreq's Zipf scale: 8 is a word used once every 100 words ("the" is 7.7)
+MIN_WEIGHT = 0.5
+
+# Grammar, question words and the small words of conversation: they say how something is asked,
+# not what it is about.
+STOPWORDS_EN = frozenset(
+    """a about above after again against all am an and any are aren't as at be because been before
+    being below between both but by can can't cannot could couldn't did didn't do does doesn't
+    doing don't down during each either else ever every few for from further had hadn't has hasn't
+    have haven't having he he'd he'll he's her here here's hers herself him himself his how how's i
+    i'd i'll i'm i've if in into is isn't it it's its itself just let's may me might mine more most
+    must mustn't my myself neither no nor not now of off often on once only or other ought our ours
+    ourselves out over own per please quite rather really same shall shan't she she'd she'll she's
+    should shouldn't so some such than that that's the their theirs them themselves then there
+    there's these they they'd they'll they're they've this those though through to too under until
+    up upon us very via was wasn't we we'd we'll we're we've were weren't what what's whatever when
+    when's where where's whether which while who who's whom whose why why's will with won't would
+    wouldn't yet you you'd you'll you're you've your yours yourself yourselves also anyone anything
+    everything nothing something someone somebody thing things way ways hello hi hey hiya thanks
+    thank cheers bye goodbye ok okay yes yeah yep nope um uh hmm oh ah well sure alright tell know
+    want wanna gonna like need let say said ask asking question much many
+    talk today tonight later soon""".split()  # noqa: SIM905 (a word list reads best as words)
+)
+STOPWORDS_ZH = frozenset(
+    """的 了 吗 呢 吧 啊 呀 哦 嗯 么 着 过 地 得 之 和 与 及 或 或者 而 并 但 但是
+    就 都 也 还 又 才 再 是 不 没 没有 有 在 要 会 能 能够 可以 可能 应该 需要 想
+    想要 请 请问 麻烦 一下 一个 一些 这 那 这个 那个 这些 那些 这样 那样 这里 那里 哪
+    哪个 哪些 哪里 哪儿 什么 怎么 怎么样 怎样 如何 为什么 为何 多少 几 几个 谁 吗 我
+    你 您 他 她 它 我们 你们 他们 她们 它们 自己 大家 咱们 把 被 给 让 对 从 向 到
+    用 以 为 比 跟 很 太 最 更 非常 真 挺 好 好的 好吧 对的 是的 谢谢 谢谢你 你好
+    您好 再见 拜拜 喂 嗨 告诉 知道 问 问题 叫 多久 几点 什么时候 一 个 些 下 上 中 里 后 前 时 时候""".split()  # noqa: SIM905 (a word list reads best as words)
+)
+
+# Question words of two: "how long" asks for a duration, it is not about length.
+QUESTION_PHRASES = frozenset(
+    {("how", "long"), ("how", "often"), ("how", "far"), ("how", "old"), ("how", "soon"), ("what", "time")}
+    | {("what", "kind"), ("what", "sort")}
+)
+
+
+@dataclass(frozen=True)
+class Word:
+    """One word of a question: the term as the index holds it, and how much it tells."""
+
+    term: str
+    weight: float
+    chinese: bool
+
+
+def _tokens(text: str) -> list[tuple[str, bool]]:
+    """The text's words in order, stopwords included, each with whether it is Chinese."""
+    found = []
+    for run in _RUNS.findall(text)[: MAX_WORDS * 4]:
+        if _CJK_RUN.fullmatch(run):
+            found += [(w, True) for word in jieba.lcut(run[: MAX_WORDS * 4]) for w in compound_parts(word) or [word]]
+        else:
+            found.append((run.lower(), False))
+    return found
+
+
+def _informative(word: str, chinese: bool) -> bool:
+    if chinese:
+        return word not in STOPWORDS_ZH
+    return word not in STOPWORDS_EN and not (len(word) == 1 and word.isalpha())
+
+
+def _term(word: str, chinese: bool) -> str:
+    return word if chinese else stem(word)
+
+
+def stem(word: str) -> str:
+    return _STEM.stemWord(word)
+
+
+def index_terms(text: str) -> str:
+    """A passage's terms, space-separated, as the index stores them. Chinese is cut for search:
+    a compound (文本文件) is indexed with the words inside it (文本, 文件), so either finds it."""
+    terms = []
+    for run in _RUNS.findall(text):
+        if _CJK_RUN.fullmatch(run):
+            terms += [w for w in jieba.cut_for_search(run) if w not in STOPWORDS_ZH]
+        else:
+            word = run.lower()
+            if word not in STOPWORDS_EN:
+                terms.append(stem(word))
+    return " ".join(terms)
+
+
+def question_words(question: str) -> list[Word]:
+    """The question's informative words, each once, with their weights."""
+    words: dict[str, Word] = {}
+    tokens = _tokens(question)
+    asked = [t for t, (before, _) in zip(tokens, [("", False), *tokens]) if (before, t[0]) not in QUESTION_PHRASES]
+    for word, chinese in [t for t in asked if _informative(*t)][:MAX_WORDS]:
+        term, weight = _term(word, chinese), informativeness(word, "zh" if chinese else "en")
+        if term not in words or words[term].weight < weight:
+            words[term] = Word(term, weight, chinese)
+    return list(words.values())
+
+
+def heard_apart(question: str) -> list[tuple[str, list[str]]]:
+    """Two neighbouring words that may be one word heard in two ("time out", 日 至): the joined
+    term, and the question's terms it would stand for. English pairs with a short word, Chinese
+    pairs with a single character (jieba leaves a misheard word in pieces)."""
+    pairs = []
+    for (a, a_zh), (b, b_zh) in itertools.pairwise(_tokens(question)[: MAX_WORDS * 2]):
+        if a_zh != b_zh or not (a + b).isalpha():
+            continue
+        if (a_zh and min(len(a), len(b)) == 1) or (not a_zh and min(len(a), len(b)) <= 4):
+            stands_for = [_term(w, a_zh) for w in (a, b) if _informative(w, a_zh)]
+            if stands_for:
+                pairs.append((_term(a + b, a_zh), stands_for))
+    return pairs
+
+
+@lru_cache(maxsize=65_536)
+def informativeness(word: str, lang: str) -> float:
+    """How much a word tells, from how rare it is in general language: 8 minus its Zipf frequency
+    (a word never seen in wordfreq's corpora, like a product name, tells the most)."""
+    return max(MIN_WEIGHT, MOST_COMMON_ZIPF - wordfreq.zipf_frequency(word, lang))
+
+
+@lru_cache(maxsize=65_536)
+def sound(term: str) -> str:
+    """How a term sounds: toneless pinyin for Chinese, Metaphone for English."""
+    if _CJK_RUN.fullmatch(term):
+        return "".join(lazy_pinyin(term))
+    code = jellyfish.metaphone(term)
+    return code if len(code) >= 3 else term  # two consonants sound like too many words
+
+
+def compound_parts(word: str) -> list[str]:
+    """The dictionary words inside a Chinese compound (磁盘空间 → 磁盘, 空间): a question asks for
+    them, and a passage may say them apart or together (the index holds both)."""
+    if len(word) <= 2:
+        return []
+    parts = {w for w in jieba.cut_for_search(word) if w != word and len(w) > 1}
+    cover, at = [], 0
+    while at < len(word):  # left to right, the longest part that starts here
+        part = max((p for p in parts if word.startswith(p, at)), key=len, default=None)
+        if part is None:
+            return []  # 机器人 is not 机器 plus something: keep it whole
+        cover.append(part)
+        at += len(part)
+    return cover
+
+
+def warm_up() -> None:
+    """Load jieba's and wordfreq's dictionaries now rather than in the first question."""
+    question_words("warm up the dictionaries 加载词典")
+    sound("词典")
