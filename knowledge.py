@@ -40,7 +40,7 @@ import numpy as np
 import metrics
 from documents import SUFFIXES, chunk_markdown, read_document
 from serving import facts
-from terms import Word, heard_apart, index_terms, question_words, sound, warm_up
+from terms import Word, heard_apart, index_terms, question_words, sound, tokens, warm_up
 from text import is_cjk, language, message_text
 
 log = logging.getLogger("custom_llm.knowledge")
@@ -56,13 +56,14 @@ MIN_EVIDENCE = 2.5
 COMMON_SHARE = 0.05  # a term in more than this share of the chunks is not looked up, only counted
 HEADING_WEIGHT = 3.0  # a word in a passage's heading path (its page and section titles) counts this much more
 RANKING = f"bm25(chunks, 1.0, {HEADING_WEIGHT})"
-SCHEMA = """
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, hash TEXT, size INTEGER, mtime REAL);
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks USING fts5(
     terms, heading_terms, text UNINDEXED, source UNINDEXED, heading UNINDEXED, hash UNINDEXED,
     tokenize = 'unicode61 remove_diacritics 2');
 CREATE TABLE IF NOT EXISTS embeddings (hash TEXT PRIMARY KEY, vector BLOB);
 CREATE VIRTUAL TABLE IF NOT EXISTS vocabulary USING fts5vocab(chunks, row);
+PRAGMA user_version = {SCHEMA_VERSION};
 """
 RRF_K = 60  # reciprocal rank fusion's usual constant
 MIN_SIMILARITY = 0.3  # a passage found only by meaning must be at least this close (cosine)
@@ -179,7 +180,7 @@ class KnowledgeBase:
             tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             if tables and version != SCHEMA_VERSION:
                 raise sqlite3.DatabaseError(f"made by another version ({version}, this is {SCHEMA_VERSION})")
-            db.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+            db.executescript(SCHEMA)
             db.execute("SELECT hash FROM chunks LIMIT 1").fetchone()
             return db
         except sqlite3.DatabaseError as error:  # corrupt, not a database at all, or older: start again
@@ -187,7 +188,7 @@ class KnowledgeBase:
             db.close()
             Path(self.index_path).unlink(missing_ok=True)
             db = sqlite3.connect(self.index_path, check_same_thread=False, timeout=5)
-            db.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+            db.executescript(SCHEMA)
             return db
 
     @property
@@ -314,10 +315,11 @@ class KnowledgeBase:
 
     def _keyword(self, question: str, limit: int) -> list[Passage]:
         """BM25's best passages that hold enough of what the question asks, best first."""
-        words = question_words(question)
+        said = tokens(question)
+        words = question_words(said)
         if not words:  # "hello", "thanks", 你好: nothing to look up
             return []
-        heard, joined = self._heard(question, words)
+        heard, joined = self._heard(said, words)
         vocabulary = self._vocabulary or {}
         terms = [w.term for w in words] + [t for found in heard.values() for t in found] + list(joined.values())
         known = sorted({t for t in terms if t in vocabulary}, key=vocabulary.__getitem__)
@@ -343,7 +345,7 @@ class KnowledgeBase:
 
     # --- speech-recognition noise ------------------------------------------------------------------
 
-    def _heard(self, question: str, words: list[Word]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    def _heard(self, said: list[tuple[str, bool]], words: list[Word]) -> tuple[dict[str, list[str]], dict[str, str]]:
         """For each word the index does not know, the known words it may have been meant as: a
         word heard in two ("time out", 日 至) joined again, words that sound the same, and words
         it is the cut-off start of. Known words are taken as said. Returns (term -> what it may
@@ -351,7 +353,7 @@ class KnowledgeBase:
         vocabulary = self._vocabulary if self._vocabulary is not None else self._learn_vocabulary()
         heard: dict[str, list[str]] = {}
         joined: dict[str, str] = {}
-        for together, stands_for in heard_apart(question):
+        for together, stands_for in heard_apart(said):
             for term in stands_for:
                 if term in vocabulary and len(term) > 1:
                     continue

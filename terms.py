@@ -79,8 +79,9 @@ class Word:
     chinese: bool
 
 
-def _tokens(text: str) -> list[tuple[str, bool]]:
-    """The text's words in order, stopwords included, each with whether it is Chinese."""
+def tokens(text: str) -> list[tuple[str, bool]]:
+    """A question's words in order, stopwords included, each with whether it is Chinese: cut
+    once per question, then read by question_words and heard_apart."""
     found = []
     for run in _RUNS.findall(text)[: MAX_WORDS * 4]:
         if _CJK_RUN.fullmatch(run):
@@ -118,11 +119,10 @@ def index_terms(text: str) -> str:
     return " ".join(terms)
 
 
-def question_words(question: str) -> list[Word]:
-    """The question's informative words, each once, with their weights."""
+def question_words(said: list[tuple[str, bool]]) -> list[Word]:
+    """The question's informative words (from tokens()), each once, with their weights."""
     words: dict[str, Word] = {}
-    tokens = _tokens(question)
-    asked = [t for t, (before, _) in zip(tokens, [("", False), *tokens]) if (before, t[0]) not in QUESTION_PHRASES]
+    asked = [t for t, (before, _) in zip(said, [("", False), *said]) if (before, t[0]) not in QUESTION_PHRASES]
     for word, chinese in [t for t in asked if _informative(*t)][:MAX_WORDS]:
         term, weight = _term(word, chinese), informativeness(word, "zh" if chinese else "en")
         if term not in words or words[term].weight < weight:
@@ -130,12 +130,12 @@ def question_words(question: str) -> list[Word]:
     return list(words.values())
 
 
-def heard_apart(question: str) -> list[tuple[str, list[str]]]:
+def heard_apart(said: list[tuple[str, bool]]) -> list[tuple[str, list[str]]]:
     """Two neighbouring words that may be one word heard in two ("time out", 日 至): the joined
     term, and the question's terms it would stand for. English pairs with a short word, Chinese
     pairs with a single character (jieba leaves a misheard word in pieces)."""
     pairs = []
-    for (a, a_zh), (b, b_zh) in itertools.pairwise(_tokens(question)[: MAX_WORDS * 2]):
+    for (a, a_zh), (b, b_zh) in itertools.pairwise(said[: MAX_WORDS * 2]):
         if a_zh != b_zh or not (a + b).isalpha():
             continue
         if (a_zh and min(len(a), len(b)) == 1) or (not a_zh and min(len(a), len(b)) <= 4):
@@ -179,5 +179,5 @@ def compound_parts(word: str) -> list[str]:
 
 def warm_up() -> None:
     """Load jieba's and wordfreq's dictionaries now rather than in the first question."""
-    question_words("warm up the dictionaries 加载词典")
+    question_words(tokens("warm up the dictionaries 加载词典"))
     sound("词典")
