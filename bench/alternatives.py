@@ -74,13 +74,13 @@ class Tantivy:
         return [self.sources[self.searcher.doc(address)["n"][0]] for _, address in hits]
 
 
-def timed(system, questions: list[str], limit: int = 3) -> list[float]:
-    """Milliseconds per search, after a warm-up."""
+def timed(search, questions: list[str], limit: int = 3) -> list[float]:
+    """Milliseconds per search(question, limit), after a warm-up."""
     for question in questions[:50]:
-        system.search(question, limit)
+        search(question, limit)
     timings = []
     for question in questions:
         started = time.perf_counter()
-        system.search(question, limit)
+        search(question, limit)
         timings.append((time.perf_counter() - started) * 1000)
     return timings

@@ -57,7 +57,7 @@ def server(kb: KnowledgeBase):
     return lambda question, limit: [(p.source, p.heading) for p in kb.search(question, limit)]
 
 
-def quality(kb: KnowledgeBase, chunks: int, files: int, rows: list[str]) -> None:
+def quality(kb: KnowledgeBase, files: int, rows: list[str]) -> None:
     answerable, unanswerable = QUESTIONS["answerable"], QUESTIONS["unanswerable"]
     chunk_list = chunks_of(kb)
     systems = {
@@ -73,7 +73,7 @@ def quality(kb: KnowledgeBase, chunks: int, files: int, rows: list[str]) -> None
     kinds = sorted({q["kind"] for q in unanswerable})
     rows += [
         "",
-        f"Retrieval quality on third-party documents ({files} files, {chunks:,} chunks: bench/corpora.py), "
+        f"Retrieval quality on third-party documents ({files} files, {kb.chunks:,} chunks: bench/corpora.py), "
         f"{len(answerable)} answerable spoken questions ({sum(q['noisy'] for q in answerable)} with "
         f"speech-recognition errors) and {len(unanswerable)} unanswerable ones (bench/retrieval-questions.json).",
         "",
@@ -85,7 +85,8 @@ def quality(kb: KnowledgeBase, chunks: int, files: int, rows: list[str]) -> None
         "|---|" + "---|" * (len(groups) + len(kinds) + 2),
     ]
     for name, search in systems.items():
-        ranks = [rank(search(q["q"], K), q["answer"]) for q in answerable]
+        hits = [search(q["q"], K) for q in answerable]
+        ranks = [rank(passages, q["answer"]) for passages, q in zip(hits, answerable)]
         cells = []
         for keep in groups.values():
             picked = [r for r, q in zip(ranks, answerable) if keep(q)]
@@ -93,7 +94,7 @@ def quality(kb: KnowledgeBase, chunks: int, files: int, rows: list[str]) -> None
             r5 = sum(r is not None for r in picked) / len(picked)
             mrr = sum(1 / r for r in picked if r) / len(picked)
             cells.append(f"{r1:.2f} / {r5:.2f} / {mrr:.2f}")
-        empty = sum(not search(q["q"], K) for q in answerable)
+        empty = sum(not passages for passages in hits)
         injected = {kind: [bool(search(q["q"], K)) for q in unanswerable if q["kind"] == kind] for kind in kinds}
         everything = [i for values in injected.values() for i in values]
         rows.append(
@@ -122,17 +123,6 @@ def tiny(rows: list[str]) -> None:
     ]
 
 
-def timed(search, questions: list[str]) -> list[float]:
-    for question in questions[:50]:  # warm-up
-        search(question, 3)
-    timings = []
-    for question in questions:
-        started = time.perf_counter()
-        search(question, 3)
-        timings.append((time.perf_counter() - started) * 1000)
-    return timings
-
-
 def speed(corpus: Path, rows: list[str]) -> None:
     folder = Path(tempfile.mkdtemp(prefix="speed-"))
     for copy in range(3):
@@ -142,9 +132,9 @@ def speed(corpus: Path, rows: list[str]) -> None:
     again = KnowledgeBase(folder, folder.parent / f"{folder.name}.sqlite3").index()
     questions = [q["q"] for q in QUESTIONS["answerable"] + QUESTIONS["unanswerable"]] * 5
     chunk_list = chunks_of(kb)
-    timings = {"this server": timed(server(kb), questions)}
+    timings = {"this server": alternatives.timed(server(kb), questions)}
     for system in (alternatives.BM25S(chunk_list), alternatives.Tantivy(chunk_list)):
-        timings[system.name] = timed(system.search, questions)
+        timings[system.name] = alternatives.timed(system.search, questions)
     rows += [
         "",
         f"Search latency over {kb.chunks:,} chunks (the corpus three times), the questions above, top 3 "
@@ -164,7 +154,7 @@ def main() -> None:
     kb = KnowledgeBase(corpus, corpus.parent / f"{corpus.name}.sqlite3")
     report = kb.index()
     rows = [f"Knowledge base, measured {time.strftime('%Y-%m-%d')} (`make bench-knowledge`)."]
-    quality(kb, kb.chunks, report.files, rows)
+    quality(kb, report.files, rows)
     tiny(rows)
     speed(corpus, rows)
     table = "\n".join(rows) + "\n"
