@@ -23,6 +23,12 @@ def ask(server, question: str, **extra) -> httpx.Response:
     return httpx.post(server.url + "/rag/chat/completions", json=body, headers=AUTH, timeout=10)
 
 
+def stream(server, question: str):
+    """A streamed /rag request with only the question, to read as it arrives."""
+    body = {"stream": True, "messages": [{"role": "user", "content": question}]}
+    return httpx.stream("POST", server.url + "/rag/chat/completions", headers=AUTH, timeout=10, json=body)
+
+
 def delta(event: bytes) -> dict:
     return json.loads(event)["choices"][0]["delta"]
 
@@ -44,13 +50,7 @@ def test_waiting_phrase_is_sent_before_retrieval_finishes(server, upstream):
     knowledge = server.server.config.app.state.service.retriever.base
     knowledge._lock.acquire()  # retrieval cannot finish while the test holds the index
     try:
-        with httpx.stream(
-            "POST",
-            server.url + "/rag/chat/completions",
-            headers=AUTH,
-            timeout=10,
-            json={"stream": True, "messages": [{"role": "user", "content": "What is the audio format?"}]},
-        ) as response:
+        with stream(server, "What is the audio format?") as response:
             lines = response.iter_lines()
             assert delta(next(lines)[6:].encode())["content"]
             time.sleep(0.1)
@@ -114,13 +114,7 @@ def test_upstream_failure_after_the_waiting_phrase_is_an_error_event(server, ups
 
 def test_disconnect_during_rag_cancels_the_upstream(server, upstream):
     upstream.script.first_delay = 5
-    with httpx.stream(
-        "POST",
-        server.url + "/rag/chat/completions",
-        headers=AUTH,
-        timeout=10,
-        json={"stream": True, "messages": [{"role": "user", "content": "Hi"}]},
-    ) as response:
+    with stream(server, "Hi") as response:
         lines = response.iter_lines()  # kept: a dropped iterator would close the connection early
         next(lines)
         deadline = time.monotonic() + 2
