@@ -1,4 +1,4 @@
-"""The knowledge base behind /rag: a persistent SQLite FTS5 index of a folder of documents, its
+"""The knowledge base behind /rag: a persistent SQLite index of a folder of documents, its
 search, and the /rag helpers around it (the waiting phrase, the follow-up query, the deadline,
 the grounding prompt), behind a small `Retriever` interface you can replace.
 
@@ -7,8 +7,8 @@ the grounding prompt), behind a small `Retriever` interface you can replace.
   its file and heading path, so answers can cite where they came from.
 - The index is a SQLite file. A restart with unchanged documents re-indexes nothing; a changed,
   added or removed file updates only its own chunks (content hashes decide).
-- Search ranks by BM25 over the words terms.py makes (English stemmed, Chinese segmented by
-  jieba, stopwords and question words out), then keeps only the passages that cover enough of
+- Search ranks by BM25 (ranking.py, in memory) over the words terms.py makes (English stemmed,
+  Chinese segmented by jieba, stopwords and question words out), keeping only the passages that cover enough of
   what the question asks: the share of its informative words, each weighted by how rare it is in
   general language, that the passage contains. That share means the same for a one-file FAQ as
   for 100,000 chunks, so "tell me a joke" finds nothing anywhere and "are you open on mondays"
@@ -39,30 +39,26 @@ import numpy as np
 
 import metrics
 from documents import SUFFIXES, chunk_markdown, read_document
+from ranking import Postings
 from serving import facts
 from terms import Word, heard_apart, index_terms, question_words, sound, tokens, warm_up
 from text import is_cjk, language, message_text
 
 log = logging.getLogger("custom_llm.knowledge")
 
-SCHEMA_VERSION = 2  # bumped when the terms change: an index made by another version is rebuilt
-CANDIDATES = 24  # BM25's best this many are checked for coverage
+SCHEMA_VERSION = 3  # bumped when the stored terms change: an index made by another version is rebuilt
 HEARD_CREDIT = 0.8  # a word matched only as what it may have been misheard for counts this much
 HEARD_MAX = 3  # known words one unknown word may stand for
 PREFIX_MIN = 4  # an unknown word this long may be the start of a known one, cut off
 # A passage must also hold at least this much of the question's information (terms.py's weights:
 # a word less common than "open" or "return", or two everyday ones), so "name" or "love" alone is no topic.
 MIN_EVIDENCE = 2.5
-COMMON_SHARE = 0.05  # a term in more than this share of the chunks is not looked up, only counted
-HEADING_WEIGHT = 3.0  # a word in a passage's heading path (its page and section titles) counts this much more
-RANKING = f"bm25(chunks, 1.0, {HEADING_WEIGHT})"
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, hash TEXT, size INTEGER, mtime REAL);
-CREATE VIRTUAL TABLE IF NOT EXISTS chunks USING fts5(
-    terms, heading_terms, text UNINDEXED, source UNINDEXED, heading UNINDEXED, hash UNINDEXED,
-    tokenize = 'unicode61 remove_diacritics 2');
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY, source TEXT, heading TEXT, text TEXT, hash TEXT, terms TEXT, heading_terms TEXT);
+CREATE INDEX IF NOT EXISTS chunks_by_source ON chunks (source);
 CREATE TABLE IF NOT EXISTS embeddings (hash TEXT PRIMARY KEY, vector BLOB);
-CREATE VIRTUAL TABLE IF NOT EXISTS vocabulary USING fts5vocab(chunks, row);
 PRAGMA user_version = {SCHEMA_VERSION};
 """
 RRF_K = 60  # reciprocal rank fusion's usual constant
@@ -111,23 +107,21 @@ def text_hash(heading: str, text: str) -> str:
     return hashlib.sha256(f"{heading}\n{text}".encode()).hexdigest()
 
 
-def match_expression(terms: list[str]) -> str:
-    """Terms as an FTS5 OR-query of quoted terms (quoting keeps FTS5 syntax out)."""
-    return " OR ".join('"' + term.replace('"', '""') + '"' for term in terms)
-
-
 def coverage(
-    words: list[Word], heard: dict[str, list[str]], joined: dict[str, str], present: set[str]
-) -> tuple[float, float]:
-    """How much of the question's information a passage holds: (share, amount). A word matched
-    only as what it may have been misheard for counts for less, and never alone."""
-    said = guessed = 0.0
+    words: list[Word], heard: dict[str, list[str]], joined: dict[str, str], postings: Postings
+) -> tuple[np.ndarray, np.ndarray]:
+    """How much of the question's information each chunk holds: (share, amount), one value per chunk.
+    A word matched only as what it may have been misheard for counts for less, and never alone."""
+    said = np.zeros(postings.size)  # float64: a passage holding every word has a share of exactly 1
+    guessed = np.zeros(postings.size)
     for word in words:
-        if word.term in present or joined.get(word.term) in present:  # "de scale" heard in two is as said
-            said += word.weight
-        elif any(alternative in present for alternative in heard.get(word.term, ())):
-            guessed += word.weight * HEARD_CREDIT
-    held = said + guessed if said else 0.0
+        # "de scale" heard in two is as said
+        holding = np.union1d(postings.holding(word.term), postings.holding(joined.get(word.term, "")))
+        said[holding] += word.weight
+        alternatives = [postings.holding(term) for term in heard.get(word.term, ())]
+        if alternatives:
+            guessed[np.setdiff1d(np.concatenate(alternatives), holding)] += word.weight * HEARD_CREDIT
+    held = said + np.where(said > 0, guessed, 0)
     return held / sum(word.weight for word in words), held
 
 
@@ -143,8 +137,9 @@ def default_index(folder: Path) -> Path:
 
 
 class KnowledgeBase:
-    """A persistent FTS5 index of one folder; index() and search() are safe from any thread, and a
-    search waits for the index only while one file's rows are written."""
+    """A persistent index of one folder; index() and search() are safe from any thread, and a
+    search waits for the index only while one file's rows are written. Search sees what index()
+    wrote once it has finished (or, from another process, at the next search)."""
 
     def __init__(
         self,
@@ -162,8 +157,8 @@ class KnowledgeBase:
         self._db = self._open()
         self.loaded = False
         self._stop = threading.Event()
-        self._vocabulary: dict[str, int] | None = None  # the index's terms -> in how many chunks
-        self._chunk_count = 0
+        self._postings: Postings | None = None  # the index's terms, in memory for search
+        self._loaded_version = -1  # the index file's data_version when they were loaded
         self._sorted: list[str] = []  # the index's terms in order, for cut-off words
         self._sounds: dict[str, list[str]] = {}  # how a term sounds -> the index's terms that sound so
         self._vectors: tuple[np.ndarray, np.ndarray] | None = (
@@ -225,8 +220,8 @@ class KnowledgeBase:
                     progress(source, chunks)
         report.removed = self._forget([source for source in known if source not in present])
         report.seconds = time.perf_counter() - started
-        if report.indexed or report.removed or self._vocabulary is None:
-            self._learn_vocabulary()
+        if report.indexed or report.removed or self._postings is None:
+            self._load_postings()
         self.loaded = self.loaded or ready_after
         log.info(
             "knowledge: %d files, %d (re)indexed with %d chunks, %d removed, %d skipped, %.2f s",
@@ -314,55 +309,55 @@ class KnowledgeBase:
         return [Passage(passages[r].text, passages[r].source, passages[r].heading, fused[r], r) for r in best]
 
     def _keyword(self, question: str, limit: int) -> list[Passage]:
-        """BM25's best passages that hold enough of what the question asks, best first."""
+        """The passages that hold enough of what the question asks, best BM25 score first."""
         said = tokens(question)
         words = question_words(said)
         if not words:  # "hello", "thanks", 你好: nothing to look up
             return []
-        heard, joined = self._heard(said, words)
-        vocabulary = self._vocabulary or {}
-        terms = [w.term for w in words] + [t for found in heard.values() for t in found] + list(joined.values())
-        known = sorted({t for t in terms if t in vocabulary}, key=vocabulary.__getitem__)
-        # The words in most chunks hardly change BM25's order but cost the most to score: rank by
-        # the others (coverage still counts them all).
-        common = COMMON_SHARE * max(self._chunk_count, 1)
-        looked_up = [t for t in known if vocabulary[t] <= common] or known[:1]
-        if not looked_up:
+        postings = self._current_postings()
+        heard, joined = self._heard(said, words, postings)
+        share, amount = coverage(words, heard, joined, postings)
+        enough = np.flatnonzero((share >= self.min_coverage) & (amount >= MIN_EVIDENCE))
+        if not enough.size:
             return []
+        terms = [w.term for w in words] + [t for found in heard.values() for t in found] + list(joined.values())
+        scores = postings.scores(terms)
+        best = enough[np.argsort(-scores[enough], kind="stable")[:limit]]
+        rowids = [int(postings.rowids[at]) for at in best]
         with self._lock:
-            rows = self._db.execute(
-                f"SELECT rowid, text, source, heading, terms || ' ' || heading_terms, {RANKING} FROM chunks"
-                f" WHERE chunks MATCH ? ORDER BY {RANKING} LIMIT ?",
-                (match_expression(looked_up), max(limit, CANDIDATES)),
-            ).fetchall()
-        passages = []
-        for rowid, text, source, heading, held_terms, score in rows:
-            share, amount = coverage(words, heard, joined, set(held_terms.split()))
-            if share >= self.min_coverage and amount >= MIN_EVIDENCE:
-                # FTS5's bm25() is negative, lower is better; flip it so callers read "higher is better".
-                passages.append(Passage(text, source, heading, -score, rowid, share))
-        return passages[:limit]
+            rows: dict[int, tuple[str, str, str]] = {
+                rowid: (text, source, heading)
+                for rowid, text, source, heading in self._db.execute(
+                    f"SELECT id, text, source, heading FROM chunks WHERE id IN ({','.join('?' * len(rowids))})", rowids
+                )
+            }
+        return [
+            Passage(*rows[rowid], float(scores[at]), rowid, float(share[at]))
+            for rowid, at in zip(rowids, best)
+            if rowid in rows  # a file re-indexed since the postings were loaded
+        ]
 
     # --- speech-recognition noise ------------------------------------------------------------------
 
-    def _heard(self, said: list[tuple[str, bool]], words: list[Word]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    def _heard(
+        self, said: list[tuple[str, bool]], words: list[Word], known: Postings
+    ) -> tuple[dict[str, list[str]], dict[str, str]]:
         """For each word the index does not know, the known words it may have been meant as: a
         word heard in two ("time out", 日 至) joined again, words that sound the same, and words
         it is the cut-off start of. Known words are taken as said. Returns (term -> what it may
         have been misheard for, term -> the known word it and its neighbour make together)."""
-        vocabulary = self._vocabulary if self._vocabulary is not None else self._learn_vocabulary()
         heard: dict[str, list[str]] = {}
         joined: dict[str, str] = {}
         for together, stands_for in heard_apart(said):
             for term in stands_for:
-                if term in vocabulary and len(term) > 1:
+                if term in known and len(term) > 1:
                     continue
-                if together in vocabulary:
+                if together in known:
                     joined[term] = together
                 else:
                     heard.setdefault(term, []).extend(self._sounds.get(sound(together), [])[:HEARD_MAX])
         for word in words:
-            if word.term not in vocabulary and len(word.term) >= 2:
+            if word.term not in known and len(word.term) >= 2:
                 sounds_like = [t for t in self._sounds.get(sound(word.term), []) if t != word.term]
                 heard.setdefault(word.term, []).extend(sounds_like[:HEARD_MAX] + self._completions(word))
         return {term: list(dict.fromkeys(found)) for term, found in heard.items() if found}, joined
@@ -378,19 +373,25 @@ class KnowledgeBase:
             found.append(term)
         return found
 
-    def _learn_vocabulary(self) -> dict[str, int]:
-        """The index's terms, and which of them sound alike (rebuilt when the index changes)."""
+    def _current_postings(self) -> Postings:
+        """The terms in memory, reloaded first when another process (`custom_llm.py index` run
+        beside the server, another worker) has changed the index file since they were loaded."""
+        with self._lock:
+            changed = self._db.execute("PRAGMA data_version").fetchone()[0] != self._loaded_version
+        return self._load_postings() if changed or self._postings is None else self._postings
+
+    def _load_postings(self) -> Postings:
+        """The index's terms in memory, and which of them sound alike (rebuilt when the index changes)."""
         warm_up()
         with self._lock:
-            counted = self._db.execute("SELECT term, doc FROM vocabulary WHERE doc > 0 ORDER BY doc DESC").fetchall()
-            self._chunk_count = self._db.execute("SELECT count(*) FROM chunks").fetchone()[0]
-        vocabulary = dict(counted)
+            self._loaded_version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            postings = Postings(self._db.execute("SELECT id, terms, heading_terms FROM chunks ORDER BY id"))
         sounds: dict[str, list[str]] = {}  # the most used first: the likelier meant
-        for term, _ in counted:
+        for term in sorted(postings.ids, key=postings.count, reverse=True):
             if len(term) >= 2 and not term.isdigit():
                 sounds.setdefault(sound(term), []).append(term)
-        self._vocabulary, self._sounds, self._sorted = vocabulary, sounds, sorted(vocabulary)
-        return vocabulary
+        self._postings, self._sounds, self._sorted = postings, sounds, sorted(postings.ids)
+        return postings
 
     # --- embeddings (hybrid search, when EMBEDDING_MODEL is set) ---------------------------------
 

@@ -50,8 +50,8 @@ STOPWORDS_EN = frozenset(
     wouldn't yet you you'd you'll you're you've your yours yourself yourselves also anyone anything
     everything nothing something someone somebody thing things way ways hello hi hey hiya thanks
     thank cheers bye goodbye ok okay yes yeah yep nope um uh hmm oh ah well sure alright tell know
-    want wanna gonna like need let say said ask asking question much many
-    talk today tonight later soon""".split()  # noqa: SIM905 (a word list reads best as words)
+    want wanna gonna like need let say said ask asking question much many name named called
+    talk today tonight later soon hear listen""".split()  # noqa: SIM905 (a word list reads best as words)
 )
 STOPWORDS_ZH = frozenset(
     """的 了 吗 呢 吧 啊 呀 哦 嗯 么 着 过 地 得 之 和 与 及 或 或者 而 并 但 但是
@@ -60,7 +60,8 @@ STOPWORDS_ZH = frozenset(
     哪个 哪些 哪里 哪儿 什么 怎么 怎么样 怎样 如何 为什么 为何 多少 几 几个 谁 吗 我
     你 您 他 她 它 我们 你们 他们 她们 它们 自己 大家 咱们 把 被 给 让 对 从 向 到
     用 以 为 比 跟 很 太 最 更 非常 真 挺 好 好的 好吧 对的 是的 谢谢 谢谢你 你好
-    您好 再见 拜拜 喂 嗨 告诉 知道 问 问题 叫 多久 几点 什么时候 一 个 些 下 上 中 里 后 前 时 时候""".split()  # noqa: SIM905 (a word list reads best as words)
+    您好 再见 拜拜 喂 嗨 告诉 知道 问 问题 叫 叫做 名字 名叫 听到 听见 听得见 听得到 说话 聊 聊天 回头
+    多久 几点 什么时候 一 个 些 下 上 中 里 后 前 时 时候""".split()  # noqa: SIM905 (a word list reads best as words)
 )
 
 # Question words of two: "how long" asks for a duration, it is not about length.

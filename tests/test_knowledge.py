@@ -137,6 +137,17 @@ def test_the_index_survives_a_restart(folder, tmp_path):
     assert again.index().indexed == 0
 
 
+def test_an_index_run_from_another_process_is_seen_at_the_next_search(folder, tmp_path):
+    """`custom_llm.py index` beside a running server writes the same file; the server's search,
+    which keeps the terms in memory, reloads them when the file has changed."""
+    serving = make_kb(folder, tmp_path)
+    serving.index()
+    assert top(serving, "Do you sell gift cards?") == ""
+    (folder / "gifts.md").write_text("# Gift cards\n\nGift cards are sold at the till, from ten to a hundred euros.\n")
+    make_kb(folder, tmp_path).index()  # another connection, as another process would be
+    assert top(serving, "Do you sell gift cards?") == "gifts.md › Gift cards"
+
+
 def test_bad_files_are_skipped_and_counted(folder, tmp_path, caplog):
     (folder / "empty.md").write_text("")
     (folder / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
