@@ -13,9 +13,9 @@ the grounding prompt), behind a small `Retriever` interface you can replace.
   general language, that the passage contains. That share means the same for a one-file FAQ as
   for 100,000 chunks, so "tell me a joke" finds nothing anywhere and "are you open on mondays"
   finds its answer in a two-chunk FAQ.
-- A word the index does not know may have been misheard: it also matches known words that sound
-  the same (hawks → hooks, 全线 → 权限) and two words heard apart ("time out" → timeout), for
-  less credit than the word itself.
+- Words may be misheard or spelt apart: two neighbouring words also match the one word they make
+  ("shut down" → shutdown, 日 至 → 日志), and a word the index does not know also matches known
+  words that sound the same (jason → json, 全线 → 权限), for less credit than the word itself.
 - Hybrid search, with an OpenAI-compatible /embeddings endpoint: BM25 and the embeddings'
   ranking fused by reciprocal rank.
 """
@@ -342,19 +342,17 @@ class KnowledgeBase:
     def _heard(
         self, said: list[tuple[str, bool]], words: list[Word], known: Postings
     ) -> tuple[dict[str, list[str]], dict[str, str]]:
-        """For each word the index does not know, the known words it may have been meant as: a
-        word heard in two ("time out", 日 至) joined again, words that sound the same, and words
-        it is the cut-off start of. Known words are taken as said. Returns (term -> what it may
-        have been misheard for, term -> the known word it and its neighbour make together)."""
+        """What the question's words may have been meant as: two neighbours as the one word the
+        index knows they make ("shut down", "time out", 日 至), and for each word the index does
+        not know, known words that sound the same or that it is the cut-off start of. Returns
+        (term -> what it may have been misheard for, term -> the known word it and its neighbour make)."""
         heard: dict[str, list[str]] = {}
         joined: dict[str, str] = {}
         for together, stands_for in heard_apart(said):
             for term in stands_for:
-                if term in known and len(term) > 1:
-                    continue
-                if together in known:
+                if together in known:  # "shut down" is also the index's "shutdown"
                     joined[term] = together
-                else:
+                elif term not in known or len(term) == 1:
                     heard.setdefault(term, []).extend(self._sounds.get(sound(together), [])[:HEARD_MAX])
         for word in words:
             if word.term not in known and len(word.term) >= 2:

@@ -99,6 +99,18 @@ def test_noisy_spoken_questions_still_find_the_passage(folder, tmp_path):
     assert top(kb, "how do I de scale it") == "manual.pdf"  # one word heard as two
 
 
+def test_two_words_also_match_the_one_word_they_make(tmp_path):
+    """ "shut down" is the index's "shutdown", even though "shut" is a word of its own elsewhere."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "power.md").write_text(
+        "# Power\n\n## Lid\n\nKeep the lid shut while the water boils.\n\n"
+        "## Shutdown\n\nA shutdown takes five seconds: hold the button until the lamp turns red.\n"
+    )
+    kb = make_kb(tmp_path / "docs", tmp_path)
+    kb.index()
+    assert top(kb, "how long does a shut down take?") == "power.md › Power › Shutdown"
+
+
 def test_chunks_are_bounded_overlap_and_keep_their_heading(tmp_path):
     sentences = [f"Fact number {n} is that item {n} weighs {n} kilos." for n in range(120)]
     (tmp_path / "long.md").write_text("# Catalogue\n\n## Weights\n\n" + "\n\n".join(sentences))
