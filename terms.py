@@ -5,8 +5,9 @@
   conversation ("hello", "please", 吗, 怎么) are dropped in both languages: they never decide a match.
 - Every word of a question weighs what it tells in general language: wordfreq's frequency of the
   word among English or Chinese text at large, as surprisal. "pytorch" or 权限 says much, "set" or
-  设置 little. This weight does not depend on the documents, so it means the same for one FAQ file
-  as for 100,000 chunks, which is what the relevance decision in knowledge.py needs.
+  设置 little; a Chinese verb, adjective or adverb counts half (jieba's dictionary tags it). This
+  weight does not depend on the documents, so it means the same for one FAQ file as for 100,000
+  chunks, which is what the relevance decision in knowledge.py needs.
 - How a word sounds, for misheard words: a Metaphone code in English (jason/json, sink/sync),
   toneless pinyin in Chinese (全线/权限, 日至/日志).
 """
@@ -19,6 +20,7 @@ from functools import lru_cache
 
 import jellyfish
 import jieba
+import jieba.posseg
 import Stemmer
 import wordfreq
 from pypinyin import lazy_pinyin
@@ -69,6 +71,14 @@ QUESTION_PHRASES = frozenset(
     {("how", "long"), ("how", "often"), ("how", "far"), ("how", "old"), ("how", "soon"), ("what", "time")}
     | {("what", "kind"), ("what", "sort")}
 )
+
+
+# A Chinese question names what it is about with nouns; the verb, adjective or adverb around them
+# is often said differently in the documents (解压 where a manual says 提取, 最后 where it says 末尾),
+# and a numeral or measure word (一部, 几行) tells little. By jieba's dictionary tag, a word weighs this
+# share of its surprisal; a noun, a name and a word jieba does not know (a product, a command) weigh it all.
+CHINESE_PART_OF_SPEECH = {"v": 0.5, "a": 0.5, "d": 0.5, "b": 0.5, "f": 0.5, "m": 0.3, "q": 0.3}
+_TAGS: dict[str, str] = jieba.posseg.dt.word_tag_tab
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,8 @@ def question_words(said: list[tuple[str, bool]]) -> list[Word]:
     asked = [t for t, (before, _) in zip(said, [("", False), *said]) if (before, t[0]) not in QUESTION_PHRASES]
     for word, chinese in [t for t in asked if _informative(*t)][:MAX_WORDS]:
         term, weight = _term(word, chinese), informativeness(word, "zh" if chinese else "en")
+        if chinese:
+            weight *= CHINESE_PART_OF_SPEECH.get(_TAGS.get(word, "n")[:1], 1.0)
         if term not in words or words[term].weight < weight:
             words[term] = Word(term, weight, chinese)
     return list(words.values())

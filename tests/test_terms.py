@@ -1,0 +1,54 @@
+"""terms.py: the words a question asks and a passage holds, their weights and how they sound."""
+
+import pytest
+
+from terms import heard_apart, index_terms, informativeness, question_words, sound, tokens
+
+
+def asked(question: str) -> dict[str, float]:
+    return {word.term: word.weight for word in question_words(tokens(question))}
+
+
+@pytest.mark.parametrize(
+    ("question", "terms"),
+    [
+        ("Hello! How long does delivery take, please?", {"deliveri", "take"}),  # "how long" asks, "long" is no topic
+        ("what's your name?", set()),
+        ("can you hear me?", set()),
+        ("你好，请问怎么修改文件的权限？", {"修改", "文件", "权限"}),
+        ("谢谢你", set()),
+    ],
+)
+def test_only_words_that_carry_meaning_are_asked(question, terms):
+    assert set(asked(question)) == terms
+
+
+def test_rare_words_weigh_more_than_everyday_ones_in_both_languages():
+    english, chinese = asked("how do I set the pytorch timeout"), asked("怎么设置权限")
+    assert english["pytorch"] > english["timeout"] > english["set"]
+    assert chinese["权限"] > chinese["设置"]
+
+
+def test_a_chinese_verb_or_adverb_counts_half_a_noun_all():
+    weights = asked("怎么正确解压归档文件")
+    assert weights["解压"] == pytest.approx(informativeness("解压", "zh") / 2)  # a verb
+    assert weights["正确"] == pytest.approx(informativeness("正确", "zh") / 2)  # an adverb
+    assert weights["文件"] == pytest.approx(informativeness("文件", "zh"))  # a noun
+    assert asked("怎么用docker部署")["docker"] == pytest.approx(informativeness("docker", "en"))
+
+
+def test_a_compound_is_asked_and_indexed_as_its_parts_too():
+    assert set(asked("怎么查看磁盘空间")) >= {"磁盘", "空间"}
+    assert {"磁盘", "空间"} <= set(index_terms("显示磁盘空间的使用情况").split())
+
+
+def test_words_heard_apart_are_offered_joined():
+    assert ("timeout", ["time"]) in heard_apart(tokens("set a time out"))
+    assert ("日至", ["日", "至"]) in heard_apart([("日", True), ("至", True)])  # then heard as 日志 by sound
+
+
+def test_words_that_sound_alike_share_a_sound():
+    assert sound("jason") == sound("json") and sound("sink") == sound("sync")
+    assert sound("全线") == sound("权限") and sound("内村") == sound("内存")
+    assert sound("日至") == sound("日志")
+    assert sound("pip") == "pip"  # a two-letter code (PP) would sound like too many words: it stands for itself
