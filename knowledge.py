@@ -350,9 +350,11 @@ class KnowledgeBase:
         joined: dict[str, str] = {}
         for together, stands_for in heard_apart(said):
             for term in stands_for:
-                if together in known:  # "shut down" is also the index's "shutdown"
+                unknown = term not in known or len(term) == 1
+                # "shut down" is also the index's "shutdown"; a known word and one letter ("I use") is not a word
+                if together in known and (unknown or len(together) - len(term) >= 2):
                     joined[term] = together
-                elif term not in known or len(term) == 1:
+                elif unknown:
                     heard.setdefault(term, []).extend(self._sounds.get(sound(together), [])[:HEARD_MAX])
         for word in words:
             if word.term not in known and len(word.term) >= 2:
