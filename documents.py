@@ -23,7 +23,7 @@ _FENCE = re.compile(r"^\s*(```|~~~)")
 # HTML: the main content, as Markdown-like text
 # ---------------------------------------------------------------------------------------------
 
-_NOT_CONTENT = [
+_NOT_CONTENT = {
     "script",
     "style",
     "noscript",
@@ -36,8 +36,9 @@ _NOT_CONTENT = [
     "form",
     "button",
     "iframe",
-]
-_NOT_CONTENT_ROLES = "[role=navigation], [role=banner], [role=contentinfo], [role=search], [role=complementary]"
+}
+_NOT_CONTENT_ROLES = {"navigation", "banner", "contentinfo", "search", "complementary"}
+_PAGE_LINKS = {"next", "prev", "up"}  # rel= of the links between pages of a manual
 # Class or id words that mark page furniture in documentation themes (Sphinx, MkDocs, Docusaurus...).
 _FURNITURE = re.compile(
     r"(^|[-_ ])(nav|navbar|navigation|sidebar|sidebar-?wrapper|toc|tocs|menu|breadcrumbs?|"
@@ -69,32 +70,42 @@ _BLOCKS = {
 def html_text(html: str) -> str:
     """An HTML page's main content as text: headings as '#' lines, code blocks fenced."""
     soup = BeautifulSoup(html, "html.parser")
-    for tag in [*soup.find_all(_NOT_CONTENT), *soup.select(_NOT_CONTENT_ROLES)]:
-        tag.decompose()
-    for tag in soup.find_all(True):
-        if tag.decomposed:  # inside something removed already
-            continue
-        marks = " ".join([*(tag.get("class") or []), str(tag.get("id") or "")])
-        if _FURNITURE.search(marks) and tag.name not in ("body", "html", "main", "article"):
+    furniture = []
+    for tag in soup.find_all(True):  # one pass (CSS selectors cost a second per large page)
+        if _is_furniture(tag):
+            furniture.append(tag)
+        elif tag.name == "a" and _PAGE_LINKS.intersection(tag.get("rel") or ()) and (bar := _link_bar(tag)):
+            furniture.append(bar)
+    # Only the outermost of nested furniture is removed: that takes the rest with it. (Asking a
+    # live tag whether it was decomposed searches its whole subtree in bs4: quadratic on a big page.)
+    marked = {id(tag) for tag in furniture}
+    for tag in furniture:
+        if id(tag) in marked and not any(id(parent) in marked for parent in tag.parents):
             tag.decompose()
-    for link in soup.select("a[rel~=next], a[rel~=prev], a[rel~=up]"):
-        _drop_link_bar(link)
+            marked.discard(id(tag))
     root = soup.find("main") or soup.select_one("[role=main]") or soup.find("article") or soup.body or soup
     parts: list[str] = []
     _walk(root, parts)
     return re.sub(r"\n\s*\n\s*", "\n\n", "".join(parts)).strip()
 
 
-def _drop_link_bar(link: Tag) -> None:
-    """Remove the "Next: … Previous: … Up: …" bar a page-to-page link sits in (texinfo, many
+def _is_furniture(tag: Tag) -> bool:
+    """Scripts, navigation, headers and footers, sidebars, tables of contents: not what a page says."""
+    if tag.name in _NOT_CONTENT or tag.get("role") in _NOT_CONTENT_ROLES:
+        return True
+    marks = " ".join([*(tag.get("class") or []), str(tag.get("id") or "")])
+    return bool(_FURNITURE.search(marks)) and tag.name not in ("body", "html", "main", "article")
+
+
+def _link_bar(link: Tag) -> Tag | None:
+    """The "Next: … Previous: … Up: …" bar a page-to-page link sits in (texinfo, many
     generators): the nearest block around it, when a good part of its text is link text."""
     block = link.find_parent(("p", "div", "td", "li"))
-    if block is None or block.decomposed or block.name in ("body", "main", "article"):
-        return
+    if block is None or block.name in ("body", "main", "article"):
+        return None
     text = len(block.get_text(" ", strip=True))
     linked = sum(len(a.get_text(" ", strip=True)) for a in block.find_all("a"))
-    if text and linked / text >= 0.3:  # "Next: <a>…</a>, Up: <a>…</a>" is mostly its links
-        block.decompose()
+    return block if text and linked / text >= 0.3 else None  # "Next: <a>…</a>, Up: <a>…</a>" is mostly its links
 
 
 def _walk(node: Tag, parts: list[str]) -> None:

@@ -11,7 +11,7 @@ chunks:
 - the tiny corpus (bench/tiny: two short FAQ files): answerable questions that find their
   passage, unanswerable ones that get none;
 - search latency at ~13,000 chunks (the corpus three times over) for the same questions;
-- indexing speed, and a restart with unchanged documents.
+- indexing speed, and how soon a restart with unchanged documents can search.
 Writes bench/results/knowledge.md.
 """
 
@@ -129,7 +129,9 @@ def speed(corpus: Path, rows: list[str]) -> None:
         shutil.copytree(corpus, folder / f"copy{copy}")
     kb = KnowledgeBase(folder, folder.parent / f"{folder.name}.sqlite3")
     report = kb.index()
-    again = KnowledgeBase(folder, folder.parent / f"{folder.name}.sqlite3").index()
+    restarted = time.perf_counter()
+    again = KnowledgeBase(folder, folder.parent / f"{folder.name}.sqlite3").index()  # loads the terms too
+    restarted = time.perf_counter() - restarted
     questions = [q["q"] for q in QUESTIONS["answerable"] + QUESTIONS["unanswerable"]] * 5
     chunk_list = chunks_of(kb)
     timings = {"this server": alternatives.timed(server(kb), questions)}
@@ -145,7 +147,8 @@ def speed(corpus: Path, rows: list[str]) -> None:
         *(f"| {name} | {pct(t, 50):.2f} | {pct(t, 99):.2f} | {max(t):.2f} |" for name, t in timings.items()),
         "",
         f"Indexing: {report.chunks:,} chunks in {report.seconds:.1f} s ({report.chunks / report.seconds:,.0f} chunks/s); "
-        f"a restart with unchanged documents re-indexes {again.indexed} files in {again.seconds * 1000:.0f} ms.",
+        f"a restart with unchanged documents re-indexes {again.indexed} files and is ready to search "
+        f"(terms loaded into memory) in {restarted * 1000:.0f} ms.",
     ]
 
 
