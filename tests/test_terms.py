@@ -15,6 +15,8 @@ def asked(question: str) -> dict[str, float]:
         ("Hello! How long does delivery take, please?", {"deliveri", "take"}),  # "how long" asks, "long" is no topic
         ("what's your name?", set()),
         ("can you hear me?", set()),
+        ("are you a robot or a real human?", {"real"}),
+        ("你是机器人吗？", set()),
         ("你好，请问怎么修改文件的权限？", {"修改", "文件", "权限"}),
         ("谢谢你", set()),
     ],
