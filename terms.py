@@ -145,14 +145,14 @@ def question_words(said: list[tuple[str, bool]]) -> list[Word]:
 
 
 def heard_apart(said: list[tuple[str, bool]]) -> list[tuple[str, list[str]]]:
-    """Two neighbouring words that may be one word heard in two ("time out", 日 至): the joined
-    term, and the question's terms it would stand for. English pairs with a short word, Chinese
-    pairs with a single character (jieba leaves a misheard word in pieces)."""
+    """Two neighbouring words that may be one word heard or spelt in two ("time out", "named
+    tuple", 日 至): the joined term, and the question's terms it would stand for. Any two English
+    words; in Chinese, a pair with a single character (jieba leaves a misheard word in pieces)."""
     pairs = []
     for (a, a_zh), (b, b_zh) in itertools.pairwise(said[: MAX_WORDS * 2]):
         if a_zh != b_zh or not (a + b).isalpha():
             continue
-        if (a_zh and min(len(a), len(b)) == 1) or (not a_zh and min(len(a), len(b)) <= 4):
+        if not a_zh or min(len(a), len(b)) == 1:
             stands_for = [_term(w, a_zh) for w in (a, b) if _informative(w, a_zh)]
             if stands_for:
                 pairs.append((_term(a + b, a_zh), stands_for))

@@ -46,6 +46,7 @@ def test_a_compound_is_asked_and_indexed_as_its_parts_too():
 
 def test_words_heard_apart_are_offered_joined():
     assert ("timeout", ["time"]) in heard_apart(tokens("set a time out"))
+    assert ("namedtupl", ["tupl"]) in heard_apart(tokens("a named tuple"))  # "named" alone asks for nothing
     assert ("日至", ["日", "至"]) in heard_apart([("日", True), ("至", True)])  # then heard as 日志 by sound
 
 
