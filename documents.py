@@ -93,6 +93,8 @@ def _is_furniture(tag: Tag) -> bool:
     """Scripts, navigation, headers and footers, sidebars, tables of contents: not what a page says."""
     if tag.name in _NOT_CONTENT or tag.get("role") in _NOT_CONTENT_ROLES:
         return True
+    if tag.name == "a":  # a link is text, often a heading's own ("toc-backref"), unless it is a permalink's ¶
+        return "headerlink" in (tag.get("class") or [])
     marks = " ".join([*(tag.get("class") or []), str(tag.get("id") or "")])
     return bool(_FURNITURE.search(marks)) and tag.name not in ("body", "html", "main", "article")
 

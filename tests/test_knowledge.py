@@ -342,6 +342,19 @@ agent --start</pre>
         assert furniture not in text, furniture
 
 
+def test_a_sphinx_heading_keeps_its_title_and_drops_its_permalink():
+    """Sphinx puts a FAQ entry's title inside a "toc-backref" link: a link is text, not furniture."""
+    page = (
+        '<div class="body" role="main"><section><h1><a class="toc-backref" href="#id2">Design FAQ</a>'
+        '<a class="headerlink" href="#design">¶</a></h1><section><h2><a class="toc-backref" href="#id3">'
+        'Why are strings immutable?</a><a class="headerlink" href="#why">¶</a></h2>'
+        "<p>Immutable strings can be keys.</p></section></section></div>"
+    )
+    assert documents.chunk_markdown(documents.html_text(page)) == [
+        ("Design FAQ › Why are strings immutable?", "Immutable strings can be keys.")
+    ]
+
+
 def test_markdown_code_fences_are_text_of_their_section():
     markdown = "# Shell\n\nRun this:\n\n```bash\n# a comment, not a heading\n\necho hi\n```\n\n## Next\n\nDone.\n"
     chunks = documents.chunk_markdown(markdown)
