@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import numpy as np
 
 K1, B = 1.2, 0.75
-HEADING_WEIGHT = 3.0  # a heading names what its section is about: its words count this much more
+HEADING_WEIGHT = 5.0  # a heading names what its section is about: its words count this much more
 
 
 class Postings:
