@@ -115,8 +115,9 @@ def coverage(
     said = np.zeros(postings.size)  # float64: a passage holding every word has a share of exactly 1
     guessed = np.zeros(postings.size)
     for word in words:
-        # "de scale" heard in two is as said
-        holding = np.union1d(postings.holding(word.term), postings.holding(joined.get(word.term, "")))
+        holding = postings.holding(word.term)
+        if word.term in joined:  # "de scale" heard in two is as said
+            holding = np.union1d(holding, postings.holding(joined[word.term]))
         said[holding] += word.weight
         alternatives = [postings.holding(term) for term in heard.get(word.term, ())]
         if alternatives:
