@@ -30,7 +30,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,7 +41,7 @@ import metrics
 from documents import SUFFIXES, chunk_markdown, read_document
 from ranking import Postings
 from serving import facts
-from terms import Word, heard_apart, index_terms, question_words, sound, tokens, warm_up
+from terms import Word, asks_something, heard_apart, index_terms, question_words, sound, tokens, warm_up
 from text import is_cjk, language, message_text
 
 log = logging.getLogger("custom_llm.knowledge")
@@ -73,7 +73,7 @@ class Passage:
     heading: str  # "Title › Section", where the passage sits in its document
     score: float  # BM25 (or the fused score in hybrid search), higher is better
     rowid: int = 0
-    coverage: float = 1.0  # the share of the question's information the passage holds (0 to 1)
+    coverage: float = 1.0  # the share of the question's information it holds (0 to 1; 0 when found by meaning alone)
 
     def citation(self) -> str:
         return f"{self.source} › {self.heading}" if self.heading else self.source
@@ -295,9 +295,11 @@ class KnowledgeBase:
 
         With the question's embedding, BM25's ranking and the embeddings' ranking are fused by
         reciprocal rank fusion; without it, BM25 alone."""
-        if limit <= 0:
+        said = tokens(question)
+        words = question_words(said)
+        if limit <= 0 or not words:  # "hello", "thanks", 你好: nothing to look up, by words or by meaning
             return []
-        keyword = self._keyword(question, limit * 4 if vector else limit)
+        keyword = self._keyword(said, words, limit * 4 if vector else limit)
         if vector is None or self._vectors is None:
             return keyword[:limit]
         by_meaning = self._nearest(vector, limit * 4)
@@ -305,16 +307,12 @@ class KnowledgeBase:
         for ranking in (keyword, by_meaning):
             for rank, passage in enumerate(ranking):
                 fused[passage.rowid] = fused.get(passage.rowid, 0.0) + 1 / (RRF_K + rank + 1)
-        passages = {p.rowid: p for p in by_meaning + keyword}
+        passages = {p.rowid: replace(p, coverage=0.0) for p in by_meaning} | {p.rowid: p for p in keyword}
         best = sorted(fused, key=lambda rowid: fused[rowid], reverse=True)[:limit]
-        return [Passage(passages[r].text, passages[r].source, passages[r].heading, fused[r], r) for r in best]
+        return [replace(passages[rowid], score=fused[rowid]) for rowid in best]
 
-    def _keyword(self, question: str, limit: int) -> list[Passage]:
+    def _keyword(self, said: list[tuple[str, bool]], words: list[Word], limit: int) -> list[Passage]:
         """The passages that hold enough of what the question asks, best BM25 score first."""
-        said = tokens(question)
-        words = question_words(said)
-        if not words:  # "hello", "thanks", 你好: nothing to look up
-            return []
         postings = self._current_postings()
         heard, joined = self._heard(said, words, postings)
         share, amount = coverage(words, heard, joined, postings)
@@ -523,7 +521,7 @@ class Knowledge:
 
     async def search(self, question: str, limit: int) -> list[Passage]:
         vector = None
-        if self.embeddings is not None:
+        if self.embeddings is not None and asks_something(question):
             try:
                 vector = (await self.embeddings.embed([question]))[0]
             except Exception as error:  # the embeddings upstream failing costs this query its hybrid half only

@@ -53,7 +53,7 @@ STOPWORDS_EN = frozenset(
     wouldn't yet you you'd you'll you're you've your yours yourself yourselves also anyone anything
     everything nothing something someone somebody thing things way ways hello hi hey hiya thanks
     thank cheers bye goodbye ok okay yes yeah yep nope um uh hmm oh ah well sure alright tell know
-    want wanna gonna like need let say said ask asking question much many name named called
+    want wanna gonna like need let say said ask asking question much many lot lots name named called
     talk today tonight later soon hear listen robot bot human ai""".split()  # noqa: SIM905 (a word list reads best as words)
 )
 STOPWORDS_ZH = frozenset(
@@ -142,6 +142,11 @@ def question_words(said: list[tuple[str, bool]]) -> list[Word]:
         if term not in words or words[term].weight < weight:
             words[term] = Word(term, weight, chinese)
     return list(words.values())
+
+
+def asks_something(text: str) -> bool:
+    """Whether a question has a word to look up ("hello", "thanks", 你好 do not)."""
+    return bool(question_words(tokens(text)))
 
 
 def heard_apart(said: list[tuple[str, bool]]) -> list[tuple[str, list[str]]]:

@@ -201,6 +201,18 @@ def test_hybrid_finds_by_meaning_and_fuses_rankings(make_server, upstream_server
     assert upstream.embedding_requests[-1] == ["automobile stolen"]
 
 
+def test_hybrid_search_answers_nothing_to_small_talk(make_server, upstream_server, upstream, cars, tmp_path):
+    """By meaning, "thanks" is near something in any folder; with nothing to look up, nothing is
+    injected and the question is not even embedded."""
+    server = hybrid(make_server, upstream_server, cars, tmp_path)
+    small_talk = ["hello", "thanks a lot!", "你好"]
+    for question in small_talk:
+        assert search(server, question) == []
+    assert not [texts for texts in upstream.embedding_requests if texts[0] in small_talk]
+    passages = httpx.get(server.url + "/knowledge/search", params={"q": "is a stolen vehicle protected"}, headers=AUTH)
+    assert passages.json()["passages"][0]["coverage"] == 0  # found by meaning, no word in common
+
+
 def test_chunks_are_embedded_once_and_batched(make_server, upstream_server, upstream, cars, tmp_path):
     hybrid(make_server, upstream_server, cars, tmp_path)
     assert len(upstream.embedding_requests) == 1 and len(upstream.embedding_requests[0]) == 3  # one batch
