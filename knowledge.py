@@ -111,18 +111,28 @@ def coverage(
     words: list[Word], heard: dict[str, list[str]], joined: dict[str, str], postings: Postings
 ) -> tuple[np.ndarray, np.ndarray]:
     """How much of the question's information each chunk holds: (share, amount), one value per chunk.
-    A word matched only as what it may have been misheard for counts for less, and never alone."""
+    A word matched only as what it may have been misheard for counts for less, and never alone;
+    a passage that holds just one of the question's words must be about it (ranking.Postings:
+    said twice, in a heading, or a short passage), so "sorry" or "birthday" said in passing in a
+    long manual section is no answer to "sorry" or "happy birthday"."""
     said = np.zeros(postings.size)  # float64: a passage holding every word has a share of exactly 1
     guessed = np.zeros(postings.size)
+    words_held = np.zeros(postings.size, dtype=np.int32)
+    about = np.zeros(postings.size, dtype=bool)
     for word in words:
-        holding = postings.holding(word.term)
+        holding, centrally = postings.holding(word.term), postings.holding(word.term, centrally=True)
         if word.term in joined:  # "de scale" heard in two is as said
             holding = np.union1d(holding, postings.holding(joined[word.term]))
+            centrally = np.union1d(centrally, postings.holding(joined[word.term], centrally=True))
         said[holding] += word.weight
+        words_held[holding] += 1
+        about[centrally] = True
         alternatives = [postings.holding(term) for term in heard.get(word.term, ())]
         if alternatives:
-            guessed[np.setdiff1d(np.concatenate(alternatives), holding)] += word.weight * HEARD_CREDIT
-    held = said + np.where(said > 0, guessed, 0)
+            guessed_here = np.setdiff1d(np.concatenate(alternatives), holding)
+            guessed[guessed_here] += word.weight * HEARD_CREDIT
+            words_held[guessed_here] += 1
+    held = np.where((said > 0) & ((words_held > 1) | about), said + guessed, 0)
     return held / sum(word.weight for word in words), held
 
 

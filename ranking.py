@@ -18,6 +18,9 @@ import numpy as np
 
 K1, B = 1.2, 0.75
 HEADING_WEIGHT = 5.0  # a heading names what its section is about: its words count this much more
+# A passage is about a word it says twice or more (in a heading, once is enough), or about every
+# word it holds when it is this short (an FAQ answer, a definition), in terms.
+SHORT_PASSAGE = 30
 
 
 class Postings:
@@ -50,6 +53,7 @@ class Postings:
         length = np.frombuffer(lengths, dtype=np.int32).astype(np.float32)
         norm = 1 - B + B * length / max(float(length.mean()), 1.0) if self.size else length
         self.weight = (tf * (K1 + 1) / (tf + K1 * norm[self.chunk])).astype(np.float32)
+        self.central = (tf >= 2) | (length[self.chunk] <= SHORT_PASSAGE)
         self.ids = ids
 
     def __contains__(self, term: str) -> bool:
@@ -60,10 +64,13 @@ class Postings:
         at = self.ids.get(term)
         return 0 if at is None else int(self.start[at + 1] - self.start[at])
 
-    def holding(self, term: str) -> np.ndarray:
-        """The positions of the chunks that hold the term."""
+    def holding(self, term: str, centrally: bool = False) -> np.ndarray:
+        """The positions of the chunks that hold the term (centrally: that are about it)."""
         at = self.ids.get(term)
-        return self.chunk[:0] if at is None else self.chunk[self.start[at] : self.start[at + 1]]
+        if at is None:
+            return self.chunk[:0]
+        span = slice(self.start[at], self.start[at + 1])
+        return self.chunk[span][self.central[span]] if centrally else self.chunk[span]
 
     def scores(self, terms: Iterable[str]) -> np.ndarray:
         """Every chunk's BM25 score for the terms (0 where none of them is)."""

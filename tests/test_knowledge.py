@@ -201,6 +201,25 @@ def test_questions_the_documents_do_not_answer_get_nothing(folder, tmp_path):
     assert top(kb, "When do you open on weekends?") == "shop.md › Shop › Opening hours"
 
 
+def test_a_word_said_in_passing_is_no_topic(tmp_path):
+    """One word of the question, once, in a long section is a coincidence; in a heading it is the topic."""
+    (tmp_path / "docs").mkdir()
+    long_text = " ".join(["The loyalty card collects a stamp for every coffee and every pastry you buy."] * 4)
+    (tmp_path / "docs" / "cards.md").write_text(
+        f"# Cards\n\n## Loyalty\n\n{long_text} On your birthday the tenth stamp is free.\n\n"
+        "## Birthday cakes\n\nOrder three days ahead.\n"
+    )
+    kb = make_kb(tmp_path / "docs", tmp_path)
+    kb.index()
+    assert top(kb, "happy birthday to me!") == "cards.md › Cards › Birthday cakes"  # its heading
+    (tmp_path / "docs" / "cards.md").write_text(
+        f"# Cards\n\n## Loyalty\n\n{long_text} On your birthday a stamp is free.\n"
+    )
+    kb.index()
+    assert top(kb, "happy birthday to me!") == ""  # only said in passing
+    assert top(kb, "do I get a free stamp on my birthday?") == "cards.md › Cards › Loyalty"
+
+
 def test_a_one_file_knowledge_base_answers_what_it_holds(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "faq.md").write_text(

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from ranking import HEADING_WEIGHT, K1, B, Postings
+from ranking import HEADING_WEIGHT, K1, SHORT_PASSAGE, B, Postings
 
 CHUNKS = [
     (10, "kettl descal citric acid month", "manual descal"),
@@ -56,3 +56,17 @@ def test_an_empty_index_scores_nothing():
     postings = Postings([])
     assert postings.size == 0 and postings.scores(["anything"]).shape == (0,)
     assert isinstance(postings.scores([]), np.ndarray)
+
+
+def test_a_chunk_is_about_a_word_it_says_twice_puts_in_a_heading_or_when_short():
+    filler = " ".join(f"word{n}" for n in range(SHORT_PASSAGE))  # long enough not to be short
+    postings = Postings(
+        [
+            (1, f"sorri {filler}", ""),  # said once in passing
+            (2, f"sorri {filler} sorri", ""),
+            (3, filler, "sorri"),
+            (4, "sorri we are close", ""),
+        ]
+    )
+    assert sorted(postings.rowids[postings.holding("sorri")]) == [1, 2, 3, 4]
+    assert sorted(postings.rowids[postings.holding("sorri", centrally=True)]) == [2, 3, 4]
