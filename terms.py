@@ -37,7 +37,9 @@ MIN_WEIGHT = 0.5
 
 # Grammar, question words and the small words of conversation: they say how something is asked,
 # not what it is about. Conversation includes what callers ask a voice agent about itself (your
-# name, can you hear me, are you a robot): a knowledge base that mentions names or robots is no answer.
+# name, can you hear me, are you a robot), when, and how they feel: a knowledge base that mentions
+# names, robots or happy users is no answer. The last line is what is left of a contraction once
+# its apostrophe splits it ("you're" is you + re).
 STOPWORDS_EN = frozenset(
     """a about above after again against all am an and any are aren't as at be because been before
     being below between both but by can can't cannot could couldn't did didn't do does doesn't
@@ -54,7 +56,10 @@ STOPWORDS_EN = frozenset(
     everything nothing something someone somebody thing things way ways hello hi hey hiya thanks
     thank cheers bye goodbye ok okay yes yeah yep nope um uh hmm oh ah well sure alright tell know
     want wanna gonna like need let say said ask asking question much many lot lots name named called
-    talk today tonight later soon hear listen robot bot human ai""".split()  # noqa: SIM905 (a word list reads best as words)
+    talk today tonight later soon hear listen robot bot human ai tomorrow yesterday morning afternoon
+    evening night moment mind sorry nice interesting feel feeling feelings funny stupid silly bored
+    boring tired happy sad lonely awesome amazing wonderful lovely
+    re ll ve don isn aren doesn didn won wasn weren couldn shouldn wouldn haven hasn hadn mustn""".split()  # noqa: SIM905 (a word list reads best as words)
 )
 STOPWORDS_ZH = frozenset(
     """的 了 吗 呢 吧 啊 呀 哦 嗯 么 着 过 地 得 之 和 与 及 或 或者 而 并 但 但是
@@ -64,7 +69,8 @@ STOPWORDS_ZH = frozenset(
     你 您 他 她 它 我们 你们 他们 她们 它们 自己 大家 咱们 把 被 给 让 对 从 向 到
     用 以 为 比 跟 很 太 最 更 非常 真 挺 好 好的 好吧 对的 是的 谢谢 谢谢你 你好
     您好 再见 拜拜 喂 嗨 告诉 知道 问 问题 叫 叫做 名字 名叫 听到 听见 听得见 听得到 说话 聊 聊天 回头
-    机器人 真人 人工智能 多久 几点 什么时候 一 个 些 下 上 中 里 后 前 时 时候""".split()  # noqa: SIM905 (a word list reads best as words)
+    机器人 真人 人工智能 没关系 不好意思 没事 今天 明天 昨天 早上 上午 下午 晚上 早安 晚安 开心 高兴
+    难过 无聊 累 有趣 厉害 笨 快乐 多久 几点 什么时候 一 个 些 下 上 中 里 后 前 时 时候""".split()  # noqa: SIM905 (a word list reads best as words)
 )
 
 # Question words of two: "how long" asks for a duration, it is not about length.
