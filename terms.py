@@ -69,7 +69,7 @@ STOPWORDS_ZH = frozenset(
     你 您 他 她 它 我们 你们 他们 她们 它们 自己 大家 咱们 把 被 给 让 对 从 向 到
     用 以 为 比 跟 很 太 最 更 非常 真 挺 好 好的 好吧 对的 是的 谢谢 谢谢你 你好
     您好 再见 拜拜 喂 嗨 告诉 知道 问 问题 叫 叫做 名字 名叫 听到 听见 听得见 听得到 说话 聊 聊天 回头
-    机器人 真人 人工智能 没关系 不好意思 没事 今天 明天 昨天 早上 上午 下午 晚上 早安 晚安 开心 高兴
+    机器人 真人 人工智能 没关系 不好意思 没事 见 今天 明天 昨天 早上 上午 下午 晚上 早安 晚安 开心 高兴
     难过 无聊 累 有趣 厉害 笨 快乐 多久 几点 什么时候 一 个 些 下 上 中 里 后 前 时 时候""".split()  # noqa: SIM905 (a word list reads best as words)
 )
 
@@ -189,7 +189,7 @@ def sound(term: str) -> str:
 def compound_parts(word: str) -> list[str]:
     """The dictionary words inside a Chinese compound (磁盘空间 → 磁盘, 空间): a question asks for
     them, and a passage may say them apart or together (the index holds both)."""
-    if len(word) <= 2:
+    if len(word) <= 2 or word in STOPWORDS_ZH:  # 不好意思 is one way of saying sorry, not 不好 and 意思
         return []
     parts = {w for w in jieba.cut_for_search(word) if w != word and len(w) > 1}
     cover, at = [], 0

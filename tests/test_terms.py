@@ -17,7 +17,7 @@ def asked(question: str) -> dict[str, float]:
         ("can you hear me?", set()),
         ("are you a robot or a real human?", {"real"}),
         ("你是机器人吗？", set()),
-        ("you're funny, see you tomorrow", set()),  # "you're" leaves no "re" behind
+        ("you're funny, talk to you tomorrow", set()),  # "you're" leaves no "re" behind
         ("不好意思，明天见", set()),
         ("你好，请问怎么修改文件的权限？", {"修改", "文件", "权限"}),
         ("谢谢你", set()),
