@@ -69,15 +69,24 @@ STOPWORDS_ZH = frozenset(
     你 您 他 她 它 我们 你们 他们 她们 它们 自己 大家 咱们 把 被 给 让 对 从 向 到
     用 以 为 比 跟 很 太 最 更 非常 真 挺 好 好的 好吧 对的 是的 谢谢 谢谢你 你好
     您好 再见 拜拜 喂 嗨 告诉 知道 问 问题 叫 叫做 名字 名叫 听到 听见 听得见 听得到 说话 聊 聊天 回头
-    机器人 真人 人工智能 没关系 不好意思 没事 见 今天 明天 昨天 早上 上午 下午 晚上 早安 晚安 开心 高兴
-    难过 无聊 累 有趣 厉害 笨 快乐 多久 几点 什么时候 一 个 些 下 上 中 里 后 前 时 时候""".split()  # noqa: SIM905 (a word list reads best as words)
+    机器人 真人 人工智能 没关系 不好意思 没事 见 再说 一遍 一点 慢点 说慢 大声 稍等 稍 等 等等 听清 清
+    听 说 讲 干得 今天 明天 昨天 早上 上午 下午 晚上 早安 晚安 开心 高兴 难过
+    无聊 累 有趣 厉害 笨 快乐 多久 几点 什么时候 一 个 些 下 上 中 里 后 前 时
+    时候""".split()  # noqa: SIM905 (a word list reads best as words)
 )
 
-# Question words of two: "how long" asks for a duration, it is not about length.
-QUESTION_PHRASES = frozenset(
-    {("how", "long"), ("how", "often"), ("how", "far"), ("how", "old"), ("how", "soon"), ("what", "time")}
-    | {("what", "kind"), ("what", "sort")}
-)
+# Phrases whose words all go: they ask how ("how long" asks for a duration, it is not about
+# length), or they keep a spoken conversation going ("hold on", "can you repeat that?", "speak
+# up", "never mind") rather than name a topic.
+PHRASES = {
+    tuple(phrase.split())
+    for phrase in """how long|how often|how far|how old|how soon|what time|what kind|what sort|hold on|wait a
+    |one moment|one second|one minute|a moment|a second|a minute|repeat that|repeat it|repeat yourself
+    |say that again|say it again|come again|speak up|speak slower|speak louder|speak slowly|talk slower
+    |talk louder|didn t catch|never mind|nice to meet|good job|well done|happy birthday|merry christmas
+    |happy new year|good luck|take care|no problem|no worries|excuse me""".split("|")  # noqa: SIM905
+}
+_LONGEST_PHRASE = max(map(len, PHRASES))
 
 
 # A Chinese question names what it is about with nouns; the verb, adjective or adverb around them
@@ -140,8 +149,7 @@ def index_terms(text: str) -> str:
 def question_words(said: list[tuple[str, bool]]) -> list[Word]:
     """The question's informative words (from tokens()), each once, with their weights."""
     words: dict[str, Word] = {}
-    asked = [t for t, (before, _) in zip(said, [("", False), *said]) if (before, t[0]) not in QUESTION_PHRASES]
-    for word, chinese in [t for t in asked if _informative(*t)][:MAX_WORDS]:
+    for word, chinese in [t for t in _without_phrases(said) if _informative(*t)][:MAX_WORDS]:
         term, weight = _term(word, chinese), informativeness(word, "zh" if chinese else "en")
         if chinese:
             weight *= CHINESE_PART_OF_SPEECH.get(_TAGS.get(word, "n")[:1], 1.0)
@@ -153,6 +161,16 @@ def question_words(said: list[tuple[str, bool]]) -> list[Word]:
 def asks_something(text: str) -> bool:
     """Whether a question has a word to look up ("hello", "thanks", 你好 do not)."""
     return bool(question_words(tokens(text)))
+
+
+def _without_phrases(said: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """The words, less every occurrence of a phrase in PHRASES."""
+    dropped: set[int] = set()
+    for start in range(len(said)):
+        for size in range(2, _LONGEST_PHRASE + 1):
+            if tuple(word for word, _ in said[start : start + size]) in PHRASES:
+                dropped.update(range(start, start + size))
+    return [token for at, token in enumerate(said) if at not in dropped]
 
 
 def heard_apart(said: list[tuple[str, bool]]) -> list[tuple[str, list[str]]]:

@@ -211,12 +211,12 @@ def test_a_word_said_in_passing_is_no_topic(tmp_path):
     )
     kb = make_kb(tmp_path / "docs", tmp_path)
     kb.index()
-    assert top(kb, "happy birthday to me!") == "cards.md › Cards › Birthday cakes"  # its heading
+    assert top(kb, "it's my birthday!") == "cards.md › Cards › Birthday cakes"  # its heading
     (tmp_path / "docs" / "cards.md").write_text(
         f"# Cards\n\n## Loyalty\n\n{long_text} On your birthday a stamp is free.\n"
     )
     kb.index()
-    assert top(kb, "happy birthday to me!") == ""  # only said in passing
+    assert top(kb, "it's my birthday!") == ""  # only said in passing
     assert top(kb, "do I get a free stamp on my birthday?") == "cards.md › Cards › Loyalty"
 
 

@@ -19,6 +19,10 @@ def asked(question: str) -> dict[str, float]:
         ("你是机器人吗？", set()),
         ("you're funny, talk to you tomorrow", set()),  # "you're" leaves no "re" behind
         ("不好意思，明天见", set()),
+        ("sorry, can you repeat that? I didn't catch it", set()),  # keeping the conversation going
+        ("hold on a second", set()),
+        ("请再说一遍，我没听清", set()),
+        ("can I add a second user?", {"add", "user"}),
         ("你好，请问怎么修改文件的权限？", {"修改", "文件", "权限"}),
         ("谢谢你", set()),
     ],
