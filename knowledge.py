@@ -150,7 +150,7 @@ def default_index(folder: Path) -> Path:
 class KnowledgeBase:
     """A persistent index of one folder; index() and search() are safe from any thread, and a
     search waits for the index only while one file's rows are written. Search sees what index()
-    wrote once it has finished (or, from another process, at the next search)."""
+    wrote once it has finished (written by another process, moments after the next search)."""
 
     def __init__(
         self,
@@ -170,6 +170,7 @@ class KnowledgeBase:
         self._stop = threading.Event()
         self._postings: Postings | None = None  # the index's terms, in memory for search
         self._loaded_version = -1  # the index file's data_version when they were loaded
+        self._reloading = threading.Event()
         self._sorted: list[str] = []  # the index's terms in order, for cut-off words
         self._sounds: dict[str, list[str]] = {}  # how a term sounds -> the index's terms that sound so
         self._vectors: tuple[np.ndarray, np.ndarray] | None = (
@@ -186,7 +187,8 @@ class KnowledgeBase:
             tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             if tables and version != SCHEMA_VERSION:
                 raise sqlite3.DatabaseError(f"made by another version ({version}, this is {SCHEMA_VERSION})")
-            db.executescript(SCHEMA)
+            if not tables:  # only a new file is written to: a write tells every other worker to reload
+                db.executescript(SCHEMA)
             db.execute("SELECT hash FROM chunks LIMIT 1").fetchone()
             return db
         except sqlite3.DatabaseError as error:  # corrupt, not a database at all, or older: start again
@@ -383,11 +385,25 @@ class KnowledgeBase:
         return found
 
     def _current_postings(self) -> Postings:
-        """The terms in memory, reloaded first when another process (`custom_llm.py index` run
-        beside the server, another worker) has changed the index file since they were loaded."""
+        """The terms in memory. When another process (`custom_llm.py index` run beside the server,
+        another worker) has changed the index file since they were loaded, they are reloaded in
+        the background (seconds at 100,000 chunks) and searches use the ones loaded until then."""
+        if self._postings is None:
+            return self._load_postings()
         with self._lock:
             changed = self._db.execute("PRAGMA data_version").fetchone()[0] != self._loaded_version
-        return self._load_postings() if changed or self._postings is None else self._postings
+        if changed and not self._reloading.is_set():
+            self._reloading.set()
+            threading.Thread(target=self._reload, name="knowledge-reload", daemon=True).start()
+        return self._postings
+
+    def _reload(self) -> None:
+        try:
+            self._load_postings()
+        except Exception:  # a failed reload keeps the terms loaded before; the next change tries again
+            log.exception("reloading the knowledge index failed")
+        finally:
+            self._reloading.clear()
 
     def _load_postings(self) -> Postings:
         """The index's terms in memory, and which of them sound alike (rebuilt when the index changes)."""
