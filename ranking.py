@@ -18,9 +18,11 @@ import numpy as np
 
 K1, B = 1.2, 0.75
 HEADING_WEIGHT = 5.0  # a heading names what its section is about: its words count this much more
-# A passage is about a word it says twice or more (in a heading, once is enough), or about every
-# word it holds when it is this short (an FAQ answer, a definition), in terms.
+# A passage is about a word it says twice or more (in a heading, once is enough), about every
+# word it holds when it is this short (an FAQ answer, a definition), in terms, and about a word
+# the knowledge base says in no more than this many passages (in a one-file FAQ, every word).
 SHORT_PASSAGE = 30
+RARE_TERM = 3
 
 
 class Postings:
@@ -53,7 +55,9 @@ class Postings:
         length = np.frombuffer(lengths, dtype=np.int32).astype(np.float32)
         norm = 1 - B + B * length / max(float(length.mean()), 1.0) if self.size else length
         self.weight = (tf * (K1 + 1) / (tf + K1 * norm[self.chunk])).astype(np.float32)
-        self.central = (tf >= 2) | (length[self.chunk] <= SHORT_PASSAGE)
+        in_chunks = np.diff(self.start)
+        rare = np.repeat(in_chunks, in_chunks) <= RARE_TERM  # per posting, in term order
+        self.central = (tf >= 2) | (length[self.chunk] <= SHORT_PASSAGE) | rare
         self.ids = ids
 
     def __contains__(self, term: str) -> bool:

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from ranking import HEADING_WEIGHT, K1, SHORT_PASSAGE, B, Postings
+from ranking import HEADING_WEIGHT, K1, RARE_TERM, SHORT_PASSAGE, B, Postings
 
 CHUNKS = [
     (10, "kettl descal citric acid month", "manual descal"),
@@ -60,13 +60,15 @@ def test_an_empty_index_scores_nothing():
 
 def test_a_chunk_is_about_a_word_it_says_twice_puts_in_a_heading_or_when_short():
     filler = " ".join(f"word{n}" for n in range(SHORT_PASSAGE))  # long enough not to be short
-    postings = Postings(
-        [
-            (1, f"sorri {filler}", ""),  # said once in passing
-            (2, f"sorri {filler} sorri", ""),
-            (3, filler, "sorri"),
-            (4, "sorri we are close", ""),
-        ]
-    )
+    chunks = [
+        (1, f"sorri {filler}", ""),  # said once in passing
+        (2, f"sorri {filler} sorri", ""),
+        (3, filler, "sorri"),
+        (4, "sorri we are close", ""),
+    ]
+    postings = Postings(chunks)
     assert sorted(postings.rowids[postings.holding("sorri")]) == [1, 2, 3, 4]
     assert sorted(postings.rowids[postings.holding("sorri", centrally=True)]) == [2, 3, 4]
+    # A word the knowledge base says in no more than RARE_TERM passages is what they are about.
+    few = Postings(chunks[:RARE_TERM])
+    assert sorted(few.rowids[few.holding("sorri", centrally=True)]) == [1, 2, 3]
