@@ -113,8 +113,8 @@ def coverage(
     """How much of the question's information each chunk holds: (share, amount), one value per chunk.
     A word matched only as what it may have been misheard for counts for less, and never alone;
     a passage that holds just one of the question's words must be about it (ranking.Postings:
-    said twice, in a heading, or a short passage), so "sorry" or "birthday" said in passing in a
-    long manual section is no answer to "sorry" or "happy birthday"."""
+    said twice, in a heading, in a short passage, or rare in the knowledge base), so "birthday"
+    said in passing in the long sections of a manual is no answer to "it's my birthday!"."""
     said = np.zeros(postings.size)  # float64: a passage holding every word has a share of exactly 1
     guessed = np.zeros(postings.size)
     words_held = np.zeros(postings.size, dtype=np.int32)
