@@ -84,7 +84,7 @@ PHRASES = {
     |one moment|one second|one minute|a moment|a second|a minute|repeat that|repeat it|repeat yourself
     |say that again|say it again|come again|speak up|speak slower|speak louder|speak slowly|talk slower
     |talk louder|didn t catch|never mind|nice to meet|good job|well done|happy birthday|merry christmas
-    |happy new year|good luck|take care|no problem|no worries|excuse me""".split("|")  # noqa: SIM905
+    |happy new year|good luck|take care|no problem|no worries|excuse me""".split("|")  # noqa: SIM905 (as words)
 }
 _LONGEST_PHRASE = max(map(len, PHRASES))
 
@@ -149,7 +149,7 @@ def index_terms(text: str) -> str:
 def question_words(said: list[tuple[str, bool]]) -> list[Word]:
     """The question's informative words (from tokens()), each once, with their weights."""
     words: dict[str, Word] = {}
-    for word, chinese in [t for t in _without_phrases(said) if _informative(*t)][:MAX_WORDS]:
+    for word, chinese in [t for t in _without_phrases(said[: MAX_WORDS * 4]) if _informative(*t)][:MAX_WORDS]:
         term, weight = _term(word, chinese), informativeness(word, "zh" if chinese else "en")
         if chinese:
             weight *= CHINESE_PART_OF_SPEECH.get(_TAGS.get(word, "n")[:1], 1.0)
