@@ -112,7 +112,7 @@ def coverage(
 ) -> tuple[np.ndarray, np.ndarray]:
     """How much of the question's information each chunk holds: (share, amount), one value per chunk.
     A word matched only as what it may have been misheard for counts for less, and never alone;
-    a passage that holds just one of the question's words must be about it (ranking.Postings:
+    a passage that holds just one of the question's words as said must be about it (ranking.Postings:
     said twice, in a heading, in a short passage, or rare in the knowledge base), so "birthday"
     said in passing in the long sections of a manual is no answer to "it's my birthday!"."""
     said = np.zeros(postings.size)  # float64: a passage holding every word has a share of exactly 1
@@ -128,10 +128,8 @@ def coverage(
         words_held[holding] += 1
         about[centrally] = True
         alternatives = [postings.holding(term) for term in heard.get(word.term, ())]
-        if alternatives:
-            guessed_here = np.setdiff1d(np.concatenate(alternatives), holding)
-            guessed[guessed_here] += word.weight * HEARD_CREDIT
-            words_held[guessed_here] += 1
+        if alternatives:  # a guess adds to what a passage holds, but is not a second word of its own
+            guessed[np.setdiff1d(np.concatenate(alternatives), holding)] += word.weight * HEARD_CREDIT
     held = np.where((said > 0) & ((words_held > 1) | about), said + guessed, 0)
     return held / sum(word.weight for word in words), held
 
