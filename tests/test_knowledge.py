@@ -64,6 +64,16 @@ def make_kb(folder: Path, tmp_path: Path, **kw) -> KnowledgeBase:
     return KnowledgeBase(folder, tmp_path / "index.sqlite3", **kw)
 
 
+def indexed(tmp_path: Path, files: dict[str, str]) -> KnowledgeBase:
+    """A knowledge base of these files (name -> text) in tmp_path/docs, indexed."""
+    (tmp_path / "docs").mkdir(exist_ok=True)
+    for name, text in files.items():
+        (tmp_path / "docs" / name).write_text(text)
+    kb = make_kb(tmp_path / "docs", tmp_path)
+    kb.index()
+    return kb
+
+
 def top(kb: KnowledgeBase, question: str) -> str:
     hits = kb.search(question, 1)
     return hits[0].citation() if hits else ""
@@ -101,13 +111,13 @@ def test_noisy_spoken_questions_still_find_the_passage(folder, tmp_path):
 
 def test_two_words_also_match_the_one_word_they_make(tmp_path):
     """ "shut down" is the index's "shutdown", even though "shut" is a word of its own elsewhere."""
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "power.md").write_text(
-        "# Power\n\n## Lid\n\nKeep the lid shut while the water boils.\n\n"
-        "## Shutdown\n\nA shutdown takes five seconds: hold the button until the lamp turns red.\n"
+    kb = indexed(
+        tmp_path,
+        {
+            "power.md": "# Power\n\n## Lid\n\nKeep the lid shut while the water boils.\n\n"
+            "## Shutdown\n\nA shutdown takes five seconds: hold the button until the lamp turns red.\n"
+        },
     )
-    kb = make_kb(tmp_path / "docs", tmp_path)
-    kb.index()
     assert top(kb, "how long does a shut down take?") == "power.md › Power › Shutdown"
 
 
@@ -210,12 +220,9 @@ def test_questions_the_documents_do_not_answer_get_nothing(folder, tmp_path):
 def test_a_word_said_in_passing_is_no_topic(tmp_path):
     """One word of the question, once, in a long section is a coincidence when the knowledge base
     says it in several places; in a heading it is the topic."""
-    (tmp_path / "docs").mkdir()
     long_text = " ".join(["The loyalty card collects a stamp for every coffee and every pastry you buy."] * 4)
     sections = "".join(f"## Shop {n}\n\n{long_text} On your birthday a stamp is free.\n\n" for n in range(4))
-    (tmp_path / "docs" / "cards.md").write_text(f"# Cards\n\n{sections}")
-    kb = make_kb(tmp_path / "docs", tmp_path)
-    kb.index()
+    kb = indexed(tmp_path, {"cards.md": f"# Cards\n\n{sections}"})
     assert top(kb, "it's my birthday!") == ""  # only said in passing, in four places
     assert top(kb, "do I get a free stamp on my birthday?").startswith("cards.md › Cards › Shop")
     (tmp_path / "docs" / "cards.md").write_text(f"# Cards\n\n{sections}## Birthday cakes\n\nOrder three days ahead.\n")
@@ -224,13 +231,13 @@ def test_a_word_said_in_passing_is_no_topic(tmp_path):
 
 
 def test_a_one_file_knowledge_base_answers_what_it_holds(tmp_path):
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "faq.md").write_text(
-        "# FAQ\n\n## Hours\n\nWe are open Tuesday to Sunday, closed on Mondays.\n\n"
-        "## Parking\n\nFree parking behind the shop.\n"
+    kb = indexed(
+        tmp_path,
+        {
+            "faq.md": "# FAQ\n\n## Hours\n\nWe are open Tuesday to Sunday, closed on Mondays.\n\n"
+            "## Parking\n\nFree parking behind the shop.\n"
+        },
     )
-    kb = make_kb(tmp_path / "docs", tmp_path)
-    kb.index()
     assert top(kb, "are you open on mondays?") == "faq.md › FAQ › Hours"
     assert top(kb, "what time do you close?") == "faq.md › FAQ › Hours"
     assert top(kb, "where can I park?") == "faq.md › FAQ › Parking"
@@ -239,14 +246,14 @@ def test_a_one_file_knowledge_base_answers_what_it_holds(tmp_path):
 
 def test_a_plain_text_faq_without_headings_answers_one_word_questions(tmp_path):
     """One long chunk of questions and answers: every word is said once, and each is still a topic."""
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "faq.txt").write_text(
-        "Q: When are you open? A: Tuesday to Sunday from 7 am to 6 pm; closed on Mondays and public holidays.\n"
-        "Q: Where can I park? A: Free parking behind the shop for up to two hours, and a bike rack by the door.\n"
-        "Q: Do you bring orders home? A: Delivery costs 4 dollars within five kilometres, free over 30 dollars.\n"
+    kb = indexed(
+        tmp_path,
+        {
+            "faq.txt": "Q: When are you open? A: Tuesday to Sunday from 7 am to 6 pm; closed on Mondays and public holidays.\n"
+            "Q: Where can I park? A: Free parking behind the shop for up to two hours, and a bike rack by the door.\n"
+            "Q: Do you bring orders home? A: Delivery costs 4 dollars within five kilometres, free over 30 dollars.\n"
+        },
     )
-    kb = make_kb(tmp_path / "docs", tmp_path)
-    kb.index()
     assert kb.chunks == 1
     for question in ("what time do you close?", "how much is delivery?", "is there parking?"):
         assert top(kb, question) == "faq.txt", question

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from knowledge import search_query
-from tests.conftest import AUTH, sse_events
+from tests.conftest import AUTH, post, sse_events
 
 
 def ask(server, question: str, **extra) -> httpx.Response:
@@ -152,12 +152,8 @@ def test_rag_answers_without_passages_past_the_deadline(make_server, upstream, c
     kb._lock.acquire()  # a search that cannot finish in time
     try:
         with caplog.at_level(logging.WARNING, logger="custom_llm"):
-            response = httpx.post(
-                server.url + "/rag/chat/completions",
-                headers=AUTH,
-                timeout=10,
-                json={"stream": True, "messages": [{"role": "user", "content": "What audio format?"}]},
-            )
+            body = {"stream": True, "messages": [{"role": "user", "content": "What audio format?"}]}
+            response = post(server, body, "/rag/chat/completions", timeout=10)
     finally:
         kb._lock.release()
     assert response.status_code == 200
@@ -236,12 +232,8 @@ def test_a_slow_embedding_never_holds_the_answer(make_server, upstream_server, u
     upstream.script.embedding_delay = 2
     started = __import__("time").monotonic()
     with caplog.at_level(logging.WARNING, logger="custom_llm"):
-        response = httpx.post(
-            server.url + "/rag/chat/completions",
-            headers=AUTH,
-            timeout=10,
-            json={"stream": True, "messages": [{"role": "user", "content": "car theft"}]},
-        )
+        body = {"stream": True, "messages": [{"role": "user", "content": "car theft"}]}
+        response = post(server, body, "/rag/chat/completions", timeout=10)
     assert response.status_code == 200 and __import__("time").monotonic() - started < 1.5
     assert [m["role"] for m in upstream.requests[-1]["body"]["messages"]] == ["user"]
     assert "deadline" in caplog.text
