@@ -398,8 +398,8 @@ class KnowledgeBase:
     def _reload(self) -> None:
         try:
             self._load_postings()
-        except Exception:  # a failed reload keeps the terms loaded before; the next change tries again
-            log.exception("reloading the knowledge index failed")
+        except Exception as error:  # a failed reload keeps the terms loaded before; the next change tries again
+            log.warning("reloading the knowledge index failed (%s: %s)", type(error).__name__, error)
         finally:
             self._reloading.clear()
 
