@@ -41,7 +41,7 @@ import metrics
 from documents import SUFFIXES, chunk_markdown, read_document
 from ranking import Postings
 from serving import facts
-from terms import Word, asks_something, heard_apart, index_terms, question_words, sound, tokens, warm_up
+from terms import Word, asks_something, everyday, heard_apart, index_terms, question_words, sound, tokens, warm_up
 from text import is_cjk, language, message_text
 
 log = logging.getLogger("custom_llm.knowledge")
@@ -53,6 +53,10 @@ PREFIX_MIN = 4  # an unknown word this long may be the start of a known one, cut
 # A passage must also hold at least this much of the question's information (terms.py's weights:
 # a word less common than "open" or "return", or two everyday ones), so "name" or "love" alone is no topic.
 MIN_EVIDENCE = 2.5
+# A word the knowledge base says at least 10^0.7 = 5 times as often as everyday language does (by
+# wordfreq) is what it is about: "dictionary" in Python's documentation, "partition" in a Linux
+# manual, "delivery" in a shop's FAQ; "colour", "day" or "life" in none of them.
+TOPICAL_LIFT = 0.7
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, hash TEXT, size INTEGER, mtime REAL);
 CREATE TABLE IF NOT EXISTS chunks (
@@ -61,6 +65,8 @@ CREATE INDEX IF NOT EXISTS chunks_by_source ON chunks (source);
 CREATE TABLE IF NOT EXISTS embeddings (hash TEXT PRIMARY KEY, vector BLOB);
 PRAGMA user_version = {SCHEMA_VERSION};
 """
+# Each chunk's terms, and whether it is all of its document (ranking.Postings reads these)
+CHUNK_TERMS = "SELECT id, terms, heading_terms, count(*) OVER (PARTITION BY source) = 1 FROM chunks ORDER BY id"
 RRF_K = 60  # reciprocal rank fusion's usual constant
 MIN_SIMILARITY = 0.3  # a passage found only by meaning must be at least this close (cosine)
 EMBED_BATCH = 64
@@ -111,27 +117,39 @@ def coverage(
     words: list[Word], heard: dict[str, list[str]], joined: dict[str, str], postings: Postings
 ) -> tuple[np.ndarray, np.ndarray]:
     """How much of the question's information each chunk holds: (share, amount), one value per chunk.
-    A word matched only as what it may have been misheard for counts for less, and never alone;
-    a passage that holds just one of the question's words as said must be about it (ranking.Postings:
-    said twice, in a heading, in a short passage, or rare in the knowledge base), so "birthday"
-    said in passing in the long sections of a manual is no answer to "it's my birthday!"."""
+
+    A word matched only as what it may have been misheard for counts for less, and never alone.
+    A chunk that matches by coincidence holds nothing:
+    - holding one of the question's words as said, it must be about it (ranking.Postings: said
+      three times, in its heading, in a short passage), so "birthday" said in passing in a
+      manual's long sections is no answer to "it's my birthday!";
+    - holding only everyday words, it must hold three of them, or two in its heading: "what's your
+      favourite colour?" finds a tutorial's example that prints a favourite colour, but neither
+      word is what the knowledge base is about (TOPICAL_LIFT), and two words met by chance are
+      common in a long passage."""
     said = np.zeros(postings.size)  # float64: a passage holding every word has a share of exactly 1
     guessed = np.zeros(postings.size)
-    words_held = np.zeros(postings.size, dtype=np.int32)
-    about = np.zeros(postings.size, dtype=bool)
+    held, central, in_heading = (np.zeros(postings.size, dtype=np.int32) for _ in range(3))
+    topical = np.zeros(postings.size, dtype=bool)
     for word in words:
-        holding, centrally = postings.holding(word.term), postings.holding(word.term, centrally=True)
-        if word.term in joined:  # "de scale" heard in two is as said
-            holding = np.union1d(holding, postings.holding(joined[word.term]))
-            centrally = np.union1d(centrally, postings.holding(joined[word.term], centrally=True))
+        # "de scale" heard in two is as said
+        matched = [word.term] + ([joined[word.term]] if word.term in joined else [])
+        holding = np.unique(np.concatenate([postings.holding(term) for term in matched]))
         said[holding] += word.weight
-        words_held[holding] += 1
-        about[centrally] = True
-        alternatives = [postings.holding(term) for term in heard.get(word.term, ())]
-        if alternatives:  # a guess adds to what a passage holds, but is not a second word of its own
-            guessed[np.setdiff1d(np.concatenate(alternatives), holding)] += word.weight * HEARD_CREDIT
-    held = np.where((said > 0) & ((words_held > 1) | about), said + guessed, 0)
-    return held / sum(word.weight for word in words), held
+        held[holding] += 1
+        central[np.unique(np.concatenate([postings.holding(term, "central") for term in matched]))] += 1
+        in_heading[np.unique(np.concatenate([postings.holding(term, "heading") for term in matched]))] += 1
+        guesses = heard.get(word.term, [])
+        if guesses:  # a guess adds to what a passage holds, but is not a second word of its own
+            guessed[np.setdiff1d(np.concatenate([postings.holding(term) for term in guesses]), holding)] += (
+                word.weight * HEARD_CREDIT
+            )
+        for term in matched + guesses:
+            if postings.lift(term, everyday(term)) >= TOPICAL_LIFT:
+                topical[postings.holding(term)] = True
+    not_by_chance = ((held > 1) | (central > 0)) & (topical | (held >= 3) | (in_heading >= 2))
+    amount = np.where((said > 0) & not_by_chance, said + guessed, 0)
+    return amount / sum(word.weight for word in words), amount
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,6 +375,7 @@ class KnowledgeBase:
         (term -> what it may have been misheard for, term -> the known word it and its neighbour make)."""
         heard: dict[str, list[str]] = {}
         joined: dict[str, str] = {}
+        asked = {word.term for word in words}  # "sing me a song": sing is not the song said beside it
         for together, stands_for in heard_apart(said):
             for term in stands_for:
                 unknown = term not in known or len(term) == 1
@@ -367,9 +386,10 @@ class KnowledgeBase:
                     heard.setdefault(term, []).extend(self._sounds.get(sound(together), [])[:HEARD_MAX])
         for word in words:
             if word.term not in known and len(word.term) >= 2:
-                sounds_like = [t for t in self._sounds.get(sound(word.term), []) if t != word.term]
+                sounds_like = [t for t in self._sounds.get(sound(word.term), []) if t not in asked]
                 heard.setdefault(word.term, []).extend(sounds_like[:HEARD_MAX] + self._completions(word))
-        return {term: list(dict.fromkeys(found)) for term, found in heard.items() if found}, joined
+        heard = {term: [t for t in dict.fromkeys(found) if t not in asked] for term, found in heard.items()}
+        return {term: found for term, found in heard.items() if found}, joined
 
     def _completions(self, word: Word) -> list[str]:
         """Known English terms a cut-off word begins ("deliv" → delivery), found by bisection."""
@@ -408,7 +428,7 @@ class KnowledgeBase:
         warm_up()
         with self._lock:
             self._loaded_version = self._db.execute("PRAGMA data_version").fetchone()[0]
-            postings = Postings(self._db.execute("SELECT id, terms, heading_terms FROM chunks ORDER BY id"))
+            postings = Postings(self._db.execute(CHUNK_TERMS))
         sounds: dict[str, list[str]] = {}  # the most used first: the likelier meant
         for term in sorted(postings.ids, key=postings.count, reverse=True):
             if len(term) >= 2 and not term.isdigit():

@@ -10,6 +10,7 @@ it stays positive when a word is in every chunk, so a one-file knowledge base st
 a chunk's heading path (page and section titles) counts HEADING_WEIGHT times, as BM25F weighs fields.
 """
 
+import math
 from array import array
 from collections import Counter
 from collections.abc import Iterable
@@ -18,32 +19,35 @@ import numpy as np
 
 K1, B = 1.2, 0.75
 HEADING_WEIGHT = 5.0  # a heading names what its section is about: its words count this much more
-# A passage is about a word it says twice or more (in a heading, once is enough), about every
-# word it holds when it is this short (an FAQ answer, a definition), in terms, and about a word
-# the knowledge base says in no more than this many passages (in a one-file FAQ, every word).
+# A passage is about a word it says three times or more (in a heading, once is enough), and about
+# every word it holds when it is this short (an FAQ answer, a definition), in terms, or when it is
+# all of its document (a plain-text FAQ too short to cut).
+CENTRAL_TIMES = 3
 SHORT_PASSAGE = 30
-RARE_TERM = 3
 
 
 class Postings:
     """The chunks each term is in, with the term's BM25 weight there; built once per index change."""
 
-    def __init__(self, chunks: Iterable[tuple[int, str, str]]):
-        """From (rowid, terms, heading terms) rows, terms space-separated as terms.index_terms makes them."""
+    def __init__(self, chunks: Iterable[tuple[int, str, str, bool]]):
+        """From (rowid, terms, heading terms, whole) rows, terms space-separated as terms.index_terms
+        makes them; whole: the chunk is all of its document."""
         ids: dict[str, int] = {}
         # Typed arrays, not lists: 100,000 chunks hold ~7 million postings, 4 bytes each here
         rowids, lengths, term_of, chunk_of, frequency = array("q"), array("i"), array("i"), array("i"), array("f")
-        for position, (rowid, terms, heading_terms) in enumerate(chunks):
-            text, heading = terms.split(), heading_terms.split()
-            counts: dict[str, float] = dict(Counter(text))
-            for term, times in Counter(heading).items():
-                counts[term] = counts.get(term, 0) + HEADING_WEIGHT * times
-            for term, weighted in counts.items():
+        times_said, headed, wholes = array("i"), array("b"), array("b")
+        for position, (rowid, terms, heading_terms, whole) in enumerate(chunks):
+            text, heading = Counter(terms.split()), Counter(heading_terms.split())
+            for term in text.keys() | heading.keys():
                 term_of.append(ids.setdefault(term, len(ids)))
                 chunk_of.append(position)
-                frequency.append(weighted)
+                frequency.append(text[term] + HEADING_WEIGHT * heading[term])
+                times_said.append(text[term] + heading[term])
+                headed.append(term in heading)
             rowids.append(rowid)
-            lengths.append(len(text) + len(heading))
+            wholes.append(bool(whole))
+            lengths.append(text.total() + heading.total())
+        self.ids = ids
         self.rowids = np.frombuffer(rowids, dtype=np.int64)
         self.size = len(rowids)
         terms_of = np.frombuffer(term_of, dtype=np.int32)
@@ -55,10 +59,18 @@ class Postings:
         length = np.frombuffer(lengths, dtype=np.int32).astype(np.float32)
         norm = 1 - B + B * length / max(float(length.mean()), 1.0) if self.size else length
         self.weight = (tf * (K1 + 1) / (tf + K1 * norm[self.chunk])).astype(np.float32)
-        in_chunks = np.diff(self.start)
-        rare = np.repeat(in_chunks, in_chunks) <= RARE_TERM  # per posting, in term order
-        self.central = (tf >= 2) | (length[self.chunk] <= SHORT_PASSAGE) | rare
-        self.ids = ids
+        all_of_document = np.frombuffer(wholes, dtype=np.int8).astype(bool)
+        in_heading = np.frombuffer(headed, dtype=np.int8).astype(bool)[order]
+        self._only = {
+            "central": (tf >= CENTRAL_TIMES)
+            | in_heading
+            | (length[self.chunk] <= SHORT_PASSAGE)
+            | all_of_document[self.chunk],
+            "heading": in_heading,
+        }
+        said = np.frombuffer(times_said, dtype=np.int32)
+        self.said = np.bincount(terms_of, weights=said, minlength=len(ids))  # times each term is said, in all
+        self.total = max(float(self.said.sum()), 1.0)
 
     def __contains__(self, term: str) -> bool:
         return term in self.ids
@@ -68,13 +80,25 @@ class Postings:
         at = self.ids.get(term)
         return 0 if at is None else int(self.start[at + 1] - self.start[at])
 
-    def holding(self, term: str, centrally: bool = False) -> np.ndarray:
-        """The positions of the chunks that hold the term (centrally: that are about it)."""
+    def holding(self, term: str, only: str = "") -> np.ndarray:
+        """The positions of the chunks that hold the term; only="central": the chunks about it
+        (see CENTRAL_TIMES), only="heading": the chunks whose heading says it."""
         at = self.ids.get(term)
         if at is None:
             return self.chunk[:0]
         span = slice(self.start[at], self.start[at + 1])
-        return self.chunk[span][self.central[span]] if centrally else self.chunk[span]
+        return self.chunk[span][self._only[only][span]] if only else self.chunk[span]
+
+    def lift(self, term: str, zipf: float) -> float:
+        """How many times more often the knowledge base says the term than everyday language does,
+        in log10 (zipf: wordfreq's Zipf frequency; 0, a word it never saw, is as specific as words
+        get). Negative infinity for a term the knowledge base does not hold."""
+        at = self.ids.get(term)
+        if at is None:
+            return -math.inf
+        if zipf <= 0:
+            return math.inf
+        return math.log10(self.said[at] / self.total) - (zipf - 9)  # Zipf is log10 per billion words
 
     def scores(self, terms: Iterable[str]) -> np.ndarray:
         """Every chunk's BM25 score for the terms (0 where none of them is)."""

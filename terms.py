@@ -14,9 +14,11 @@
 
 import itertools
 import logging
+import math
 import re
+from collections import defaultdict
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import jellyfish
 import jieba
@@ -34,6 +36,7 @@ _STEM = Stemmer.Stemmer("english")
 MAX_WORDS = 32  # a question's words considered; a hostile 10,000-word question costs no more
 MOST_COMMON_ZIPF = 8.0  # wordfreq's Zipf scale: 8 is a word used once every 100 words ("the" is 7.7)
 MIN_WEIGHT = 0.5
+EVERYDAY_FLOOR = 1e-7  # Zipf 2: once in ten million words
 
 # Grammar, question words and the small words of conversation: they say how something is asked,
 # not what it is about. Conversation includes what callers ask a voice agent about itself (your
@@ -196,6 +199,29 @@ def informativeness(word: str, lang: str) -> float:
 
 
 @lru_cache(maxsize=65_536)
+def everyday(term: str) -> float:
+    """How often everyday language uses a term, on wordfreq's Zipf scale (0: never seen). An English
+    stem counts every word that stems to it, as the index does (help: help, helps, helpful…)."""
+    if _CJK_RUN.fullmatch(term):
+        return wordfreq.zipf_frequency(term, "zh")
+    frequency = _english_stems().get(term, 0.0)
+    return math.log10(frequency) + 9 if frequency else 0.0
+
+
+@cache
+def _english_stems() -> dict[str, float]:
+    """Each English stem's everyday frequency, summed over wordfreq's words that stem to it. Words
+    rarer than EVERYDAY_FLOOR are left out (0.1 s and 63,000 stems instead of 0.5 s and 228,000):
+    any knowledge base that uses one uses it far more than everyday language does."""
+    frequencies = wordfreq.get_frequency_dict("en")
+    words = [word for word, frequency in frequencies.items() if frequency >= EVERYDAY_FLOOR]
+    stems: dict[str, float] = defaultdict(float)
+    for word, term in zip(words, _STEM.stemWords(words), strict=True):
+        stems[term] += frequencies[word]
+    return dict(stems)
+
+
+@lru_cache(maxsize=65_536)
 def sound(term: str) -> str:
     """How a term sounds: toneless pinyin for Chinese, Metaphone for English."""
     if _CJK_RUN.fullmatch(term):
@@ -223,4 +249,5 @@ def compound_parts(word: str) -> list[str]:
 def warm_up() -> None:
     """Load jieba's and wordfreq's dictionaries now rather than in the first question."""
     question_words(tokens("warm up the dictionaries 加载词典"))
+    _english_stems()
     sound("词典")

@@ -255,7 +255,7 @@ def test_sdk_non_streaming_round_limit(make_server, upstream):
 
 
 def test_rag_runs_tools_too(server, upstream):
-    upstream.script.turns = [{"calls": [("search_knowledge", '{"query": "audio format"}')]}, ANSWER]
+    upstream.script.turns = [{"calls": [("search_knowledge", '{"query": "PCM audio"}')]}, ANSWER]
     events = stream(server, {"messages": ASK}, "/rag/chat/completions")
     assert text_of(events).endswith("It is noon.")
     assert "1280" in tool_messages(upstream.requests[1])[0]["content"]

@@ -121,6 +121,13 @@ def test_two_words_also_match_the_one_word_they_make(tmp_path):
     assert top(kb, "how long does a shut down take?") == "power.md › Power › Shutdown"
 
 
+def test_a_word_is_not_taken_as_misheard_for_another_word_of_the_question(tmp_path):
+    """ "sing" is unknown and sounds like "song"; but the caller said "song" too: "sing" is not it."""
+    kb = indexed(tmp_path, {"kettle.md": "# Kettle\n\n## Song\n\nThe kettle plays a song when the water boils.\n"})
+    assert top(kb, "can the kettle play a song?") == "kettle.md › Kettle › Song"
+    assert kb.search("sing me a song", 3) == []
+
+
 def test_chunks_are_bounded_overlap_and_keep_their_heading(tmp_path):
     sentences = [f"Fact number {n} is that item {n} weighs {n} kilos." for n in range(120)]
     (tmp_path / "long.md").write_text("# Catalogue\n\n## Weights\n\n" + "\n\n".join(sentences))
@@ -420,3 +427,20 @@ def test_page_to_page_link_bars_are_navigation_and_sibling_sections_stay_sibling
         "1 Comparison › 1.2 Blank lines",
     ]
     assert not any("Next" in text or "Top" in text for _, text in chunks)
+
+
+def test_everyday_words_met_by_chance_in_a_long_manual_are_no_answer(tmp_path):
+    """A manual about disks says "day" and "work" in passing; they are not what it is about."""
+    sections = [
+        f"## Disk {n}\n\nThe partition table of disk {n} lists each partition with its first sector, its size "
+        "and its filesystem. Resize a partition with parted, format it with mkfs and mount it with mount. "
+        "A partition that is mounted cannot be resized; unmount it first, then check its filesystem with fsck.\n"
+        for n in range(40)
+    ]
+    backups = "\n## Backups\n\nA backup of every mounted partition runs each day while you work, and a full disk image each week.\n"
+    kb = indexed(tmp_path, {"manual.md": "# Disks\n\n" + "\n".join(sections) + backups})
+    assert top(kb, "how do I resize a mounted partition?").startswith("manual.md › Disks › Disk")
+    assert top(kb, "how often do backups run?") == "manual.md › Disks › Backups"
+    assert kb.search("how was your day at work?", 3) == []  # day and work, both everyday words, by chance
+    # Three everyday words together are no chance: "each day while you work" asked back finds it
+    assert top(kb, "does it run each day while I work?") == "manual.md › Disks › Backups"

@@ -137,9 +137,11 @@ def test_follow_up_questions_carry_the_previous_turn():
 
 
 def test_http_search_returns_the_same_hits(server):
-    response = httpx.get(server.url + "/knowledge/search", params={"q": "What audio format?", "limit": 2}, headers=AUTH)
+    response = httpx.get(
+        server.url + "/knowledge/search", params={"q": "What PCM audio is it?", "limit": 2}, headers=AUTH
+    )
     body = response.json()
-    assert response.status_code == 200 and body["query"] == "What audio format?" and len(body["passages"]) == 2
+    assert response.status_code == 200 and body["query"] == "What PCM audio is it?" and len(body["passages"]) == 2
     assert {"source", "heading", "score", "coverage", "text"} == set(body["passages"][0])
     assert httpx.get(server.url + "/knowledge/search", params={"q": "x"}).status_code == 401
     missing = httpx.get(server.url + "/knowledge/search", headers=AUTH)
