@@ -75,7 +75,7 @@ STOPWORDS_ZH = frozenset(
     机器人 真人 人工智能 没关系 不好意思 没事 见 再说 一遍 一点 慢点 说慢 大声 稍等 稍 等 等等 听清 清
     听 说 讲 干得 今天 明天 昨天 早上 上午 下午 晚上 早安 晚安 开心 高兴 难过
     无聊 累 有趣 厉害 笨 快乐 多久 几点 什么时候 一 个 些 下 上 中 里 后 前 时
-    时候""".split()  # noqa: SIM905 (a word list reads best as words)
+    时候 干什么 干嘛 怎么办 咋 咋办 咋样 啥 为啥 是否 有没有 能不能 不能 可不可以 要不要 不要 种""".split()  # noqa: SIM905 (a word list reads best as words)
 )
 
 # Phrases whose words all go: they ask how ("how long" asks for a duration, it is not about
@@ -223,10 +223,12 @@ def _english_stems() -> dict[str, float]:
 
 @lru_cache(maxsize=65_536)
 def sound(term: str) -> str:
-    """How a term sounds: toneless pinyin for Chinese, Metaphone for English."""
+    """How a term sounds: toneless pinyin for Chinese, Metaphone for English, where a first vowel
+    is any vowel (speech recognition hears "environment" as "in vironment")."""
     if _CJK_RUN.fullmatch(term):
         return "".join(lazy_pinyin(term))
     code = jellyfish.metaphone(term)
+    code = "A" + code[1:] if code[:1] in ("A", "E", "I", "O", "U") else code
     return code if len(code) >= 3 else term  # two consonants sound like too many words
 
 

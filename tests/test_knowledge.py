@@ -121,6 +121,17 @@ def test_two_words_also_match_the_one_word_they_make(tmp_path):
     assert top(kb, "how long does a shut down take?") == "power.md › Power › Shutdown"
 
 
+def test_a_word_heard_in_two_with_another_first_vowel_is_found(tmp_path):
+    kb = indexed(
+        tmp_path,
+        {
+            "python.md": "# Python\n\n## Virtual environments\n\nA virtual environment keeps each project's packages apart.\n\n"
+            "## Virtual machines\n\nRun the tests in a virtual machine.\n"
+        },
+    )
+    assert top(kb, "how do I make a virtual in vironment?") == "python.md › Python › Virtual environments"
+
+
 def test_a_word_is_not_taken_as_misheard_for_another_word_of_the_question(tmp_path):
     """ "sing" is unknown and sounds like "song"; but the caller said "song" too: "sing" is not it."""
     kb = indexed(tmp_path, {"kettle.md": "# Kettle\n\n## Song\n\nThe kettle plays a song when the water boils.\n"})

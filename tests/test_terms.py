@@ -25,6 +25,8 @@ def asked(question: str) -> dict[str, float]:
         ("can I add a second user?", {"add", "user"}),
         ("你好，请问怎么修改文件的权限？", {"修改", "文件", "权限"}),
         ("谢谢你", set()),
+        ("PATH变量是干什么用的？", {"path", "变量"}),  # 干什么 asks "what for"
+        ("缺少依赖怎么办？", {"缺少", "依赖"}),
     ],
 )
 def test_only_words_that_carry_meaning_are_asked(question, terms):
