@@ -134,14 +134,14 @@ def coverage(
     for word in words:
         # "de scale" heard in two is as said
         matched = [word.term] + ([joined[word.term]] if word.term in joined else [])
-        holding = np.unique(np.concatenate([postings.holding(term) for term in matched]))
+        holding = _union([postings.holding(term) for term in matched])
         said[holding] += word.weight
         held[holding] += 1
-        central[np.unique(np.concatenate([postings.holding(term, "central") for term in matched]))] += 1
-        in_heading[np.unique(np.concatenate([postings.holding(term, "heading") for term in matched]))] += 1
+        central[_union([postings.holding(term, "central") for term in matched])] += 1
+        in_heading[_union([postings.holding(term, "heading") for term in matched])] += 1
         guesses = heard.get(word.term, [])
         if guesses:  # a guess adds to what a passage holds, but is not a second word of its own
-            guessed[np.setdiff1d(np.concatenate([postings.holding(term) for term in guesses]), holding)] += (
+            guessed[np.setdiff1d(_union([postings.holding(term) for term in guesses]), holding)] += (
                 word.weight * HEARD_CREDIT
             )
         for term in matched + guesses:
@@ -155,6 +155,11 @@ def coverage(
 # ---------------------------------------------------------------------------------------------
 # The index
 # ---------------------------------------------------------------------------------------------
+
+
+def _union(positions: list[np.ndarray]) -> np.ndarray:
+    """The chunks in any of these (each sorted and unique, as Postings.holding returns them)."""
+    return positions[0] if len(positions) == 1 else np.unique(np.concatenate(positions))
 
 
 def default_index(folder: Path) -> Path:

@@ -34,16 +34,15 @@ class Postings:
         makes them; whole: the chunk is all of its document."""
         ids: dict[str, int] = {}
         # Typed arrays, not lists: 100,000 chunks hold ~7 million postings, 4 bytes each here
-        rowids, lengths, term_of, chunk_of, frequency = array("q"), array("i"), array("i"), array("i"), array("f")
-        times_said, headed, wholes = array("i"), array("b"), array("b")
+        rowids, lengths, wholes = array("q"), array("i"), array("b")
+        term_of, chunk_of, in_text, in_heading = array("i"), array("i"), array("i"), array("i")  # one per posting
         for position, (rowid, terms, heading_terms, whole) in enumerate(chunks):
             text, heading = Counter(terms.split()), Counter(heading_terms.split())
-            for term in text.keys() | heading.keys():
-                term_of.append(ids.setdefault(term, len(ids)))
-                chunk_of.append(position)
-                frequency.append(text[term] + HEADING_WEIGHT * heading[term])
-                times_said.append(text[term] + heading[term])
-                headed.append(term in heading)
+            held = list(text) + [term for term in heading if term not in text]
+            term_of.extend([ids.setdefault(term, len(ids)) for term in held])
+            chunk_of.extend([position] * len(held))
+            in_text.extend([text.get(term, 0) for term in held])
+            in_heading.extend([heading.get(term, 0) for term in held])
             rowids.append(rowid)
             wholes.append(bool(whole))
             lengths.append(text.total() + heading.total())
@@ -55,21 +54,19 @@ class Postings:
         self.chunk = np.frombuffer(chunk_of, dtype=np.int32)[order]
         self.start = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum(np.bincount(terms_of, minlength=len(ids)), out=self.start[1:])
-        tf = np.frombuffer(frequency, dtype=np.float32)[order]
+        said, headed = np.frombuffer(in_text, dtype=np.int32), np.frombuffer(in_heading, dtype=np.int32)
+        tf = (said + HEADING_WEIGHT * headed).astype(np.float32)[order]
         length = np.frombuffer(lengths, dtype=np.int32).astype(np.float32)
         norm = 1 - B + B * length / max(float(length.mean()), 1.0) if self.size else length
         self.weight = (tf * (K1 + 1) / (tf + K1 * norm[self.chunk])).astype(np.float32)
         all_of_document = np.frombuffer(wholes, dtype=np.int8).astype(bool)
-        in_heading = np.frombuffer(headed, dtype=np.int8).astype(bool)[order]
+        titled = headed[order] > 0
+        short = length <= SHORT_PASSAGE
         self._only = {
-            "central": (tf >= CENTRAL_TIMES)
-            | in_heading
-            | (length[self.chunk] <= SHORT_PASSAGE)
-            | all_of_document[self.chunk],
-            "heading": in_heading,
+            "central": (tf >= CENTRAL_TIMES) | titled | (short | all_of_document)[self.chunk],
+            "heading": titled,
         }
-        said = np.frombuffer(times_said, dtype=np.int32)
-        self.said = np.bincount(terms_of, weights=said, minlength=len(ids))  # times each term is said, in all
+        self.said = np.bincount(terms_of, weights=said + headed, minlength=len(ids))  # times each term is said
         self.total = max(float(self.said.sum()), 1.0)
 
     def __contains__(self, term: str) -> bool:
