@@ -123,10 +123,10 @@ def coverage(
     - holding one of the question's words as said, it must be about it (ranking.Postings: said
       three times, in its heading, in a short passage), so "birthday" said in passing in a
       manual's long sections is no answer to "it's my birthday!";
-    - holding only everyday words, it must hold three of them, or two in its heading: "what's your
-      favourite colour?" finds a tutorial's example that prints a favourite colour, but neither
-      word is what the knowledge base is about (TOPICAL_LIFT), and two words met by chance are
-      common in a long passage."""
+    - holding only everyday words, it must hold two of them in its heading, or three that say
+      twice MIN_EVIDENCE: "what's your favourite colour?" finds a tutorial's example that prints
+      a favourite colour, but neither word is what the knowledge base is about (TOPICAL_LIFT),
+      and a few common words met by chance are common in a long passage (恭喜你找到新工作)."""
     said = np.zeros(postings.size)  # float64: a passage holding every word has a share of exactly 1
     guessed = np.zeros(postings.size)
     held, central, in_heading = (np.zeros(postings.size, dtype=np.int32) for _ in range(3))
@@ -147,7 +147,8 @@ def coverage(
         for term in matched + guesses:
             if postings.lift(term, everyday(term)) >= TOPICAL_LIFT:
                 topical[postings.holding(term)] = True
-    not_by_chance = ((held > 1) | (central > 0)) & (topical | (held >= 3) | (in_heading >= 2))
+    everyday_together = ((held >= 3) & (said >= 2 * MIN_EVIDENCE)) | (in_heading >= 2)
+    not_by_chance = ((held > 1) | (central > 0)) & (topical | everyday_together)
     amount = np.where((said > 0) & not_by_chance, said + guessed, 0)
     return amount / sum(word.weight for word in words), amount
 

@@ -455,3 +455,15 @@ def test_everyday_words_met_by_chance_in_a_long_manual_are_no_answer(tmp_path):
     assert kb.search("how was your day at work?", 3) == []  # day and work, both everyday words, by chance
     # Three everyday words together are no chance: "each day while you work" asked back finds it
     assert top(kb, "does it run each day while I work?") == "manual.md › Disks › Backups"
+
+
+def test_common_chinese_words_met_by_chance_are_no_answer(tmp_path):
+    sections = [
+        f"## 磁盘 {n}\n\n磁盘 {n} 的分区表列出每个分区的起始扇区、大小和文件系统。用 parted 调整分区大小，用 mkfs 格式化，"
+        "用 mount 挂载。已挂载的分区不能调整大小：先卸载，再用 fsck 检查文件系统。\n"
+        for n in range(40)
+    ]
+    note = "\n## 注记\n\n如果找到新的分区，工作目录不会改变。\n"
+    kb = indexed(tmp_path, {"manual.md": "# 磁盘\n\n" + "\n".join(sections) + note})
+    assert top(kb, "怎么调整分区大小？").startswith("manual.md › 磁盘 › 磁盘")
+    assert kb.search("恭喜你找到新工作", 3) == []  # congratulations on the new job: 找到, 新, 工作 by chance
