@@ -9,8 +9,8 @@ the grounding prompt), behind a small `Retriever` interface you can replace.
   added or removed file updates only its own chunks (content hashes decide).
 - Search ranks by BM25 (ranking.py, in memory) over the words terms.py makes (English stemmed,
   Chinese segmented by jieba, stopwords and question words out), keeping only the passages that
-  cover enough of what the question asks: the share of its informative words, each weighted by how rare it is in
-  general language, that the passage contains; and not by coincidence: a passage must hold a word
+  cover enough of what the question asks: the share of its informative words, each weighted by
+  how rare it is in general language, that the passage contains; and not by coincidence: a passage must hold a word
   the knowledge base says far more often than everyday language does, or be about the words it
   holds. Both compare rates, not counts, so they mean the same for a one-file FAQ as for 100,000
   chunks: "tell me a joke" finds nothing anywhere and "are you open on mondays" finds its answer

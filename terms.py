@@ -75,7 +75,8 @@ STOPWORDS_ZH = frozenset(
     机器人 真人 人工智能 没关系 不好意思 没事 见 再说 一遍 一点 慢点 说慢 大声 稍等 稍 等 等等 听清 清
     听 说 讲 干得 今天 明天 昨天 早上 上午 下午 晚上 早安 晚安 开心 高兴 难过
     无聊 累 有趣 厉害 笨 快乐 多久 几点 什么时候 一 个 些 下 上 中 里 后 前 时
-    时候 干什么 干嘛 怎么办 咋 咋办 咋样 啥 为啥 是否 有没有 能不能 不能 可不可以 要不要 不要 种""".split()  # noqa: SIM905 (a word list reads best as words)
+    时候 干什么 干嘛 怎么办 咋 咋办 咋样 啥 为啥 是否 有没有 能不能 不能 可不可以 要不要 不要
+    种""".split()  # noqa: SIM905 (a word list reads best as words)
 )
 
 # Phrases whose words all go: they ask how ("how long" asks for a duration, it is not about
@@ -201,11 +202,12 @@ def informativeness(word: str, lang: str) -> float:
 @lru_cache(maxsize=65_536)
 def everyday(term: str) -> float:
     """How often everyday language uses a term, on wordfreq's Zipf scale (0: never seen). An English
-    stem counts every word that stems to it, as the index does (help: help, helps, helpful…)."""
+    stem counts every word that stems to it, as the index does (help: help, helps, helpful…);
+    a number or a rarer word, its own frequency (wordfreq reads 2018 as any four digits)."""
     if _CJK_RUN.fullmatch(term):
         return wordfreq.zipf_frequency(term, "zh")
-    frequency = _english_stems().get(term, 0.0)
-    return math.log10(frequency) + 9 if frequency else 0.0
+    frequency = _english_stems().get(term)
+    return math.log10(frequency) + 9 if frequency else wordfreq.zipf_frequency(term, "en")
 
 
 @cache

@@ -1,8 +1,9 @@
 """terms.py: the words a question asks and a passage holds, their weights and how they sound."""
 
 import pytest
+import wordfreq
 
-from terms import heard_apart, index_terms, informativeness, question_words, sound, tokens
+from terms import everyday, heard_apart, index_terms, informativeness, question_words, sound, tokens
 
 
 def asked(question: str) -> dict[str, float]:
@@ -62,4 +63,13 @@ def test_words_that_sound_alike_share_a_sound():
     assert sound("jason") == sound("json") and sound("sink") == sound("sync")
     assert sound("全线") == sound("权限") and sound("内村") == sound("内存")
     assert sound("日至") == sound("日志")
+    assert sound("inviron") == sound("environ")  # a first vowel is any vowel
     assert sound("pip") == "pip"  # a two-letter code (PP) would sound like too many words: it stands for itself
+
+
+def test_everyday_frequency_of_a_stem_counts_each_word_that_stems_to_it():
+    assert everyday("help") > wordfreq.zipf_frequency("help", "en")  # help, helps, helped, helpful…
+    assert everyday("favorit") >= wordfreq.zipf_frequency("favorite", "en") > 0  # a stem, not a word
+    assert everyday("2018") == wordfreq.zipf_frequency("2018", "en") > 0  # a number is no rare word
+    assert everyday("配置") == wordfreq.zipf_frequency("配置", "zh")
+    assert everyday("qxzvw") == 0
