@@ -67,8 +67,6 @@ CREATE INDEX IF NOT EXISTS chunks_by_source ON chunks (source);
 CREATE TABLE IF NOT EXISTS embeddings (hash TEXT PRIMARY KEY, vector BLOB);
 PRAGMA user_version = {SCHEMA_VERSION};
 """
-# Each chunk's terms, and whether it is all of its document (ranking.Postings reads these)
-CHUNK_TERMS = "SELECT id, terms, heading_terms, count(*) OVER (PARTITION BY source) = 1 FROM chunks ORDER BY id"
 RRF_K = 60  # reciprocal rank fusion's usual constant
 MIN_SIMILARITY = 0.3  # a passage found only by meaning must be at least this close (cosine)
 EMBED_BATCH = 64
@@ -123,12 +121,13 @@ def coverage(
     A word matched only as what it may have been misheard for counts for less, and never alone.
     A chunk that matches by coincidence holds nothing:
     - holding one of the question's words as said, it must be about it (ranking.Postings: said
-      three times, in its heading, in a short passage), so "birthday" said in passing in a
-      manual's long sections is no answer to "it's my birthday!";
-    - holding only everyday words, it must hold two of them in its heading, or three that say
-      twice MIN_EVIDENCE: "what's your favourite colour?" finds a tutorial's example that prints
-      a favourite colour, but neither word is what the knowledge base is about (TOPICAL_LIFT),
-      and a few common words met by chance are common in a long passage (恭喜你找到新工作)."""
+      three times, in its heading, in a short passage, or rare in the knowledge base): one word
+      said in passing in a long section is no answer;
+    - it must hold a word the knowledge base is about (TOPICAL_LIFT), or else everyday words
+      together: two in its heading, or three that say twice MIN_EVIDENCE. "What's your favourite
+      colour?" finds a tutorial's example that prints a favourite colour, "it's my birthday!" a
+      manual's one mention of a birthday, but neither colour nor birthday is what they are
+      about; and a few common words met by chance are common in a long passage (恭喜你找到新工作)."""
     said = np.zeros(postings.size)  # float64: a passage holding every word has a share of exactly 1
     guessed = np.zeros(postings.size)
     held, central, in_heading = (np.zeros(postings.size, dtype=np.int32) for _ in range(3))
@@ -436,7 +435,7 @@ class KnowledgeBase:
         warm_up()
         with self._lock:
             self._loaded_version = self._db.execute("PRAGMA data_version").fetchone()[0]
-            postings = Postings(self._db.execute(CHUNK_TERMS))
+            postings = Postings(self._db.execute("SELECT id, terms, heading_terms FROM chunks ORDER BY id"))
         sounds: dict[str, list[str]] = {}  # the most used first: the likelier meant
         for term in sorted(postings.ids, key=postings.count, reverse=True):
             if len(term) >= 2 and not term.isdigit():

@@ -19,24 +19,26 @@ import numpy as np
 
 K1, B = 1.2, 0.75
 HEADING_WEIGHT = 5.0  # a heading names what its section is about: its words count this much more
-# A passage is about a word it says three times or more (in a heading, once is enough), and about
-# every word it holds when it is this short (an FAQ answer, a definition), in terms, or when it is
-# all of its document (a plain-text FAQ too short to cut).
+# A passage is about a word it says three times or more (in a heading, once is enough), about
+# every word it holds when it is this short (an FAQ answer, a definition), in terms, and about a
+# word the knowledge base says in no more than RARE_TERM passages (in a small FAQ, most words;
+# in a manual, a word said in passing is rare there only if it is no topic of it, which
+# knowledge.coverage checks apart).
 CENTRAL_TIMES = 3
 SHORT_PASSAGE = 30
+RARE_TERM = 3
 
 
 class Postings:
     """The chunks each term is in, with the term's BM25 weight there; built once per index change."""
 
-    def __init__(self, chunks: Iterable[tuple[int, str, str, bool]]):
-        """From (rowid, terms, heading terms, whole) rows, terms space-separated as terms.index_terms
-        makes them; whole: the chunk is all of its document."""
+    def __init__(self, chunks: Iterable[tuple[int, str, str]]):
+        """From (rowid, terms, heading terms) rows, terms space-separated as terms.index_terms makes them."""
         ids: dict[str, int] = {}
         # Typed arrays, not lists: 100,000 chunks hold ~7 million postings, 4 bytes each here
-        rowids, lengths, wholes = array("q"), array("i"), array("b")
+        rowids, lengths = array("q"), array("i")
         term_of, chunk_of, in_text, in_heading = array("i"), array("i"), array("i"), array("i")  # one per posting
-        for position, (rowid, terms, heading_terms, whole) in enumerate(chunks):
+        for position, (rowid, terms, heading_terms) in enumerate(chunks):
             text, heading = Counter(terms.split()), Counter(heading_terms.split())
             held = list(text) + [term for term in heading if term not in text]
             term_of.extend([ids.setdefault(term, len(ids)) for term in held])
@@ -44,7 +46,6 @@ class Postings:
             in_text.extend([text.get(term, 0) for term in held])
             in_heading.extend([heading.get(term, 0) for term in held])
             rowids.append(rowid)
-            wholes.append(bool(whole))
             lengths.append(text.total() + heading.total())
         self.ids = ids
         self.rowids = np.frombuffer(rowids, dtype=np.int64)
@@ -59,11 +60,11 @@ class Postings:
         length = np.frombuffer(lengths, dtype=np.int32).astype(np.float32)
         norm = 1 - B + B * length / max(float(length.mean()), 1.0) if self.size else length
         self.weight = (tf * (K1 + 1) / (tf + K1 * norm[self.chunk])).astype(np.float32)
-        all_of_document = np.frombuffer(wholes, dtype=np.int8).astype(bool)
         titled = headed[order] > 0
-        short = length <= SHORT_PASSAGE
+        in_chunks = np.diff(self.start)
+        rare = np.repeat(in_chunks, in_chunks) <= RARE_TERM  # per posting, in term order
         self._only = {
-            "central": (tf >= CENTRAL_TIMES) | titled | (short | all_of_document)[self.chunk],
+            "central": (tf >= CENTRAL_TIMES) | titled | (length <= SHORT_PASSAGE)[self.chunk] | rare,
             "heading": titled,
         }
         self.said = np.bincount(terms_of, weights=said + headed, minlength=len(ids))  # times each term is said

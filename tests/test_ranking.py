@@ -5,25 +5,25 @@ import math
 import numpy as np
 import pytest
 
-from ranking import CENTRAL_TIMES, HEADING_WEIGHT, K1, SHORT_PASSAGE, B, Postings
+from ranking import CENTRAL_TIMES, HEADING_WEIGHT, K1, RARE_TERM, SHORT_PASSAGE, B, Postings
 
 CHUNKS = [
-    (10, "kettl descal citric acid month", "manual descal", False),
-    (11, "deliveri free order forti euro deliveri", "shop deliveri", False),
-    (12, "open nine weekday ten weekend", "shop open hour", False),
-    (13, "return accept thirti day receipt", "", True),
+    (10, "kettl descal citric acid month", "manual descal"),
+    (11, "deliveri free order forti euro deliveri", "shop deliveri"),
+    (12, "open nine weekday ten weekend", "shop open hour"),
+    (13, "return accept thirti day receipt", ""),
 ]
 
 
 def by_hand(terms: list[str], chunks=CHUNKS) -> list[float]:
     """Lucene's BM25 with a weighted heading, one chunk and one term at a time."""
-    lengths = [len(text.split()) + len(heading.split()) for _, text, heading, _ in chunks]
+    lengths = [len(text.split()) + len(heading.split()) for _, text, heading in chunks]
     average = sum(lengths) / len(chunks)
     scores = []
-    for (_, text, heading, _), length in zip(chunks, lengths):
+    for (_, text, heading), length in zip(chunks, lengths):
         score = 0.0
         for term in set(terms):
-            df = sum(term in (t.split() + h.split()) for _, t, h, _ in chunks)
+            df = sum(term in (t.split() + h.split()) for _, t, h in chunks)
             tf = text.split().count(term) + HEADING_WEIGHT * heading.split().count(term)
             if tf:
                 idf = math.log(1 + (len(chunks) - df + 0.5) / (df + 0.5))
@@ -47,7 +47,7 @@ def test_which_chunks_hold_a_term_and_how_many():
 
 def test_a_word_in_every_chunk_still_ranks_a_one_file_knowledge_base():
     """FTS5 clamped such an idf to almost nothing, so a two-chunk FAQ could not rank at all."""
-    faq = [(1, "open monday friday", "faq open", False), (2, "deliveri free open", "faq deliveri", False)]
+    faq = [(1, "open monday friday", "faq open"), (2, "deliveri free open", "faq deliveri")]
     scores = Postings(faq).scores(["open", "faq"])
     assert (scores > 0).all() and scores[0] > scores[1]  # "open" is in the first one's heading too
 
@@ -58,19 +58,21 @@ def test_an_empty_index_scores_nothing():
     assert isinstance(postings.scores([]), np.ndarray)
 
 
-def test_a_chunk_is_about_a_word_it_repeats_puts_in_its_heading_or_when_short_or_whole():
+def test_a_chunk_is_about_a_word_it_repeats_puts_in_its_heading_or_when_short_or_rare():
     filler = " ".join(f"word{n}" for n in range(SHORT_PASSAGE))  # long enough not to be short
     chunks = [
-        (1, f"sorri {filler} sorri", "", False),  # said twice in passing
-        (2, f"sorri {filler} {' sorri' * (CENTRAL_TIMES - 1)}", "", False),
-        (3, filler, "sorri", False),
-        (4, "sorri we are close", "", False),
-        (5, f"sorri {filler}", "", True),  # all of a plain-text FAQ: each of its words is a topic
+        (1, f"sorri {filler} sorri", ""),  # said twice in passing
+        (2, f"sorri {filler} {' sorri' * (CENTRAL_TIMES - 1)}", ""),
+        (3, filler, "sorri"),
+        (4, "sorri we are close", ""),
     ]
     postings = Postings(chunks)
-    assert sorted(postings.rowids[postings.holding("sorri")]) == [1, 2, 3, 4, 5]
-    assert sorted(postings.rowids[postings.holding("sorri", "central")]) == [2, 3, 4, 5]
+    assert sorted(postings.rowids[postings.holding("sorri")]) == [1, 2, 3, 4]
+    assert sorted(postings.rowids[postings.holding("sorri", "central")]) == [2, 3, 4]
     assert sorted(postings.rowids[postings.holding("sorri", "heading")]) == [3]
+    # A word the knowledge base says in no more than RARE_TERM passages (a small FAQ) is what they are about.
+    few = Postings(chunks[:RARE_TERM])
+    assert sorted(few.rowids[few.holding("sorri", "central")]) == [1, 2, 3]
 
 
 def test_lift_compares_how_often_the_knowledge_base_says_a_term_with_everyday_language():
