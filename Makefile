@@ -6,14 +6,14 @@ PY := $(VENV)/bin/python
 
 .PHONY: run test lint bench bench-knowledge soak clean
 
-$(VENV)/.run: requirements.txt
+$(VENV)/.run: requirements.txt constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -c constraints.txt -r requirements.txt
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.run requirements-dev.txt clients/package-lock.json
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet -c constraints.txt -r requirements-dev.txt
 	if command -v npm >/dev/null; then cd clients && npm ci --no-audit --no-fund --loglevel=error; fi
 	touch $@
 
