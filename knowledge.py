@@ -127,7 +127,7 @@ def coverage(
       together: two in its heading, or three that say twice MIN_EVIDENCE. "What's your favourite
       colour?" finds a tutorial's example that prints a favourite colour, "it's my birthday!" a
       manual's one mention of a birthday, but neither colour nor birthday is what they are
-      about; and a few common words met by chance are common in a long passage (恭喜你找到新工作)."""
+      about; and a few common words meet by chance in any long passage (恭喜你找到新工作)."""
     said = np.zeros(postings.size)  # float64: a passage holding every word has a share of exactly 1
     guessed = np.zeros(postings.size)
     held, central, in_heading = (np.zeros(postings.size, dtype=np.int32) for _ in range(3))
