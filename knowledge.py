@@ -127,11 +127,17 @@ def coverage(
       together: two in its heading, or three that say twice MIN_EVIDENCE. "What's your favourite
       colour?" finds a tutorial's example that prints a favourite colour, "it's my birthday!" a
       manual's one mention of a birthday, but neither colour nor birthday is what they are
-      about; and a few common words meet by chance in any long passage (恭喜你找到新工作)."""
+      about; and a few common words meet by chance in any long passage (恭喜你找到新工作);
+    - a Chinese question asks in its Chinese words; the names it spells in Latin letters (Python,
+      Excel, Windows) only say what about. A passage holding none of its Chinese words must have
+      one of those names in its heading: "zipfile怎么解压" finds zipfile's page in an English
+      manual, but "怎么用Python读取Excel表格" no English page that says Python and "excellent"."""
     said = np.zeros(postings.size)  # float64: a passage holding every word has a share of exactly 1
     guessed = np.zeros(postings.size)
     held, central, in_heading = (np.zeros(postings.size, dtype=np.int32) for _ in range(3))
     topical = np.zeros(postings.size, dtype=bool)
+    chinese = any(word.chinese for word in words)
+    in_kind = np.full(postings.size, not chinese)  # a Chinese question: holds a Chinese word, or a name in its heading
     for word in words:
         # "de scale" heard in two is as said
         matched = [word.term] + ([joined[word.term]] if word.term in joined else [])
@@ -139,8 +145,11 @@ def coverage(
         said[holding] += word.weight
         held[holding] += 1
         central[_union([postings.holding(term, "central") for term in matched])] += 1
-        in_heading[_union([postings.holding(term, "heading") for term in matched])] += 1
+        headed = _union([postings.holding(term, "heading") for term in matched])
+        in_heading[headed] += 1
         guesses = heard.get(word.term, [])
+        if chinese:
+            in_kind[_union([holding] + [postings.holding(term) for term in guesses]) if word.chinese else headed] = True
         if guesses:  # a guess adds to what a passage holds, but is not a second word of its own
             guessed[np.setdiff1d(_union([postings.holding(term) for term in guesses]), holding)] += (
                 word.weight * HEARD_CREDIT
@@ -149,7 +158,7 @@ def coverage(
             if postings.lift(term, everyday(term)) >= TOPICAL_LIFT:
                 topical[postings.holding(term)] = True
     everyday_together = ((held >= 3) & (said >= 2 * MIN_EVIDENCE)) | (in_heading >= 2)
-    not_by_chance = ((held > 1) | (central > 0)) & (topical | everyday_together)
+    not_by_chance = ((held > 1) | (central > 0)) & (topical | everyday_together) & in_kind
     amount = np.where((said > 0) & not_by_chance, said + guessed, 0)
     return amount / sum(word.weight for word in words), amount
 

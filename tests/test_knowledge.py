@@ -479,3 +479,24 @@ def test_common_chinese_words_met_by_chance_are_no_answer(tmp_path):
     kb = indexed(tmp_path, {"manual.md": "# 磁盘\n\n" + "\n".join(sections) + note})
     assert top(kb, "怎么调整分区大小？").startswith("manual.md › 磁盘 › 磁盘")
     assert kb.search("恭喜你找到新工作", 3) == []  # congratulations on the new job: 找到, 新, 工作 by chance
+
+
+def test_a_chinese_question_is_not_answered_by_its_latin_names_alone(tmp_path):
+    """English pages answer a Chinese question that names what they are about, not one that
+    only shares its names with them in passing."""
+    manual = """# zipfile: work with ZIP archives
+
+## Extracting an archive
+
+ZipFile.extractall() writes every member of a ZIP archive into a folder; ZipFile.extract() writes one.
+A member whose name would leave the folder is refused.
+
+## Performance
+
+Python reads the central directory once. Python keeps the archive open, which gives excellent speed
+when many members are read, and Python closes it when the ZipFile is closed.
+"""
+    kb = indexed(tmp_path, {"zipfile.md": manual})
+    assert top(kb, "zipfile怎么解压？") == "zipfile.md › zipfile: work with ZIP archives › Extracting an archive"
+    # Python and "excellent" (stemmed like Excel) are in the Performance section, by chance
+    assert kb.search("怎么用Python读取Excel表格？", 3) == []
