@@ -604,9 +604,13 @@ WAITING_PHRASES = {
 }
 
 # The system message the passages go in; it asks for honesty when they do not answer.
+# Search can still find passages for small talk whose words are the documents' jargon ("my cat
+# is sick" and `git cat-file`): the model is told to ignore passages that are not about the question.
 GROUNDING_PROMPT = (
     "Answer the user's question from these knowledge-base passages. Mention a source when it "
-    "helps. If the passages do not cover the question, say you don't know rather than guessing."
+    "helps. If the passages are not about what the user said (small talk, another topic), ignore "
+    "them and reply as you otherwise would. If they are about it but do not cover it, say you "
+    "don't know rather than guessing."
 )
 
 
