@@ -43,7 +43,18 @@ import metrics
 from documents import SUFFIXES, chunk_markdown, read_document
 from ranking import Postings
 from serving import facts
-from terms import Word, asks_something, everyday, heard_apart, index_terms, question_words, sound, tokens, warm_up
+from terms import (
+    Word,
+    asks_something,
+    everyday,
+    heard_apart,
+    index_terms,
+    question_words,
+    said_as,
+    sound,
+    tokens,
+    warm_up,
+)
 from text import is_cjk, language, message_text
 
 log = logging.getLogger("custom_llm.knowledge")
@@ -52,6 +63,9 @@ SCHEMA_VERSION = 3  # bumped when the stored terms change: an index made by anot
 HEARD_CREDIT = 0.8  # a word matched only as what it may have been misheard for counts this much
 HEARD_MAX = 3  # known words one unknown word may stand for
 PREFIX_MIN = 4  # an unknown word this long may be the start of a known one, cut off
+# A word heard in two is a long one ("in vironment", "funk shun"): two pieces that sound like fewer
+# consonants ("tall is": TLS, as tls) would stand for any short word.
+HEARD_APART_SOUNDS = 4
 # A passage must also hold at least this much of the question's information (terms.py's weights:
 # a word less common than "open" or "return", or two everyday ones), so "name" or "love" alone is no topic.
 MIN_EVIDENCE = 2.5
@@ -392,17 +406,17 @@ class KnowledgeBase:
         heard: dict[str, list[str]] = {}
         joined: dict[str, str] = {}
         asked = {word.term for word in words}  # "sing me a song": sing is not the song said beside it
-        for together, stands_for in heard_apart(said):
+        for together, spoken, stands_for in heard_apart(said):
             for term in stands_for:
                 unknown = term not in known or len(term) == 1
                 # "shut down" is also the index's "shutdown"; a known word and one letter ("I use") is not a word
                 if together in known and (unknown or len(together) - len(term) >= 2):
                     joined[term] = together
-                elif unknown:
-                    heard.setdefault(term, []).extend(self._sounds.get(sound(together), [])[:HEARD_MAX])
+                elif unknown and len(sound(spoken)) >= HEARD_APART_SOUNDS:
+                    heard.setdefault(term, []).extend(self._sounds.get(sound(spoken), [])[:HEARD_MAX])
         for word in words:
             if word.term not in known and len(word.term) >= 2:
-                sounds_like = [t for t in self._sounds.get(sound(word.term), []) if t not in asked]
+                sounds_like = [t for t in self._sounds.get(sound(word.said), []) if t not in asked]
                 heard.setdefault(word.term, []).extend(sounds_like[:HEARD_MAX] + self._completions(word))
         heard = {term: [t for t in dict.fromkeys(found) if t not in asked] for term, found in heard.items()}
         return {term: found for term, found in heard.items() if found}, joined
@@ -448,7 +462,7 @@ class KnowledgeBase:
         sounds: dict[str, list[str]] = {}  # the most used first: the likelier meant
         for term in sorted(postings.ids, key=postings.count, reverse=True):
             if len(term) >= 2 and not term.isdigit():
-                sounds.setdefault(sound(term), []).append(term)
+                sounds.setdefault(sound(said_as(term)), []).append(term)
         self._postings, self._sounds, self._sorted = postings, sounds, sorted(postings.ids)
         return postings
 

@@ -103,11 +103,13 @@ _TAGS: dict[str, str] = jieba.posseg.dt.word_tag_tab
 
 @dataclass(frozen=True)
 class Word:
-    """One word of a question: the term as the index holds it, and how much it tells."""
+    """One word of a question: the term as the index holds it, how much it tells, and the word as
+    said (how it sounds: the stem of "message" would sound like "music")."""
 
     term: str
     weight: float
     chinese: bool
+    said: str
 
 
 def tokens(text: str) -> list[tuple[str, bool]]:
@@ -158,7 +160,7 @@ def question_words(said: list[tuple[str, bool]]) -> list[Word]:
         if chinese:
             weight *= CHINESE_PART_OF_SPEECH.get(_TAGS.get(word, "n")[:1], 1.0)
         if term not in words or words[term].weight < weight:
-            words[term] = Word(term, weight, chinese)
+            words[term] = Word(term, weight, chinese, word)
     return list(words.values())
 
 
@@ -177,9 +179,9 @@ def _without_phrases(said: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
     return [token for at, token in enumerate(said) if at not in dropped]
 
 
-def heard_apart(said: list[tuple[str, bool]]) -> list[tuple[str, list[str]]]:
+def heard_apart(said: list[tuple[str, bool]]) -> list[tuple[str, str, list[str]]]:
     """Two neighbouring words that may be one word heard or spelt in two ("time out", "named
-    tuple", 日 至): the joined term, and the question's terms it would stand for. Any two English
+    tuple", 日 至): the joined term, the joined word, and the question's terms it would stand for. Any two English
     words; in Chinese, a pair with a single character (jieba leaves a misheard word in pieces)."""
     pairs = []
     for (a, a_zh), (b, b_zh) in itertools.pairwise(said[: MAX_WORDS * 2]):
@@ -188,7 +190,7 @@ def heard_apart(said: list[tuple[str, bool]]) -> list[tuple[str, list[str]]]:
         if not a_zh or min(len(a), len(b)) == 1:
             stands_for = [_term(w, a_zh) for w in (a, b) if _informative(w, a_zh)]
             if stands_for:
-                pairs.append((_term(a + b, a_zh), stands_for))
+                pairs.append((_term(a + b, a_zh), a + b, stands_for))
     return pairs
 
 
@@ -215,23 +217,49 @@ def _english_stems() -> dict[str, float]:
     """Each English stem's everyday frequency, summed over wordfreq's words that stem to it. Words
     rarer than EVERYDAY_FLOOR are left out (0.1 s and 63,000 stems instead of 0.5 s and 228,000):
     any knowledge base that uses one uses it far more than everyday language does."""
-    frequencies = wordfreq.get_frequency_dict("en")
-    words = [word for word, frequency in frequencies.items() if frequency >= EVERYDAY_FLOOR]
     stems: dict[str, float] = defaultdict(float)
-    for word, term in zip(words, _STEM.stemWords(words), strict=True):
-        stems[term] += frequencies[word]
+    for _, term, frequency in _english_words():
+        stems[term] += frequency
     return dict(stems)
 
 
+def said_as(term: str) -> str:
+    """The word an index term is said as: an English stem's (see _said_as), else the term itself."""
+    return _said_as().get(term, term)
+
+
+@cache
+def _said_as() -> dict[str, str]:
+    """How each English stem is said: its most common word (messag: message; chang: change, not
+    the name Chang), or the stem itself when that is a word a tenth as common (commit, not committed)."""
+    said: dict[str, tuple[str, float]] = {}
+    for word, term, frequency in _english_words():
+        if term not in said or frequency > said[term][1]:
+            said[term] = (word, frequency)
+    for word, term, frequency in _english_words():
+        if word == term and frequency * 10 >= said[term][1]:
+            said[term] = (word, frequency)
+    return {term: word for term, (word, _) in said.items()}
+
+
+@cache
+def _english_words() -> list[tuple[str, str, float]]:
+    """wordfreq's English words from EVERYDAY_FLOOR up: (word, its stem, its frequency)."""
+    frequencies = wordfreq.get_frequency_dict("en")
+    words = [word for word, frequency in frequencies.items() if frequency >= EVERYDAY_FLOOR]
+    return list(zip(words, _STEM.stemWords(words), [frequencies[word] for word in words], strict=True))
+
+
 @lru_cache(maxsize=65_536)
-def sound(term: str) -> str:
-    """How a term sounds: toneless pinyin for Chinese, Metaphone for English, where a first vowel
-    is any vowel (speech recognition hears "environment" as "in vironment")."""
-    if _CJK_RUN.fullmatch(term):
-        return "".join(lazy_pinyin(term))
-    code = jellyfish.metaphone(term)
+def sound(word: str) -> str:
+    """How a word as said sounds (an index term's word: said_as): toneless pinyin for Chinese,
+    Metaphone for English, where a first vowel is any vowel (speech recognition hears
+    "environment" as "in vironment")."""
+    if _CJK_RUN.fullmatch(word):
+        return "".join(lazy_pinyin(word))
+    code = jellyfish.metaphone(word)
     code = "A" + code[1:] if code[:1] in ("A", "E", "I", "O", "U") else code
-    return code if len(code) >= 3 else term  # two consonants sound like too many words
+    return code if len(code) >= 3 else word  # two consonants sound like too many words
 
 
 def compound_parts(word: str) -> list[str]:
@@ -254,4 +282,5 @@ def warm_up() -> None:
     """Load jieba's and wordfreq's dictionaries now rather than in the first question."""
     question_words(tokens("warm up the dictionaries 加载词典"))
     _english_stems()
+    _said_as()
     sound("词典")

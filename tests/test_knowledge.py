@@ -140,6 +140,21 @@ def test_a_word_is_not_taken_as_misheard_for_another_word_of_the_question(tmp_pa
     assert kb.search("sing me a song", 3) == []
 
 
+def test_an_unknown_word_is_heard_as_words_said_like_it_not_spelt_like_it(tmp_path):
+    """The index holds the stem "messag": spelt like "music" (MSK), but "message" is said MSJ."""
+    kb = indexed(tmp_path, {"mail.md": "# Mail\n\n## Play a message\n\nThe mail tool plays a voice message aloud.\n"})
+    assert top(kb, "can it play a voice message?") == "mail.md › Mail › Play a message"
+    assert kb.search("play some music please", 3) == []
+
+
+def test_two_short_words_are_not_heard_as_one(tmp_path):
+    """ "tall is" sounds like TLS; a word heard in two is a long one ("in vironment")."""
+    page = "# Network shares\n\n## Mounting a share over TLS\n\nMount the share with TLS so its traffic is encrypted.\n"
+    kb = indexed(tmp_path, {"shares.md": page})
+    assert top(kb, "how do I mount a share with TLS?") == "shares.md › Network shares › Mounting a share over TLS"
+    assert kb.search("how tall is Mount Everest?", 3) == []
+
+
 def test_chunks_are_bounded_overlap_and_keep_their_heading(tmp_path):
     sentences = [f"Fact number {n} is that item {n} weighs {n} kilos." for n in range(120)]
     (tmp_path / "long.md").write_text("# Catalogue\n\n## Weights\n\n" + "\n\n".join(sentences))

@@ -3,7 +3,7 @@
 import pytest
 import wordfreq
 
-from terms import everyday, heard_apart, index_terms, informativeness, question_words, sound, tokens
+from terms import everyday, heard_apart, index_terms, informativeness, question_words, said_as, sound, tokens
 
 
 def asked(question: str) -> dict[str, float]:
@@ -54,17 +54,27 @@ def test_a_compound_is_asked_and_indexed_as_its_parts_too():
 
 
 def test_words_heard_apart_are_offered_joined():
-    assert ("timeout", ["time"]) in heard_apart(tokens("set a time out"))
-    assert ("namedtupl", ["tupl"]) in heard_apart(tokens("a named tuple"))  # "named" alone asks for nothing
-    assert ("日至", ["日", "至"]) in heard_apart([("日", True), ("至", True)])  # then heard as 日志 by sound
+    assert ("timeout", "timeout", ["time"]) in heard_apart(tokens("set a time out"))
+    assert ("namedtupl", "namedtuple", ["tupl"]) in heard_apart(
+        tokens("a named tuple")
+    )  # "named" alone asks for nothing
+    assert ("日至", "日至", ["日", "至"]) in heard_apart([("日", True), ("至", True)])  # then heard as 日志 by sound
 
 
 def test_words_that_sound_alike_share_a_sound():
     assert sound("jason") == sound("json") and sound("sink") == sound("sync")
     assert sound("全线") == sound("权限") and sound("内村") == sound("内存")
     assert sound("日至") == sound("日志")
-    assert sound("inviron") == sound("environ")  # a first vowel is any vowel
+    assert sound("invironment") == sound("environment")  # a first vowel is any vowel
     assert sound("pip") == "pip"  # a two-letter code (PP) would sound like too many words: it stands for itself
+
+
+def test_an_index_term_sounds_like_the_word_it_is_said_as():
+    # The index holds stems: messag, said as message, does not sound like music, though its letters would
+    assert said_as("messag") == "message" and sound(said_as("messag")) != sound("music")
+    assert said_as("chang") == "change"  # not the surname Chang, a rarer word with the same letters
+    assert said_as("commit") == "commit"  # a word of its own, though "committed" is more common
+    assert said_as("json") == "json" and said_as("日志") == "日志"
 
 
 def test_everyday_frequency_of_a_stem_counts_each_word_that_stems_to_it():
