@@ -426,8 +426,8 @@ class KnowledgeBase:
                 # "shut down" is also the index's "shutdown"; a known word and one letter ("I use") is not a word
                 if together in known and (unknown or len(together) - len(term) >= 2):
                     joined[term] = together
-                elif unknown and len(sound(spoken)) >= HEARD_APART_SOUNDS:
-                    heard.setdefault(term, []).extend(self._sounds.get(sound(spoken), [])[:HEARD_MAX])
+                elif unknown and len(sounds := sound(spoken)) >= HEARD_APART_SOUNDS:
+                    heard.setdefault(term, []).extend(self._sounds.get(sounds, [])[:HEARD_MAX])
         for word in words:
             if word.term not in known and len(word.term) >= 2:
                 sounds_like = [t for t in self._sounds.get(sound(word.said), []) if t not in asked]
