@@ -76,7 +76,7 @@ STOPWORDS_ZH = frozenset(
     听 说 讲 干得 今天 明天 昨天 早上 上午 下午 晚上 早安 晚安 开心 高兴 难过
     无聊 累 有趣 厉害 笨 快乐 多久 几点 什么时候 一 个 些 下 上 中 里 后 前 时
     时候 干什么 干嘛 怎么办 咋 咋办 咋样 啥 为啥 是否 有没有 能不能 不能 可不可以 要不要 不要
-    种""".split()  # noqa: SIM905 (a word list reads best as words)
+    种 祝""".split()  # noqa: SIM905 (a word list reads best as words)
 )
 
 # Phrases whose words all go: they ask how ("how long" asks for a duration, it is not about
@@ -88,7 +88,9 @@ PHRASES = {
     |one moment|one second|one minute|a moment|a second|a minute|repeat that|repeat it|repeat yourself
     |say that again|say it again|come again|speak up|speak slower|speak louder|speak slowly|talk slower
     |talk louder|didn t catch|never mind|nice to meet|good job|well done|happy birthday|merry christmas
-    |happy new year|good luck|take care|no problem|no worries|excuse me""".split("|")  # noqa: SIM905 (as words)
+    |happy new year|happy holidays|good luck|take care|no problem|no worries|excuse me|生日 快乐|新年 快乐
+    |新春 快乐|春节 快乐|元旦 快乐|圣诞 快乐|节日 快乐|中秋 快乐|中秋节 快乐|国庆 快乐|周末 愉快|恭喜 发财|万事 如意
+    |一路 顺风""".split("|")  # noqa: SIM905 (as words)
 }
 _LONGEST_PHRASE = max(map(len, PHRASES))
 

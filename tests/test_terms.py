@@ -28,6 +28,8 @@ def asked(question: str) -> dict[str, float]:
         ("谢谢你", set()),
         ("PATH变量是干什么用的？", {"path", "变量"}),  # 干什么 asks "what for"
         ("缺少依赖怎么办？", {"缺少", "依赖"}),
+        ("祝你生日快乐！", set()),  # a greeting, like "happy birthday"
+        ("生日蛋糕要提前几天订？", {"生日", "蛋糕", "提前", "几天", "订"}),
     ],
 )
 def test_only_words_that_carry_meaning_are_asked(question, terms):
