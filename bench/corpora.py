@@ -4,7 +4,8 @@ None of us wrote them, and none is Python's documentation or a Debian manual (th
 independent check). English: the HTML manuals of Requests (Sphinx, with sidebars and navigation)
 and GNU diffutils (texinfo, with navigation bars). Chinese: the simplified-Chinese manual pages of
 manpages-zh, rendered by groff as a terminal shows them and saved as Markdown (the sections of a
-manual page become its headings). Cached in bench/.cache; `apt-get download` needs no root.
+manual page become its headings). A second English corpus, git's manual (git-doc), checks small
+talk beyond the bench. Cached in bench/.cache; `apt-get download` needs no root.
 """
 
 import gzip
@@ -14,22 +15,25 @@ import subprocess
 from pathlib import Path
 
 CACHE = Path(__file__).resolve().parent / ".cache"
-PACKAGES = ("python-requests-doc", "diffutils-doc", "manpages-zh")
+PACKAGES = ("python-requests-doc", "diffutils-doc", "manpages-zh", "git-doc")
 REQUESTS_HTML = "usr/share/doc/python-requests-doc/html"
 DIFFUTILS_HTML = "usr/share/doc/diffutils"
 MAN_ZH = "usr/share/man/zh_CN"
+GIT_HTML = "usr/share/doc/git-doc"
 
 
 def unpacked() -> Path:
     """The packages, downloaded and unpacked once."""
     root = CACHE / "debian"
-    if (root / "done").exists():
+    done = root / "done"
+    if done.exists() and done.read_text() == " ".join(PACKAGES):
         return root
-    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(root, ignore_errors=True)  # made for another list of packages
+    root.mkdir(parents=True)
     subprocess.run(["apt-get", "download", *PACKAGES], cwd=root, check=True, capture_output=True)
     for deb in root.glob("*.deb"):
         subprocess.run(["dpkg-deb", "-x", str(deb), str(root / "files")], check=True)
-    (root / "done").touch()
+    done.write_text(" ".join(PACKAGES))
     return root
 
 
@@ -73,4 +77,13 @@ def third_party(folder: Path) -> Path:
     """English and Chinese third-party documents, written into folder."""
     english(folder / "en")
     chinese(folder / "zh")
+    return folder
+
+
+def git_manual(folder: Path) -> Path:
+    """git's manual pages, guides and how-tos (git-doc's HTML), written into folder."""
+    pages = unpacked() / "files" / GIT_HTML
+    for page in pages.rglob("*.html"):
+        (folder / page.relative_to(pages)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(page, folder / page.relative_to(pages))
     return folder

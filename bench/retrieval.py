@@ -10,6 +10,8 @@ chunks:
   have no relevance decision: they return passages for every question);
 - the tiny corpus (bench/tiny: two short FAQ files): answerable questions that find their
   passage, unanswerable ones that get none;
+- small talk beyond the bench (bench/small-talk.txt): phrases that get a passage, on the corpus,
+  the tiny corpus and git's manual;
 - search latency at ~13,000 chunks (the corpus three times over) for the same questions;
 - indexing speed, and how soon a restart with unchanged documents can search.
 Writes bench/results/knowledge.md.
@@ -31,6 +33,7 @@ from bench import pct, save  # noqa: E402
 from knowledge import KnowledgeBase  # noqa: E402
 
 QUESTIONS = json.loads((ROOT / "bench" / "retrieval-questions.json").read_text())
+SMALL_TALK = (ROOT / "bench" / "small-talk.txt").read_text().splitlines()
 K = 5
 
 
@@ -123,6 +126,26 @@ def tiny(rows: list[str]) -> None:
     ]
 
 
+def small_talk(kb: KnowledgeBase, rows: list[str]) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="small-talk-"))
+    bases = {
+        "the corpus above": kb,
+        "the tiny corpus": KnowledgeBase(ROOT / "bench" / "tiny", folder / "tiny.sqlite3"),
+        "git's manual": KnowledgeBase(corpora.git_manual(folder / "git"), folder / "git.sqlite3"),
+    }
+    counts, found = [], []
+    for name, base in bases.items():
+        base.index()
+        hits = [(phrase, passages[0]) for phrase in SMALL_TALK if (passages := base.search(phrase, 1))]
+        counts.append(f"{len(hits)} on {name} ({base.chunks:,} chunks)")
+        found += [f'"{phrase}" ({name}: {hit.citation()})' for phrase, hit in hits]
+    rows += [
+        "",
+        f"Small talk beyond the bench (bench/small-talk.txt, {len(SMALL_TALK)} phrases in English and Chinese) "
+        f"gets a passage {', '.join(counts)}{': ' + '; '.join(found) if found else ''}.",
+    ]
+
+
 def speed(corpus: Path, rows: list[str]) -> None:
     folder = Path(tempfile.mkdtemp(prefix="speed-"))
     for copy in range(3):
@@ -159,6 +182,7 @@ def main() -> None:
     rows = [f"Knowledge base, measured {time.strftime('%Y-%m-%d')} (`make bench-knowledge`)."]
     quality(kb, report.files, rows)
     tiny(rows)
+    small_talk(kb, rows)
     speed(corpus, rows)
     table = "\n".join(rows) + "\n"
     save("knowledge.md", table)
