@@ -86,6 +86,7 @@ CREATE INDEX IF NOT EXISTS chunks_by_source ON chunks (source);
 CREATE TABLE IF NOT EXISTS embeddings (hash TEXT PRIMARY KEY, vector BLOB);
 PRAGMA user_version = {SCHEMA_VERSION};
 """
+SAME_TEXT_SLACK = 4  # passages read per one returned, so that copies of the same text can be left out
 RRF_K = 60  # reciprocal rank fusion's usual constant
 MIN_SIMILARITY = 0.3  # a passage found only by meaning must be at least this close (cosine)
 EMBED_BATCH = 64
@@ -373,13 +374,15 @@ class KnowledgeBase:
         if vector is None or self._vectors is None:
             return keyword[:limit]
         by_meaning = self._nearest(vector, limit * 4)
-        fused: dict[int, float] = {}
+        fused: dict[str, float] = {}  # by text: a copy of a passage (another file, the same words) is that passage
         for ranking in (keyword, by_meaning):
-            for rank, passage in enumerate(ranking):
-                fused[passage.rowid] = fused.get(passage.rowid, 0.0) + 1 / (RRF_K + rank + 1)
-        passages = {p.rowid: replace(p, coverage=0.0) for p in by_meaning} | {p.rowid: p for p in keyword}
-        best = sorted(fused, key=lambda rowid: fused[rowid], reverse=True)[:limit]
-        return [replace(passages[rowid], score=fused[rowid]) for rowid in best]
+            for rank, text in enumerate(dict.fromkeys(p.text for p in ranking)):
+                fused[text] = fused.get(text, 0.0) + 1 / (RRF_K + rank + 1)
+        passages = {p.text: replace(p, coverage=0.0) for p in reversed(by_meaning)} | {
+            p.text: p for p in reversed(keyword)
+        }
+        best = sorted(fused, key=lambda text: fused[text], reverse=True)[:limit]
+        return [replace(passages[text], score=fused[text]) for text in best]
 
     def _keyword(self, said: list[tuple[str, bool]], words: list[Word], limit: int) -> list[Passage]:
         """The passages that hold enough of what the question asks, best BM25 score first."""
@@ -393,7 +396,8 @@ class KnowledgeBase:
             return []
         terms = [w.term for w in words] + [t for found in heard.values() for t in found] + list(joined.values())
         scores = postings.scores(terms)
-        best = enough[np.argsort(-scores[enough], kind="stable")[:limit]]
+        # A few more than asked: the same text installed twice (a manual page and its alias) is shown once
+        best = enough[np.argsort(-scores[enough], kind="stable")[: limit * SAME_TEXT_SLACK]]
         rowids = [int(postings.rowids[at]) for at in best]
         with self._lock:
             rows: dict[int, tuple[str, str, str]] = {
@@ -402,11 +406,11 @@ class KnowledgeBase:
                     f"SELECT id, text, source, heading FROM chunks WHERE id IN ({','.join('?' * len(rowids))})", rowids
                 )
             }
-        return [
-            Passage(*rows[rowid], float(scores[at]), rowid, float(share[at]))
-            for rowid, at in zip(rowids, best)
-            if rowid in rows  # a file re-indexed since the postings were loaded
-        ]
+        passages: dict[str, Passage] = {}  # by text, the best first
+        for rowid, at in zip(rowids, best):
+            if rowid in rows and rows[rowid][0] not in passages:  # not re-indexed since the postings were loaded
+                passages[rows[rowid][0]] = Passage(*rows[rowid], float(scores[at]), rowid, float(share[at]))
+        return list(passages.values())[:limit]
 
     # --- speech-recognition noise ------------------------------------------------------------------
 

@@ -171,6 +171,17 @@ Every request has a timeout of five seconds; pass timeout=30 to wait longer.
     )  # phone: an everyday word
 
 
+def test_the_same_text_in_two_files_is_one_passage(tmp_path):
+    """A manual page installed under two names (gzip, gunzip) is one answer, not two of the three."""
+    page = "# {name}\n\n## Decompressing\n\nTo decompress an archive, pass -d; the original file is removed.\n"
+    other = "# tar\n\n## Extracting\n\nTo extract an archive, pass -x; tar can decompress it with -z.\n"
+    kb = indexed(
+        tmp_path, {"gzip.md": page.format(name="gzip"), "gunzip.md": page.format(name="gunzip"), "tar.md": other}
+    )
+    found = kb.search("how do I decompress an archive?", 3)
+    assert len(found) == 2 and len({p.text for p in found}) == 2 and "tar.md" in {p.source for p in found}
+
+
 def test_two_short_words_are_not_heard_as_one(tmp_path):
     """ "tall is" sounds like TLS; a word heard in two is a long one ("in vironment")."""
     page = "# Network shares\n\n## Mounting a share over TLS\n\nMount the share with TLS so its traffic is encrypted.\n"

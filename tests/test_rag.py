@@ -199,6 +199,13 @@ def test_hybrid_finds_by_meaning_and_fuses_rankings(make_server, upstream_server
     assert upstream.embedding_requests[-1] == ["automobile stolen"]
 
 
+def test_hybrid_search_gives_a_copied_passage_once(make_server, upstream_server, cars, tmp_path):
+    (cars / "auto-copy.md").write_text((cars / "auto.md").read_text())
+    server = hybrid(make_server, upstream_server, cars, tmp_path)
+    found = search(server, "automobile stolen")
+    assert found[0] in {"auto.md", "auto-copy.md"} and not {"auto.md", "auto-copy.md"} <= set(found)
+
+
 def test_hybrid_search_answers_nothing_to_small_talk(make_server, upstream_server, upstream, cars, tmp_path):
     """By meaning, "thanks" is near something in any folder; with nothing to look up, nothing is
     injected and the question is not even embedded."""
