@@ -59,7 +59,7 @@ from text import is_cjk, language, message_text
 
 log = logging.getLogger("custom_llm.knowledge")
 
-SCHEMA_VERSION = 3  # bumped when the stored terms change: an index made by another version is rebuilt
+SCHEMA_VERSION = 4  # bumped when the stored terms change: an index made by another version is rebuilt
 HEARD_CREDIT = 0.8  # a word matched only as what it may have been misheard for counts this much
 HEARD_MAX = 3  # known words one unknown word may stand for
 PREFIX_MIN = 4  # an unknown word this long may be the start of a known one, cut off
