@@ -14,7 +14,7 @@ the grounding prompt), behind a small `Retriever` interface you can replace.
   the knowledge base says far more often than everyday language does, or be about the words it
   holds. Both compare rates, not counts, so they mean the same for a one-file FAQ as for 100,000
   chunks: "tell me a joke" finds nothing anywhere and "are you open on mondays" finds its answer
-  in a two-chunk FAQ. A question naming what no document mentions (httpx, nginx) finds nothing.
+  in a two-chunk FAQ.
 - Words may be misheard or spelt apart: two neighbouring words also match the one word they make
   ("shut down" → shutdown, 日 至 → 日志), and a word the index does not know also matches known
   words that sound the same (jason → json, 全线 → 权限), for less credit than the word itself.
@@ -73,11 +73,6 @@ MIN_EVIDENCE = 2.5
 # wordfreq) is what it is about: "dictionary" in Python's documentation, "partition" in a Linux
 # manual, "delivery" in a shop's FAQ; "colour", "day" or "life" in none of them.
 TOPICAL_LIFT = 0.7
-# An English word of four letters or more that everyday language uses less than once in 100,000
-# words (Zipf 4: httpx, nginx, pandas, Jira, not "tire" or "sink") is a name or a term of art: when no
-# document holds it and it sounds like no word they hold, the question is about something else.
-NAME_LETTERS = 4
-NAME_ZIPF = 4.0
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, hash TEXT, size INTEGER, mtime REAL);
 CREATE TABLE IF NOT EXISTS chunks (
@@ -181,13 +176,6 @@ def coverage(
     not_by_chance = ((held > 1) | (central > 0)) & (topical | everyday_together) & in_kind
     amount = np.where((said > 0) & not_by_chance, said + guessed, 0)
     return amount / sum(word.weight for word in words), amount
-
-
-def _never_heard_of(word: Word, heard: dict[str, list[str]], joined: dict[str, str], postings: Postings) -> bool:
-    """Whether a question's word names something no document mentions (NAME_ZIPF): "how do I send
-    a request with httpx?" is not answered by the pages about requests in general."""
-    known = word.term in postings or word.term in joined or word.term in heard
-    return not (known or word.chinese or len(word.said) < NAME_LETTERS or everyday(word.term) >= NAME_ZIPF)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,8 +376,6 @@ class KnowledgeBase:
         """The passages that hold enough of what the question asks, best BM25 score first."""
         postings = self._current_postings()
         heard, joined = self._heard(said, words, postings)
-        if any(_never_heard_of(word, heard, joined, postings) for word in words):
-            return []
         share, amount = coverage(words, heard, joined, postings)
         enough = np.flatnonzero((share >= self.min_coverage) & (amount >= MIN_EVIDENCE))
         if not enough.size:

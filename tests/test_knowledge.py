@@ -147,28 +147,13 @@ def test_an_unknown_word_is_heard_as_words_said_like_it_not_spelt_like_it(tmp_pa
     assert kb.search("play some music please", 3) == []
 
 
-def test_a_question_about_a_name_no_document_mentions_gets_nothing(tmp_path):
-    guide = """# HTTP client guide
-
-## Sending a request
-
-Create a client, then send a request with client.get(url). The client keeps connections open.
-
-## Timeouts
-
-Every request has a timeout of five seconds; pass timeout=30 to wait longer.
-"""
-    kb = indexed(tmp_path, {"guide.md": guide})
-    assert top(kb, "how do I send a request with the client?") == "guide.md › HTTP client guide › Sending a request"
-    assert (
-        top(kb, "how do I change the request timout?") == "guide.md › HTTP client guide › Timeouts"
-    )  # misspelt, heard
-    # The guide says request, send and client, but never httpx or nginx: it is about another client
-    assert kb.search("how do I send a request with the httpx client?", 3) == []
-    assert kb.search("how do I send a request through nginx?", 3) == []
-    assert (
-        top(kb, "can my phone send a request?") == "guide.md › HTTP client guide › Sending a request"
-    )  # phone: an everyday word
+def test_a_word_the_documents_never_say_does_not_hide_what_they_do_say(tmp_path):
+    """A shop's FAQ never says tiramisu, and spells coeliacs its own way: the passage about cakes
+    and the one about gluten still answer, and the model says what they do."""
+    faq = (ROOT / "bench" / "tiny" / "faq.md").read_text()
+    kb = indexed(tmp_path, {"faq.md": faq})
+    assert top(kb, "can I order a tiramisu cake?").endswith("Can I order a birthday cake?")
+    assert top(kb, "is the gluten-free loaf safe for celiacs?").endswith("Do you have gluten-free bread?")
 
 
 def test_the_same_text_in_two_files_is_one_passage(tmp_path):
