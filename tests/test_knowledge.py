@@ -156,6 +156,21 @@ def test_a_word_the_documents_never_say_does_not_hide_what_they_do_say(tmp_path)
     assert top(kb, "is the gluten-free loaf safe for celiacs?").endswith("Do you have gluten-free bread?")
 
 
+def test_a_short_faq_may_ask_for_less_coverage(tmp_path):
+    """The README's advice for a short FAQ: at 0.45 a detail the FAQ never names (Brooklyn, a Tesla)
+    no longer hides the passage, and what the FAQ cannot answer still gets nothing."""
+    questions = json.loads((ROOT / "bench" / "retrieval-questions.json").read_text())["tiny"]
+    details = {"do you deliver to Brooklyn?": "Do you deliver?", "is there parking for my Tesla?": "Where can I park?"}
+    default = make_kb(ROOT / "bench" / "tiny", tmp_path)
+    default.index()
+    assert not any(default.search(question, 3) for question in details)
+    faq = make_kb(ROOT / "bench" / "tiny", tmp_path, min_coverage=0.45)
+    for question, heading in details.items():
+        assert faq.search(question, 1)[0].heading.endswith(heading)
+    small_talk = (ROOT / "bench" / "small-talk.txt").read_text().splitlines()
+    assert not [q for q in [u["q"] for u in questions["unanswerable"]] + small_talk if faq.search(q, 3)]
+
+
 def test_the_same_text_in_two_files_is_one_passage(tmp_path):
     """A manual page installed under two names (gzip, gunzip) is one answer, not two of the three."""
     page = "# {name}\n\n## Decompressing\n\nTo decompress an archive, pass -d; the original file is removed.\n"
