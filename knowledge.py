@@ -366,6 +366,7 @@ class KnowledgeBase:
         for ranking in (keyword, by_meaning):
             for rank, text in enumerate(dict.fromkeys(p.text for p in ranking)):
                 fused[text] = fused.get(text, 0.0) + 1 / (RRF_K + rank + 1)
+        # each text's best-ranked copy (reversed: the first written last), as keyword search found it if it did
         passages = {p.text: replace(p, coverage=0.0) for p in reversed(by_meaning)} | {
             p.text: p for p in reversed(keyword)
         }
