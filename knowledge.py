@@ -163,12 +163,11 @@ def coverage(
         headed = _union([postings.holding(term, "heading") for term in matched])
         in_heading[headed] += 1
         guesses = heard.get(word.term, [])
+        holding_a_guess = _union([postings.holding(term) for term in guesses]) if guesses else holding[:0]
         if chinese:
-            in_kind[_union([holding] + [postings.holding(term) for term in guesses]) if word.chinese else headed] = True
-        if guesses:  # a guess adds to what a passage holds, but is not a second word of its own
-            guessed[np.setdiff1d(_union([postings.holding(term) for term in guesses]), holding)] += (
-                word.weight * HEARD_CREDIT
-            )
+            in_kind[_union([holding, holding_a_guess]) if word.chinese else headed] = True
+        # a guess adds to what a passage holds, but is not a second word of its own
+        guessed[np.setdiff1d(holding_a_guess, holding)] += word.weight * HEARD_CREDIT
         for term in matched + guesses:
             if postings.lift(term, everyday(term)) >= TOPICAL_LIFT:
                 topical[postings.holding(term)] = True
