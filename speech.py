@@ -319,10 +319,9 @@ async def speak(texts: AsyncIterator[str], engine: Engine, head_start_ms: int | 
                     raise SpeechError(str(frame)) from frame
                 log.warning("speech failed after audio began (%s); the rest goes out as subtitles", frame)
                 broken = True
-            if broken:
+            if broken:  # a subtitle: the transcript, and no audio for it
                 task.cancel()
-                yield Said(transcript=text)
-                continue
+                frame = None
             yield Said(transcript=text)
             while frame is not None:
                 if isinstance(frame, Exception):
