@@ -14,7 +14,9 @@ import jieba
 import Stemmer
 import tantivy
 
-CJK_RUN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]+")
+from text import CJK_RANGES  # bench/retrieval.py puts the project on the path
+
+CJK_RUN = re.compile(f"[{CJK_RANGES}]+")
 WORD = re.compile(r"\w+")
 STEMMER = Stemmer.Stemmer("english")
 jieba.setLogLevel(60)  # quiet
