@@ -6,15 +6,23 @@ REST API call that ends the call (the `end_call` tool).
 import asyncio
 import base64
 import logging
+import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import aiohttp
+import orjson
+import yarl
 from pydantic import Field
 
-from serving import facts
+from context import Context
+from outbound import read_at_most
+from redact import printable
 from text import language
+from wording import INTERRUPTED_MARK
 
 log = logging.getLogger("custom_llm.agora")
 
@@ -38,14 +46,6 @@ ENGINE_FIELDS = frozenset(
     }
 )
 MESSAGE_ENGINE_FIELDS = ("turn_id", "timestamp", "metadata")
-
-# Where the user barged in, told to the model inside the answer it gave: the words before the mark
-# are all the user heard. (The engine sends the full text as metadata.original; it is never sent
-# on, because the user did not hear it.)
-INTERRUPTED_MARK = {
-    "en": " [The user interrupted this answer here and did not hear the rest.]",
-    "zh": "【用户在这里打断了这条回答，没有听到后面的内容。】",
-}
 
 
 def for_upstream(body: dict[str, Any], model: str, stream: bool, strip: frozenset[str]) -> dict[str, Any]:
@@ -87,76 +87,148 @@ def _openai_image_part(part: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 RUNNING = 2  # the agent state "RUNNING" in Agora's list-agents call
+# Agora's ids are letters, digits, "_" and "-"; a channel name is at most 64 of these characters.
+AGENT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+CHANNEL = re.compile(r"[A-Za-z0-9 !#$%&()+\-:;<=.>?@\[\]^_{|}~,]{1,64}")
+# List agents finds only agents started in the last 2 hours unless told otherwise; a call lasts at
+# most as long as its RTC token, 24 hours.
+LIST_WINDOW_SECONDS = 24 * 3600
+RETRY_STATUSES = frozenset({429, 503, 504})  # Agora's status-code reference: retry these, with backoff
+RETRY_PAUSES = (0.5, 1.0)
+REST_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=3)
+MAX_REST_BODY = 1 << 20
+MAX_SPEAKING_SECONDS = 60.0  # a goodbye is short: no estimate holds a hang-up longer than this
+MAX_ANSWER_WAIT_SECONDS = 120.0  # the answer with the goodbye has this long to finish being sent
 
 
 @dataclass(frozen=True)
 class AgoraREST:
-    """Agora's Conversational AI REST API with the project's credentials (HTTP Basic auth)."""
+    """Agora's Conversational AI REST API with the project's credentials (HTTP Basic auth).
+
+    Every URL is built from AGORA_API_BASE and ids that are checked to be Agora's ids and quoted as
+    one path segment, redirects are not followed, and bodies are read only so far: the project's
+    credentials go nowhere else, whatever a caller puts in its ids."""
 
     app_id: str
     customer_id: str
     customer_secret: str
     base_url: str = "https://api.agora.io/api/conversational-ai-agent"
 
+    def url(self, *segments: str) -> yarl.URL:
+        base = yarl.URL(self.base_url.rstrip("/"))
+        url = base.joinpath(
+            *(quote(part, safe="") for part in ("v2", "projects", self.app_id, *segments)), encoded=True
+        )
+        if url.origin() != base.origin() or not url.path.startswith(base.path.rstrip("/") + "/"):
+            raise ValueError("a REST call would leave AGORA_API_BASE")
+        return url
+
     async def stop_agent(self, channel: str | None, agent_id: str | None) -> str:
-        """Stop the agent (by id, or the one running in the channel); what happened, for the log."""
+        """Stop the agent running in the channel (the one named, when an id is given); what happened,
+        for the log. An id is only trusted once Agora lists it as running in the request's channel."""
+        if not channel or not CHANNEL.fullmatch(channel):
+            return "no valid channel in the request (put it in llm.params): nothing to stop"
+        if agent_id is not None and not AGENT_ID.fullmatch(agent_id):
+            return "the request's agent_id is not an Agora id: nothing stopped"
         credentials = base64.b64encode(f"{self.customer_id}:{self.customer_secret}".encode()).decode()
-        headers = {"authorization": f"Basic {credentials}"}
-        project = f"{self.base_url.rstrip('/')}/v2/projects/{self.app_id}"
-        async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=10)) as session:
-            if not agent_id:
-                if not channel:
-                    return "no agent id and no channel in the request: nothing to stop"
-                params = {"channel": channel, "state": str(RUNNING)}
-                async with session.get(f"{project}/agents", params=params) as response:
-                    if response.status != 200:
-                        return f"listing the channel's agents failed with status {response.status}"
-                    agents = ((await response.json(content_type=None)).get("data") or {}).get("list") or []
-                if not agents:
-                    return "no running agent in the channel (already gone)"
-                agent_id = agents[0].get("agent_id")
-            async with session.post(f"{project}/agents/{agent_id}/leave") as response:
-                if response.status == 404:
-                    return f"agent {agent_id} was already gone"
-                if response.status != 200:
-                    return f"stopping agent {agent_id} failed with status {response.status}"
+        async with aiohttp.ClientSession(
+            headers={"authorization": f"Basic {credentials}"}, timeout=REST_TIMEOUT, cookie_jar=aiohttp.DummyCookieJar()
+        ) as session:
+            query = {
+                "channel": channel,
+                "state": str(RUNNING),
+                "from_time": str(int(time.time()) - LIST_WINDOW_SECONDS),
+            }
+            status, body = await self._call(session, "GET", self.url("agents"), query)
+            if status != 200:
+                return f"listing the channel's agents failed with status {status}"
+            running = _agent_ids(body)
+            if agent_id is not None and agent_id not in running:
+                return f"agent {agent_id} is not running in the channel: not stopped"
+            if not running:
+                return "no running agent in the channel (already gone)"
+            agent_id = agent_id or running[0]
+            status, _ = await self._call(session, "POST", self.url("agents", agent_id, "leave"))
+        if status == 404:
+            return f"agent {agent_id} was already gone"
+        if status != 200:
+            return f"stopping agent {agent_id} failed with status {status}"
         return f"agent {agent_id} stopped"
+
+    async def _call(
+        self, session: aiohttp.ClientSession, method: str, url: yarl.URL, query: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
+        """One REST call, retried with backoff on 429, 503 and 504; (status, at most MAX_REST_BODY of the body)."""
+        for pause in (*RETRY_PAUSES, None):
+            async with session.request(method, url, params=query, allow_redirects=False) as response:
+                body = await read_at_most(response, MAX_REST_BODY)
+                if response.status not in RETRY_STATUSES or pause is None:
+                    return response.status, body
+            await asyncio.sleep(pause)
+        raise AssertionError("unreachable: the last attempt returns")
+
+
+def _agent_ids(body: bytes) -> list[str]:
+    try:
+        agents = ((orjson.loads(body) or {}).get("data") or {}).get("list") or []
+        return [agent["agent_id"] for agent in agents if isinstance(agent.get("agent_id"), str)]
+    except (orjson.JSONDecodeError, AttributeError, TypeError):
+        return []
 
 
 def speaking_seconds(text: str) -> float:
-    """About how long the engine takes to say a text (15 characters a second, 5 for Chinese)."""
-    return len(text) / (5 if language(text) == "zh" else 15)
+    """About how long the engine takes to say a text (15 characters a second, 5 for Chinese), capped."""
+    return min(len(text) / (5 if language(text) == "zh" else 15), MAX_SPEAKING_SECONDS)
 
 
-def end_call_tool(rest: AgoraREST, grace_seconds: float) -> Callable[..., Any]:
+class Hangups:
+    """The hang-ups end_call has scheduled: one per channel at a time, at most `limit` at once, each
+    done within a few minutes. Not tied to the request: the caller's hang-up after the goodbye must
+    not cancel it."""
+
+    def __init__(self, rest: AgoraREST, grace_seconds: float, graceful: bool, limit: int = 100):
+        self.rest, self.grace_seconds, self.graceful, self.limit = rest, grace_seconds, graceful, limit
+        self.pending: dict[str, asyncio.Task[None]] = {}
+
+    def schedule(self, channel: str | None, agent_id: str | None, goodbye: str, answered: asyncio.Event) -> str:
+        """Stop the agent once the goodbye has been heard; what was done, for the model."""
+        key = channel or ""
+        if key in self.pending:
+            return "the call is already ending"
+        if len(self.pending) >= self.limit:
+            log.warning("end_call: %d hang-ups are pending already; this one is not scheduled", self.limit)
+            return "the call cannot be ended now"
+        task = asyncio.get_running_loop().create_task(self._hang_up(channel, agent_id, goodbye, answered))
+        self.pending[key] = task
+        task.add_done_callback(lambda _: self.pending.pop(key, None))
+        return "the call ends after the goodbye"
+
+    async def _hang_up(self, channel: str | None, agent_id: str | None, goodbye: str, answered: asyncio.Event) -> None:
+        try:
+            async with asyncio.timeout(MAX_ANSWER_WAIT_SECONDS):
+                await answered.wait()  # the whole goodbye has been sent to the engine
+        except TimeoutError:
+            pass
+        # With graceful leave, Agora waits for the agent to finish speaking; else, an estimate.
+        await asyncio.sleep(0 if self.graceful else speaking_seconds(goodbye) + self.grace_seconds)
+        try:
+            log.info("end_call: %s", printable(await self.rest.stop_agent(channel, agent_id), 200))
+        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+            log.warning("end_call: Agora's REST API could not be reached (%s)", type(error).__name__)
+
+
+def end_call_tool(hangups: Hangups) -> Callable[..., Any]:
     """The end_call tool: it lets the goodbye be heard, then stops the agent through the REST API."""
 
     async def end_call(
         goodbye: Annotated[str, Field(description="The last words to say, e.g. 'Thanks for calling, goodbye!'")],
+        context: Context,
     ) -> dict[str, str]:
-        """End the call when the conversation is over (the user said goodbye or asked to hang up)."""
-        engine = facts().engine
-        channel, agent_id = engine.get("channel"), engine.get("agent_id")
-        delay = speaking_seconds(goodbye) + grace_seconds
-
-        async def hang_up() -> None:
-            await asyncio.sleep(delay)  # the goodbye is heard first
-            try:
-                log.info("end_call: %s", await rest.stop_agent(channel, agent_id))
-            except (aiohttp.ClientError, TimeoutError) as error:
-                log.warning("end_call: Agora's REST API could not be reached (%s)", type(error).__name__)
-
-        # Not tied to this request: the caller's hang-up after the goodbye must not cancel it.
-        task = asyncio.get_running_loop().create_task(hang_up())
-        PENDING.add(task)
-        task.add_done_callback(PENDING.discard)
-        return {
-            "status": "the call ends after the goodbye",
-            "say": goodbye,
-            "instruction": "Say exactly the goodbye now, nothing else.",
-        }
+        """End the call when the user says goodbye or asks to hang up."""
+        if context.call_ended:  # one per answer, however often the model asks
+            return {"status": "the call is already ending", "say": goodbye}
+        context.call_ended = True
+        status = hangups.schedule(context.channel, context.agent_id, goodbye, context.answered)
+        return {"status": status, "say": goodbye, "instruction": "Say exactly the goodbye now, nothing else."}
 
     return end_call
-
-
-PENDING: set[asyncio.Task[None]] = set()  # hang-ups scheduled, kept alive until they run

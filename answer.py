@@ -18,16 +18,15 @@ from typing import Any
 
 import orjson
 
+from context import Context
+from errors import upstream_error
 from events import Event, Metadata, Note, Relayed, Text, ToolCall, content_of
-from serving import facts, upstream_error
 from text import language, latest_question
 from tools import ToolRegistry, failure
 from upstream import LLM
+from wording import BRIDGE_PHRASES
 
 log = logging.getLogger("custom_llm.answer")
-
-# Said when the server's tools take longer than the bridge delay, so the line is not silent.
-BRIDGE_PHRASES = {"en": ("One moment.", "Just a second."), "zh": ("稍等一下。", "马上就好。")}
 
 
 @dataclass(frozen=True)
@@ -164,19 +163,19 @@ def without_tool_calls(chunk: dict[str, Any], forward: list[dict[str, Any]]) -> 
     return {**chunk, "choices": [{**choice, "delta": delta}, *chunk["choices"][1:]]}
 
 
-async def run_calls(loop: ToolLoop, calls: list[Call]) -> list[dict[str, Any]]:
+async def run_calls(loop: ToolLoop, calls: list[Call], context: Context) -> list[dict[str, Any]]:
     """Every call at once; their results as `tool` messages, in the calls' order."""
 
     async def run(call: Call) -> str:
         if call.size > loop.max_argument_bytes:
             return failure(f"The arguments for {call.name} are larger than {loop.max_argument_bytes} bytes.")
-        return await loop.tools.run(call.name, "".join(call.fragments))
+        return await loop.tools.run(call.name, "".join(call.fragments), context)
 
     started = time.perf_counter()
     try:
         results = await asyncio.gather(*(run(call) for call in calls))
     finally:
-        facts().tools_ms = (facts().tools_ms or 0.0) + (time.perf_counter() - started) * 1000
+        context.tools_ms = (context.tools_ms or 0.0) + (time.perf_counter() - started) * 1000
     return [{"role": "tool", "tool_call_id": call.id, "content": result} for call, result in zip(calls, results)]
 
 
@@ -197,7 +196,7 @@ class Turn:
         return Relayed(payloads)
 
 
-async def answer(llm: LLM, body: dict[str, Any], loop: ToolLoop) -> AsyncIterator[Event]:
+async def answer(llm: LLM, body: dict[str, Any], loop: ToolLoop, context: Context) -> AsyncIterator[Event]:
     """The upstream's answer as events, running the server's tool calls between rounds.
 
     Events without tool calls are relayed as they arrive, untouched. A round whose calls are all
@@ -211,7 +210,7 @@ async def answer(llm: LLM, body: dict[str, Any], loop: ToolLoop) -> AsyncIterato
         calls, said = Round(turn.caller_tools, loop), []
         request = body if not offered else with_tools(body, turn.messages, [] if last else offered)
         finish = None
-        async for event in stream_round(llm, request, calls, turn):
+        async for event in stream_round(llm, request, calls, turn, context):
             if isinstance(event, Relayed):
                 said.append(event)
             if isinstance(event, ToolCall) and event.chunk["choices"][0].get("finish_reason") == "tool_calls":
@@ -225,13 +224,15 @@ async def answer(llm: LLM, body: dict[str, Any], loop: ToolLoop) -> AsyncIterato
             if finish is not None:
                 yield finish
             return
-        async for event in run_round(loop, calls, turn, "".join(batch.text() for batch in said)):
+        async for event in run_round(loop, calls, turn, "".join(batch.text() for batch in said), context):
             yield event
 
 
-async def stream_round(llm: LLM, request: dict[str, Any], calls: Round, turn: Turn) -> AsyncIterator[Event]:
+async def stream_round(
+    llm: LLM, request: dict[str, Any], calls: Round, turn: Turn, context: Context
+) -> AsyncIterator[Event]:
     """One upstream call: plain events relayed, tool-call events routed (the caller's passed on)."""
-    async with llm.stream(request) as batches:
+    async with llm.stream(request, context) as batches:
         async for payloads in batches:
             plain: list[bytes] = []
             for payload in payloads:
@@ -254,7 +255,7 @@ async def stream_round(llm: LLM, request: dict[str, Any], calls: Round, turn: Tu
                 yield turn.release(plain)
 
 
-async def run_round(loop: ToolLoop, calls: Round, turn: Turn, text: str) -> AsyncIterator[Event]:
+async def run_round(loop: ToolLoop, calls: Round, turn: Turn, text: str, context: Context) -> AsyncIterator[Event]:
     """Run the round's server calls (a bridge phrase if they are slow); their results join the history."""
     server_calls = calls.server_calls()
     if any(loop.tools.heard_whole(call.name) for call in server_calls):
@@ -266,7 +267,7 @@ async def run_round(loop: ToolLoop, calls: Round, turn: Turn, text: str) -> Asyn
         yield turn.release([])
     tool_calls = [c.message() for c in server_calls]
     turn.messages += [{"role": "assistant", "content": text or None, "tool_calls": tool_calls}]
-    results = asyncio.ensure_future(run_calls(loop, server_calls))
+    results = asyncio.ensure_future(run_calls(loop, server_calls, context))
     try:
         if not turn.bridged and not (await asyncio.wait({results}, timeout=loop.bridge_ms / 1000))[0]:
             turn.bridged = True  # the tools are slow: say something so the line is not silent
@@ -281,16 +282,16 @@ async def run_round(loop: ToolLoop, calls: Round, turn: Turn, text: str) -> Asyn
         results.cancel()  # a barge-in while tools run cancels them
 
 
-async def complete(llm: LLM, body: dict[str, Any], loop: ToolLoop) -> bytes:
+async def complete(llm: LLM, body: dict[str, Any], loop: ToolLoop, context: Context) -> bytes:
     """The non-streaming twin of answer(): the same rounds and decision, one JSON completion at the end."""
     offered = offered_tools(body, loop.tools)
     if not offered:
-        return await llm.complete(body)
+        return await llm.complete(body, context)
     caller_tools = caller_tool_names(body)
     messages = list(body["messages"])
     for round_number in range(loop.max_rounds + 1):
         last = round_number == loop.max_rounds
-        completion = await llm.complete(with_tools(body, messages, [] if last else offered))
+        completion = await llm.complete(with_tools(body, messages, [] if last else offered), context)
         try:
             parsed = orjson.loads(completion)
             message = parsed["choices"][0]["message"]
@@ -313,6 +314,6 @@ async def complete(llm: LLM, body: dict[str, Any], loop: ToolLoop) -> bytes:
         server_calls = calls.server_calls()
         messages += [
             {**message, "tool_calls": [c.message() for c in server_calls]},
-            *await run_calls(loop, server_calls),
+            *await run_calls(loop, server_calls, context),
         ]
     raise AssertionError("unreachable: the last round always returns")

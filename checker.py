@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from text import SENTENCE_END
+from text import sentence_end
 
 FILLER_MS = 1500  # Agora's default filler-word trigger: slower first bytes get the filler phrase spoken
 IMAGE_URL = "https://upload.wikimedia.org/wikipedia/commons/4/47/PNG_transparency_demonstration_1.png"
@@ -109,7 +109,7 @@ class Checker:
                     continue
                 reply.events.append(line[5:].strip())
                 reply.text += words(reply.events[-1])
-                if reply.first_sentence_ms is None and SENTENCE_END.search(reply.text):
+                if reply.first_sentence_ms is None and sentence_end(reply.text):
                     reply.first_sentence_ms = since()
                 if hang_up_after is not None and len(reply.events) >= hang_up_after:
                     break

@@ -24,7 +24,7 @@ import logging
 import os
 import secrets
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -38,11 +38,12 @@ from starlette.responses import Response
 
 import metrics
 import speech
-from agora import ENGINE_FIELDS, AgoraREST, end_call_tool, for_upstream
+from agora import AGENT_ID, ENGINE_FIELDS, AgoraREST, Hangups, end_call_tool, for_upstream
 from answer import ToolLoop, answer, complete
+from context import Context
+from errors import ApiError, bad_request
 from events import Event, Note, Text
 from knowledge import (
-    WAITING_PHRASES,
     Embeddings,
     Knowledge,
     KnowledgeBase,
@@ -53,8 +54,8 @@ from knowledge import (
     waiting_phrase,
     with_passages,
 )
+from outbound import Slots
 from serving import (
-    ApiError,
     BearerAuth,
     BytesStream,
     EventStream,
@@ -62,9 +63,7 @@ from serving import (
     JSONReply,
     RequestLog,
     add_error_handlers,
-    bad_request,
     configure_logging,
-    facts,
     openapi_with,
     read_json_body,
     validated,
@@ -72,6 +71,7 @@ from serving import (
 from text import latest_question, message_text
 from tools import ToolRegistry, sample_tools
 from upstream import LLM, Endpoint, Limits
+from wording import FAREWELLS, WAITING_PHRASES
 
 __version__ = "0.2.0"
 
@@ -135,9 +135,12 @@ class Settings:
     max_body_bytes: int = setting("MAX_BODY_BYTES", 4 * 1024 * 1024, int)
     max_header_bytes: int = setting("MAX_HEADER_BYTES", 64 * 1024, int)
     header_timeout_seconds: float = setting("HEADER_TIMEOUT_SECONDS", 10.0, float)
+    body_timeout_seconds: float = setting("BODY_TIMEOUT_SECONDS", 30.0, float)
     max_messages: int = setting("MAX_MESSAGES", 2048, int)
     max_streams_per_key: int = setting("MAX_STREAMS_PER_KEY", 0, int)  # 0: no limit
     max_upstream_streams: int = setting("MAX_UPSTREAM_STREAMS", 1000, int)
+    max_speech_streams: int = setting("MAX_SPEECH_STREAMS", 16, int)
+    max_broadcast_chars: int = setting("MAX_BROADCAST_CHARS", 2000, int)
     shutdown_grace_seconds: float = setting("SHUTDOWN_GRACE_SECONDS", 10.0, float)
     workers: int = setting("WORKERS", 1, int)
     strip_fields: frozenset[str] = setting("STRIP_FIELDS", frozenset(), lambda v: frozenset(_list(v)))
@@ -164,6 +167,8 @@ class Settings:
     tts_model: str = setting("TTS_MODEL", "gpt-4o-mini-tts")
     tts_voice: str = setting("TTS_VOICE", "")  # empty: "alloy" for openai, "en-us" for espeak
     tts_sample_rate: int = setting("TTS_SAMPLE_RATE", 24_000, int)
+    tts_timeout_seconds: float = setting("TTS_TIMEOUT_SECONDS", 10.0, float)
+    tts_max_seconds: float = setting("TTS_MAX_SECONDS", 120.0, float)
     server_tools: tuple[str, ...] | None = setting("SERVER_TOOLS", None, _tool_names)  # None: all
     tool_max_rounds: int = setting("TOOL_MAX_ROUNDS", 3, int)
     tool_bridge_ms: int = setting("TOOL_BRIDGE_MS", 1000, int)
@@ -174,6 +179,8 @@ class Settings:
     agora_customer_secret: str = setting("AGORA_CUSTOMER_SECRET", "")
     agora_api_base: str = setting("AGORA_API_BASE", "https://api.agora.io/api/conversational-ai-agent")
     agora_hangup_grace_ms: int = setting("AGORA_HANGUP_GRACE_MS", 1500, int)
+    agora_graceful_leave: bool = setting("AGORA_GRACEFUL_LEAVE", False, _bool)
+    agora_max_pending_hangups: int = setting("AGORA_MAX_PENDING_HANGUPS", 100, int)
     playground: bool = setting("PLAYGROUND", True, _bool)
     log_level: str = setting("LOG_LEVEL", "INFO", str.upper)
 
@@ -191,6 +198,8 @@ class Settings:
             value = getattr(self, spec.name)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
                 raise ValueError(f"{spec.metadata['env']} must not be negative, not {value}")
+        if self.agora_app_id and not AGENT_ID.fullmatch(self.agora_app_id):
+            raise ValueError("AGORA_APP_ID is not an Agora App ID (letters and digits)")
         if self.rag_min_coverage > 1:
             raise ValueError(f"RAG_MIN_COVERAGE is a share from 0 to 1, not {self.rag_min_coverage}")
         if os.environ.get("RAG_MIN_SCORE"):  # a raw BM25 floor meant something else at every corpus size
@@ -240,7 +249,10 @@ class Settings:
         registry = (tools or sample_tools(retriever)).select(self.server_tools)
         if self.agora_app_id and self.agora_customer_id and self.agora_customer_secret:
             rest = AgoraREST(self.agora_app_id, self.agora_customer_id, self.agora_customer_secret, self.agora_api_base)
-            registry.add(end_call_tool(rest, self.agora_hangup_grace_ms / 1000), name="end_call", heard_whole=True)
+            hangups = Hangups(
+                rest, self.agora_hangup_grace_ms / 1000, self.agora_graceful_leave, self.agora_max_pending_hangups
+            )
+            registry.add(end_call_tool(hangups), name="end_call", heard_whole=True, destructive=FAREWELLS)
         return registry
 
     def knowledge(self) -> Knowledge:
@@ -262,8 +274,16 @@ class Settings:
             embeddings,
         )
 
-    def voice(self, llm: LLM) -> speech.Engine | None:
-        """The voice /audio speaks with: the TTS engine, or in files mode espeak-ng where it is installed."""
+    def voice(self, llm: LLM, voice: speech.Engine | None) -> speech.Engine | None:
+        """The voice /audio speaks with, within the speech limits: yours, the TTS engine, or in files
+        mode espeak-ng where it is installed."""
+        voice = voice or self.engine(llm)
+        if voice is None:
+            return None
+        slots = Slots(self.max_speech_streams, "MAX_SPEECH_STREAMS")
+        return speech.Bounded(voice, slots, self.tts_timeout_seconds, self.tts_max_seconds)
+
+    def engine(self, llm: LLM) -> speech.Engine | None:
         if self.audio_source == "files":
             return speech.local_engine()
         return speech.speech_engine(
@@ -400,15 +420,20 @@ class SpeechRequest(_Open):
 
 @dataclass
 class Chat:
-    """One chat request: the validated model (what we act on) and the body to forward upstream."""
+    """One chat request: the validated model (what we act on), the body to forward upstream, and
+    the request's context (handed to everything that serves it)."""
 
     request: ChatCompletionRequest
     body: dict[str, Any]
     stream: bool
     notes: bool  # the caller asked for notes (x-custom-llm-notes: 1): the playground does
+    context: Context
 
     def events(self, events: AsyncIterator[Event]) -> EventStream:
-        return EventStream(events, self.body["model"], self.notes)
+        return EventStream(events, self.context, self.notes)
+
+    def reply(self, work: Awaitable[bytes]) -> JSONReply:
+        return JSONReply(work, self.context)
 
 
 def wants_stream(request: ChatCompletionRequest, accept: str) -> bool:
@@ -429,12 +454,15 @@ async def read_chat(http: Request) -> Chat:
         raise bad_request(
             f"messages: at most {settings.max_messages} messages are accepted.", "too_many_messages", "messages"
         )
-    facts().model = request.model or settings.llm_model
-    facts().turn_id = str(request.turn_id) if request.turn_id is not None else "-"
+    context: Context = http.state.context
+    context.model = request.model or settings.llm_model
+    context.turn_id = str(request.turn_id) if request.turn_id is not None else "-"
+    context.engine = {key: body[key] for key in ENGINE_FIELDS if key in body}
+    context.messages = body["messages"]
     stream = wants_stream(request, http.headers.get("accept", ""))
-    facts().engine = {key: body[key] for key in ENGINE_FIELDS if key in body}
     notes = http.headers.get("x-custom-llm-notes") == "1"
-    return Chat(request, for_upstream(body, settings.llm_model, stream, settings.strip_fields), stream, notes)
+    forwarded = for_upstream(body, settings.llm_model, stream, settings.strip_fields)
+    return Chat(request, forwarded, stream, notes, context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,20 +515,21 @@ async def chat_completions(http: Request) -> Response:
     """Relays the upstream LLM's answer as it arrives, running the server's tools between rounds."""
     chat, svc = await read_chat(http), service(http)
     if chat.stream:
-        return chat.events(answer(svc.upstream(), chat.body, svc.loop))
-    return JSONReply(complete(svc.upstream(), chat.body, svc.loop))
+        return chat.events(answer(svc.upstream(), chat.body, svc.loop, chat.context))
+    return chat.reply(complete(svc.upstream(), chat.body, svc.loop, chat.context))
 
 
-async def rag_events(svc: Service, body: dict[str, Any]) -> AsyncIterator[Event]:
-    settings = svc.settings
+async def rag_events(svc: Service, chat: Chat) -> AsyncIterator[Event]:
+    settings, body = svc.settings, chat.body
     # The waiting phrase goes out before any retrieval work, so the line is never silent.
     phrases = {"en": settings.waiting_messages_en, "zh": settings.waiting_messages_zh}
     yield Text(waiting_phrase(phrases, latest_question(body["messages"])))
-    passages = await retrieve(svc.retriever, body["messages"], settings.rag_top_k, settings.rag_deadline_ms)
+    passages = await retrieve(
+        svc.retriever, body["messages"], settings.rag_top_k, settings.rag_deadline_ms, chat.context
+    )
     yield Note("passages", [{"citation": p.citation(), "text": p.text, "score": round(p.score, 4)} for p in passages])
-    async for event in answer(
-        svc.upstream(), {**body, "messages": with_passages(body["messages"], passages)}, svc.loop
-    ):
+    grounded = {**body, "messages": with_passages(body["messages"], passages)}
+    async for event in answer(svc.upstream(), grounded, svc.loop, chat.context):
         yield event
 
 
@@ -510,11 +539,12 @@ async def rag_chat_completions(http: Request) -> Response:
     chat, svc = await read_chat(http), service(http)
     llm = svc.upstream()
     if chat.stream:
-        return chat.events(rag_events(svc, chat.body))
+        return chat.events(rag_events(svc, chat))
     passages = await retrieve(
-        svc.retriever, chat.body["messages"], svc.settings.rag_top_k, svc.settings.rag_deadline_ms
+        svc.retriever, chat.body["messages"], svc.settings.rag_top_k, svc.settings.rag_deadline_ms, chat.context
     )
-    return JSONReply(complete(llm, {**chat.body, "messages": with_passages(chat.body["messages"], passages)}, svc.loop))
+    grounded = {**chat.body, "messages": with_passages(chat.body["messages"], passages)}
+    return chat.reply(complete(llm, grounded, svc.loop, chat.context))
 
 
 def audio_events(svc: Service, chat: Chat) -> AsyncIterator[Event]:
@@ -525,18 +555,26 @@ def audio_events(svc: Service, chat: Chat) -> AsyncIterator[Event]:
     head_start = settings.audio_head_start_ms if chat.stream else None
     if chat.request.messages[-1].role == "assistant":
         # Agora's greeting, failure message, silence prompt or /speak: say it as written, no LLM.
+        broadcast = message_text(messages[-1])
+        if len(broadcast) > settings.max_broadcast_chars:
+            raise bad_request(
+                f"The assistant message to say is longer than {settings.max_broadcast_chars} characters "
+                "(MAX_BROADCAST_CHARS).",
+                "broadcast_too_long",
+                f"messages.{len(messages) - 1}.content",
+            )
         return speech.spoken_answer(
-            speech.one(message_text(messages[-1])),
+            speech.one(broadcast),
             svc.voice,
             head_start,
             "espeak-ng is not installed (files mode says broadcasts with it)",
         )
     streaming = {**chat.body, "stream": True}
     if "audio" in (chat.request.modalities or []):
-        return speech.converted_answer(answer(svc.upstream(), streaming, svc.loop), svc.voice, head_start)
+        return speech.converted_answer(answer(svc.upstream(), streaming, svc.loop, chat.context), svc.voice, head_start)
     if settings.audio_source == "files":
         return speech.file_answer(settings.audio_text_file, settings.audio_pcm_file, head_start)
-    return speech.spoken_answer(answer(svc.upstream(), streaming, svc.loop), svc.voice, head_start)
+    return speech.spoken_answer(answer(svc.upstream(), streaming, svc.loop, chat.context), svc.voice, head_start)
 
 
 @router.post("/audio/chat/completions", openapi_extra=CHAT_BODY)
@@ -546,7 +584,7 @@ async def audio_chat_completions(http: Request) -> Response:
     events = audio_events(service(http), chat)
     if chat.stream:
         return chat.events(events)
-    return JSONReply(speech.audio_completion(events, chat.body["model"]))
+    return chat.reply(speech.audio_completion(events, chat.body["model"]))
 
 
 @router.post("/audio/speech", openapi_extra=SPEECH_BODY)
@@ -561,8 +599,9 @@ async def audio_speech(http: Request) -> Response:
             "server_error",
             "no_voice",
         )
-    facts().model, facts().turn_id = request.model or "-", str(request.request_id or "-")
-    return BytesStream(speech.pcm_at(svc.voice, request.input, request.sample_rate), "audio/pcm")
+    context: Context = http.state.context
+    context.model, context.turn_id = request.model or "-", str(request.request_id or "-")
+    return BytesStream(speech.pcm_at(svc.voice, request.input, request.sample_rate), "audio/pcm", context)
 
 
 @router.get("/knowledge/search")
@@ -618,7 +657,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     svc: Service = app.state.service
     settings = svc.settings
     svc.llm = settings.upstream()
-    svc.voice = svc.voice or settings.voice(svc.llm)
+    svc.voice = settings.voice(svc.llm, svc.voice)
     # Indexing runs beside the requests: searches see what is indexed so far, /ready waits for all.
     starting = asyncio.ensure_future(svc.retriever.start())
     if not settings.upstream_configured:
@@ -648,7 +687,9 @@ def create_app(
     """The ASGI app. Pass your own tools, retriever or voice to change what the server does, knows and sounds like."""
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
-    GuardedHttpTools.configure(settings.max_header_bytes, settings.header_timeout_seconds)
+    GuardedHttpTools.configure(
+        settings.max_header_bytes, settings.header_timeout_seconds, settings.body_timeout_seconds
+    )
     if not settings.api_keys and not settings.allow_unauthenticated:
         raise ValueError(
             "set CUSTOM_LLM_API_KEY (the key callers send), or ALLOW_UNAUTHENTICATED=true for local "

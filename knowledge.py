@@ -31,6 +31,7 @@ import re
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,11 +39,12 @@ from typing import Any, Protocol
 
 import aiohttp
 import numpy as np
+import orjson
 
 import metrics
+from context import Context
 from documents import SUFFIXES, chunk_markdown, read_document
 from ranking import Postings
-from serving import facts
 from terms import (
     Word,
     asks_something,
@@ -56,6 +58,7 @@ from terms import (
     warm_up,
 )
 from text import is_cjk, language, message_text
+from wording import GROUNDING_PROMPT
 
 log = logging.getLogger("custom_llm.knowledge")
 
@@ -616,21 +619,6 @@ class Knowledge:
 # /rag: the waiting phrase, the query, the deadline, the grounding prompt
 # ---------------------------------------------------------------------------------------------
 
-WAITING_PHRASES = {
-    "en": ("Let me check that for you.", "One moment, let me look that up.", "Good question, let me find out."),
-    "zh": ("好的，我查一下。", "请稍等，我找一下资料。", "好问题，我来查查看。"),
-}
-
-# The system message the passages go in; it asks for honesty when they do not answer.
-# Search can still find passages for small talk whose words are the documents' jargon ("my cat
-# is sick" and `git cat-file`): the model is told to ignore passages that are not about the question.
-GROUNDING_PROMPT = (
-    "Answer the user's question from these knowledge-base passages. Mention a source when it "
-    "helps. If the passages are not about what the user said (small talk, another topic), ignore "
-    "them and reply as you otherwise would. If they are about it but do not cover it, say you "
-    "don't know rather than guessing."
-)
-
 
 def waiting_phrase(phrases: dict[str, tuple[str, ...]], question: str) -> str:
     """A waiting phrase in the question's language, ending so the TTS says it as a sentence of its own."""
@@ -655,7 +643,9 @@ def search_query(messages: list[dict[str, Any]]) -> str:
     return latest
 
 
-async def retrieve(retriever: Retriever, messages: list[dict[str, Any]], limit: int, deadline_ms: int) -> list[Passage]:
+async def retrieve(
+    retriever: Retriever, messages: list[dict[str, Any]], limit: int, deadline_ms: int, context: Context
+) -> list[Passage]:
     """The passages for the conversation's question; past the deadline, none (the answer goes ahead)."""
     started = time.perf_counter()
     try:
@@ -666,17 +656,35 @@ async def retrieve(retriever: Retriever, messages: list[dict[str, Any]], limit: 
         return []
     finally:
         metrics.RETRIEVAL.observe(time.perf_counter() - started)
-        facts().retrieval_ms = (time.perf_counter() - started) * 1000
+        context.retrieval_ms = (time.perf_counter() - started) * 1000
 
 
 def with_passages(messages: list[dict[str, Any]], passages: list[Passage]) -> list[dict[str, Any]]:
-    """The messages with the passages as a system message after the caller's own system messages."""
+    """The messages with the passages as quoted data: the grounding prompt after the caller's own
+    system messages, and the passages as the result of a search_knowledge call the server made for
+    the latest question (the lowest trust a model gives a message: data, not orders)."""
     if not passages:
         return messages
-    sources = "\n\n".join(f"[{i}] {p.citation()}\n{p.text}" for i, p in enumerate(passages, 1))
-    context = {"role": "system", "content": f"{GROUNDING_PROMPT}\n\n{sources}"}
+    call_id = f"call_knowledge_{uuid.uuid4().hex[:16]}"
+    found = [{"source": p.citation(), "text": p.text} for p in passages]
+    search = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": call_id,
+                "type": "function",
+                "function": {
+                    "name": "search_knowledge",
+                    "arguments": orjson.dumps({"query": search_query(messages)[:500]}).decode(),
+                },
+            }
+        ],
+    }
+    result = {"role": "tool", "tool_call_id": call_id, "content": orjson.dumps(found).decode()}
     lead = next((i for i, m in enumerate(messages) if m.get("role") not in ("system", "developer")), len(messages))
-    return [*messages[:lead], context, *messages[lead:]]
+    prompt = {"role": "system", "content": GROUNDING_PROMPT}
+    return [*messages[:lead], prompt, *messages[lead:], search, result]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,6 +59,33 @@ TASKS = Gauge(
 TOOLS = Histogram("custom_llm_tool_seconds", "Server tool runs, by tool and outcome.", ["tool", "ok"], buckets=SECONDS)
 
 
+# What an upstream failure is counted as: this server's own codes, else "other" (an upstream's own
+# error codes are any string it likes, and each new label value would be a new series forever).
+ERROR_CODES = frozenset(
+    {
+        "upstream_timeout",
+        "upstream_unreachable",
+        "upstream_failed",
+        "upstream_auth_failed",
+        "upstream_empty",
+        "upstream_too_large",
+        "upstream_event_too_large",
+        "upstream_invalid_response",
+        "too_deeply_nested",
+        "rate_limit_exceeded",
+        "insufficient_quota",
+        "model_not_found",
+        "context_length_exceeded",
+        "invalid_request_error",
+    }
+)
+
+
+def error_code(code: str | None) -> str:
+    """A bounded label for an upstream error code."""
+    return code if code in ERROR_CODES else "other"
+
+
 def endpoint(path: str) -> str:
     """A bounded label for a path, so unknown paths cannot blow up the series count."""
     return ENDPOINTS.get(path, "other")

@@ -6,14 +6,11 @@ Everything here is pure ASGI (BaseHTTPMiddleware would buffer and slow the strea
 """
 
 import asyncio
-import contextvars
 import hmac
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import orjson
@@ -29,8 +26,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 import metrics
+from context import Context, log_as, logged_request_id, stop_logging_as
+from errors import SHUTTING_DOWN, ApiError, bad_request, internal_error
 from events import DONE, ChunkWriter, Event, sse, words_of
-from text import SENTENCE_END
+from redact import printable
+from text import sentence_end
 
 log = logging.getLogger("custom_llm")
 M = TypeVar("M", bound=BaseModel)
@@ -40,56 +40,18 @@ M = TypeVar("M", bound=BaseModel)
 # ---------------------------------------------------------------------------------------------
 
 
-class ApiError(Exception):
-    """An error the caller sees, in OpenAI's shape; the details stay in the log."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str,
-        code: str | None = None,
-        param: str | None = None,
-        retryable: bool = False,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
-        self.retryable = retryable  # an upstream failure another attempt might not have
-        self.headers = headers
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad_request(message: str, code: str, param: str | None = None, status: int = 400) -> ApiError:
-    return ApiError(status, message, "invalid_request_error", code, param)
-
-
-def upstream_error(status: int, message: str, code: str, retryable: bool = False) -> ApiError:
-    return ApiError(status, message, "upstream_error", code, retryable=retryable)
-
-
-def internal_error() -> ApiError:
-    return ApiError(
-        500, "The server failed to handle this request; the log has details.", "server_error", "internal_error"
-    )
-
-
-SHUTTING_DOWN = ApiError(
-    503, "The server is shutting down; this answer was cut short.", "server_error", "shutting_down"
-)
-
-
-def error_response(error: ApiError) -> Response:
+def error_response(error: ApiError, close: bool = False) -> Response:
+    headers = {**(error.headers or {}), **({"connection": "close"} if close else {})}
     return Response(
-        orjson.dumps(error.body()), status_code=error.status, media_type="application/json", headers=error.headers
+        orjson.dumps(error.body()), status_code=error.status, media_type="application/json", headers=headers
     )
 
 
-async def send_error(send: Send, error: ApiError) -> None:
-    """Answer an ASGI request with an error, for middleware that runs before the app."""
-    await error_response(error)({"type": "http"}, _no_receive, send)
+async def send_error(send: Send, error: ApiError, close: bool = False) -> None:
+    """Answer an ASGI request with an error, for middleware that runs before the app. `close`: the
+    body was not read, so the connection closes after the answer (a client sending its body slowly
+    keeps nothing open)."""
+    await error_response(error, close)({"type": "http"}, _no_receive, send)
 
 
 async def _no_receive() -> Message:
@@ -192,50 +154,6 @@ async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-request facts: what the request log reports, written from wherever they are learnt
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Facts:
-    """What one request's log line and metrics report; the handler, the upstream client, the
-    answer loop and the disconnect watch each fill in what they learn."""
-
-    request_id: str
-    started: float = 0.0  # time.perf_counter() at arrival
-    model: str = "-"
-    turn_id: str = "-"
-    upstream: str = "-"
-    cancelled: bool = False
-    engine: dict[str, Any] = field(default_factory=dict)  # the engine's own fields: channel, agent_id...
-    # Our side of Agora's per-turn metrics, in ms: retrieval, tools, upstream first byte, first sentence.
-    retrieval_ms: float | None = None
-    tools_ms: float | None = None
-    upstream_ttfb_ms: float | None = None
-    first_sentence_ms: float | None = None
-
-    def since_start_ms(self) -> float:
-        return (time.perf_counter() - self.started) * 1000
-
-
-_facts: contextvars.ContextVar[Facts | None] = contextvars.ContextVar("facts", default=None)
-
-
-def facts() -> Facts:
-    """The current request's facts (a throwaway outside a request, so callers never check)."""
-    return _facts.get() or Facts("-")
-
-
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def printable(value: object, limit: int = 100) -> str:
-    """A caller-controlled value made safe for one log line: no control characters, bounded length."""
-    text = _UNPRINTABLE.sub("?", str(value))
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-# ---------------------------------------------------------------------------------------------
 # Answers that stop their work the moment the caller hangs up (a barge-in)
 # ---------------------------------------------------------------------------------------------
 
@@ -255,8 +173,9 @@ class CancelOnDisconnect(Response):
     Starlette only watches for disconnects on some ASGI servers and versions, and a barge-in must
     stop the upstream at once, so the watch is ours."""
 
-    def __init__(self) -> None:
+    def __init__(self, context: Context) -> None:
         super().__init__(status_code=200)
+        self.context = context
         self.hung_up = False
         self.finished = False
 
@@ -285,7 +204,7 @@ class CancelOnDisconnect(Response):
             work.uncancel()
         finally:
             watcher.cancel()
-            facts().cancelled = self.hung_up
+            self.context.cancelled = self.hung_up
 
     async def respond(self, send: Send) -> None:
         raise NotImplementedError
@@ -297,10 +216,10 @@ class EventStream(CancelOnDisconnect):
     Headers go out with the first event, so an error before it (say the upstream refused) is a
     plain HTTP error in OpenAI's shape; an error after it is one error event, then `[DONE]`."""
 
-    def __init__(self, events: AsyncIterator[Event], model: str, notes: bool = False):
-        super().__init__()
+    def __init__(self, events: AsyncIterator[Event], context: Context, notes: bool = False):
+        super().__init__(context)
         self.events = events
-        self.write = ChunkWriter(model, notes)
+        self.write = ChunkWriter(context.model, notes)
 
     async def respond(self, send: Send) -> None:
         started = False
@@ -319,8 +238,8 @@ class EventStream(CancelOnDisconnect):
                     await emit(data)
                 if said is not None and (words := words_of(event)):
                     said += words
-                    if SENTENCE_END.search(said):
-                        facts().first_sentence_ms, said = facts().since_start_ms(), None
+                    if sentence_end(said):
+                        self.context.first_sentence_ms, said = self.context.since_start_ms(), None
                     elif len(said) > FIRST_SENTENCE_SCAN:
                         said = None  # no sentence end so far: stop reading the relayed events' words
         except asyncio.CancelledError:
@@ -348,8 +267,8 @@ class BytesStream(CancelOnDisconnect):
     """Raw bytes as they are made (PCM for Agora's custom TTS); an error before the first byte is
     an error in OpenAI's shape, one after it ends the body early (and is logged)."""
 
-    def __init__(self, chunks: AsyncIterator[bytes], media_type: str):
-        super().__init__()
+    def __init__(self, chunks: AsyncIterator[bytes], media_type: str, context: Context):
+        super().__init__(context)
         self.chunks, self.headers_out = chunks, [(b"content-type", media_type.encode())]
 
     async def respond(self, send: Send) -> None:
@@ -374,8 +293,8 @@ class BytesStream(CancelOnDisconnect):
 class JSONReply(CancelOnDisconnect):
     """A JSON answer computed under the disconnect watch (non-streaming calls)."""
 
-    def __init__(self, work: Awaitable[bytes]):
-        super().__init__()
+    def __init__(self, work: Awaitable[bytes], context: Context):
+        super().__init__(context)
         self.work = work
 
     async def respond(self, send: Send) -> None:
@@ -422,13 +341,16 @@ class BearerAuth:
                     "authentication_error",
                     "missing_api_key",
                 ),
+                close=True,
             )
         token, match = token.strip(), -1
         for n, key in enumerate(self.keys):  # every key compared, in constant time
             if hmac.compare_digest(token, key):
                 match = n
         if match < 0:
-            return await send_error(send, ApiError(401, "Invalid API key.", "authentication_error", "invalid_api_key"))
+            return await send_error(
+                send, ApiError(401, "Invalid API key.", "authentication_error", "invalid_api_key"), close=True
+            )
         if self.max_per_key and self.in_flight[match] >= self.max_per_key:
             return await send_error(
                 send,
@@ -439,6 +361,7 @@ class BearerAuth:
                     "too_many_concurrent_requests",
                     headers={"retry-after": "1"},
                 ),
+                close=True,
             )
         self.in_flight[match] += 1
         try:
@@ -458,8 +381,9 @@ class RequestLog:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        request = Facts(uuid.uuid4().hex[:16], time.perf_counter())
-        token = _facts.set(request)
+        request = Context(uuid.uuid4().hex[:16])
+        scope.setdefault("state", {})["context"] = request  # the route reads it as http.state.context
+        token = log_as(request.request_id)
         endpoint = metrics.endpoint(scope["path"])
         metrics.IN_FLIGHT.labels(endpoint).inc()
         started = request.started
@@ -482,6 +406,7 @@ class RequestLog:
             raise
         finally:
             ended = time.perf_counter()
+            request.answered.set()
             metrics.IN_FLIGHT.labels(endpoint).dec()
             metrics.REQUESTS.labels(endpoint, str(status or 499)).inc()
             metrics.DURATION.labels(endpoint).observe(ended - started)
@@ -503,7 +428,7 @@ class RequestLog:
                 *(_ms(request.retrieval_ms), _ms(request.tools_ms), _ms(request.upstream_ttfb_ms)),
                 _ms(request.first_sentence_ms),
             )
-            _facts.reset(token)
+            stop_logging_as(token)
 
 
 def _ms(value: float | None) -> str:
@@ -512,7 +437,7 @@ def _ms(value: float | None) -> str:
 
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = facts().request_id
+        record.request_id = logged_request_id()
         return True
 
 
@@ -542,18 +467,22 @@ class GuardedHttpTools(HttpToolsProtocol):
     a connection that sends nothing, or a byte now and then, is kept open forever. Here a head
     larger than `max_head_bytes` gets a 431 and a head not complete within `head_seconds` (counted
     from the connection, or from the first byte of the next request on a kept-alive one) gets a
-    408; both close the connection. `configure()` sets the limits in each worker process."""
+    408; a body not complete within `body_seconds` of its head gets a 408 too (or, once the answer
+    has begun, the connection is closed). All close the connection. `configure()` sets the limits
+    in each worker process."""
 
     max_head_bytes = 64 * 1024
     head_seconds = 10.0
+    body_seconds = 30.0
 
     @classmethod
-    def configure(cls, max_head_bytes: int, head_seconds: float) -> None:
-        cls.max_head_bytes, cls.head_seconds = max_head_bytes, head_seconds
+    def configure(cls, max_head_bytes: int, head_seconds: float, body_seconds: float) -> None:
+        cls.max_head_bytes, cls.head_seconds, cls.body_seconds = max_head_bytes, head_seconds, body_seconds
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.head_bytes = 0
+        self.body_timer: asyncio.TimerHandle | None = None
         self.head_timer: asyncio.TimerHandle | None = self.loop.call_later(self.head_seconds, self._head_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -571,25 +500,40 @@ class GuardedHttpTools(HttpToolsProtocol):
             self.head_timer = self.loop.call_later(self.head_seconds, self._head_timeout)
 
     def on_headers_complete(self) -> None:
-        self._stop_head_timer()
+        self._stop_timers()
+        self.body_timer = self.loop.call_later(self.body_seconds, self._body_timeout)
         super().on_headers_complete()
 
+    def on_message_complete(self) -> None:
+        self._stop_timers()
+        super().on_message_complete()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_head_timer()
+        self._stop_timers()
         super().connection_lost(exc)
 
-    def _stop_head_timer(self) -> None:
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
+    def _stop_timers(self) -> None:
+        for timer in (self.head_timer, self.body_timer):
+            if timer is not None:
+                timer.cancel()
+        self.head_timer = self.body_timer = None
 
     def _head_timeout(self) -> None:
         self.head_timer = None
         if not self.transport.is_closing():
             self._refuse(408, b"Request Timeout")
 
+    def _body_timeout(self) -> None:
+        self.body_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and self.cycle.response_started:
+            self.transport.close()  # the answer has begun (a 401 for a body still arriving): just close
+        else:
+            self._refuse(408, b"Request Timeout")
+
     def _refuse(self, status: int, reason: bytes) -> None:
-        self._stop_head_timer()
+        self._stop_timers()
         self.url, self.headers = b"", []  # drop what was buffered
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-length: 0\r\nconnection: close\r\n\r\n" % (status, reason))
         self.transport.close()

@@ -17,7 +17,7 @@ import re
 import shutil
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,9 +28,11 @@ import orjson
 import soxr
 import yarl
 
+from errors import ApiError, upstream_error
 from events import Audio, End, Event, Relayed, Text, ToolCall, completion_id, merge_tool_calls, words_of
-from serving import upstream_error
-from text import CJK, SENTENCE_END
+from outbound import Slots, read_start
+from redact import Redactor, printable
+from text import CJK, sentence_end
 
 log = logging.getLogger("custom_llm.speech")
 
@@ -48,9 +50,12 @@ class SpeechError(Exception):
 # ---------------------------------------------------------------------------------------------
 
 _FENCE = re.compile(r"```.*?(```|$)", re.S)
-_LINK = re.compile(r"\[([^\]]*)\]\([^)]*\)")
+_LINK = re.compile(r"\[([^\][]*)\]\([^()\s]*\)")
 _URL = re.compile(r"(https?://|www\.)\S*[^\s.,;:!?)\]]")
 _MARKS = re.compile(r"(^|\n)\s{0,3}(#{1,6}\s+|[-*+]\s+|>\s?|\d+[.)]\s+)|[*_`~]{1,3}")
+# Runs of spaces are matched from their first space and never given back: linear on any text.
+_SPACE_BEFORE_MARK = re.compile(r"(?<![ \t])[ \t]++([.,!?;:])")
+_SPACES = re.compile(r"[ \t]++")
 _CLAUSE = re.compile(r"[,;:](?=\s)|[，、：]")
 FIRST_SEGMENT_MIN = 12  # characters before the first segment may end at a comma
 MAX_SEGMENT = 220  # a segment with no punctuation is cut at a space near this length
@@ -62,8 +67,8 @@ def speakable(text: str) -> str:
     text = _LINK.sub(r"\1", text)
     text = _URL.sub("", text)
     text = _MARKS.sub(lambda m: m.group(1) or "", text)
-    text = re.sub(r"[ \t]+([.,!?;:])", r"\1", text)  # where a URL was cut out
-    return re.sub(r"[ \t]+", " ", text).strip()
+    text = _SPACE_BEFORE_MARK.sub(r"\1", text)  # where a URL was cut out
+    return _SPACES.sub(" ", text).strip()
 
 
 def _length(text: str) -> int:
@@ -71,49 +76,74 @@ def _length(text: str) -> int:
     return len(text) + len(CJK.findall(text))
 
 
-def _cut(buffer: str, first: bool) -> int:
-    """Where the next segment ends in the buffer, or 0 when it needs more text."""
-    ends = [m.end() for m in [SENTENCE_END.search(buffer)] if m]
-    if first:  # the first segment may end at a clause, so the first audio leaves sooner
-        ends += [m.end() for m in _CLAUSE.finditer(buffer) if _length(buffer[: m.end()]) >= FIRST_SEGMENT_MIN][:1]
-    if ends:
-        return min(ends)
-    if len(buffer) > MAX_SEGMENT:
-        space = buffer.rfind(" ", 0, MAX_SEGMENT)
-        return space if space > 0 else MAX_SEGMENT
-    return 0
+class Segmenter:
+    """Cuts streamed text into speakable segments: whole sentences, the first one short (it may end
+    at a clause, so the first audio leaves sooner), none longer than MAX_SEGMENT, code blocks skipped
+    even when they span many deltas.
+
+    Linear in the text, whatever it holds: each cut looks at most MAX_SEGMENT characters ahead, and
+    what is left over is moved only once per delta, so a 4 MB broadcast is read once."""
+
+    def __init__(self) -> None:
+        self.pending, self.first, self.in_code = "", True, False
+
+    def push(self, delta: str) -> Iterator[str]:
+        """The segments this delta completes, one at a time, "" for a cut with nothing to say (so a
+        consumer that awaits between cuts lets the event loop serve others while a huge delta is cut)."""
+        text, at = self.pending + delta, 0
+        fence = -1 if self.in_code else text.find("```")
+        while True:
+            if self.in_code:  # skip to the closing fence
+                close = text.find("```", at)
+                if close < 0:
+                    at = max(at, len(text) - 2)  # a fence may be split across deltas
+                    break
+                at, self.in_code = close + 3, False
+                fence = text.find("```", at)
+                continue
+            near = 0 <= fence <= at + MAX_SEGMENT
+            window = fence if near else at + MAX_SEGMENT
+            cut = self._cut(text, at, window)
+            if not cut and near:  # what comes before a code block is said on its own
+                cut, self.in_code = fence, True
+            elif not cut and len(text) - at > MAX_SEGMENT:
+                space = text.rfind(" ", at, window)
+                cut = space if space > at else window
+            elif not cut:
+                break
+            segment = speakable(text[at:cut])
+            at = cut + 3 if self.in_code else cut
+            self.first = self.first and not segment
+            yield segment
+        self.pending = text[at:]
+
+    def flush(self) -> list[str]:
+        rest, self.pending = self.pending, ""
+        return [] if self.in_code or not (segment := speakable(rest)) else [segment]
+
+    def _cut(self, text: str, at: int, window: int) -> int:
+        """Where the next segment ends within text[at:window], or 0 when it needs more text."""
+        # One character past the window, so a stop at its edge can see the space after it.
+        ends = [end for end in [sentence_end(text, at, window + 1)] if end and end <= window]
+        if self.first:
+            for clause in _CLAUSE.finditer(text, at, window):
+                if _length(text[at : clause.end()]) >= FIRST_SEGMENT_MIN:
+                    ends.append(clause.end())
+                    break
+        return min(ends, default=0)
 
 
 async def segments(deltas: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Speakable segments from a stream of text deltas: whole sentences, the first one short.
-
-    Code blocks are skipped even when they span many deltas."""
-    buffer, first, in_code = "", True, False
+    """Speakable segments from a stream of text deltas (see Segmenter)."""
+    cutter = Segmenter()
     async for delta in deltas:
-        buffer += delta
-        while True:
-            if in_code or "```" in buffer:
-                before, fence, after = buffer.partition("```")
-                if in_code:
-                    if not fence:
-                        buffer = buffer[-2:]  # a fence may be split across deltas
-                        break
-                    buffer, in_code = after, False
-                    continue
-                if speakable(before):
-                    yield speakable(before)
-                    first = False
-                buffer, in_code = after, True
-                continue
-            cut = _cut(buffer, first)
-            if not cut:
-                break
-            segment, buffer = speakable(buffer[:cut]), buffer[cut:]
+        for segment in cutter.push(delta):
             if segment:
                 yield segment
-                first = False
-    if not in_code and speakable(buffer):
-        yield speakable(buffer)
+            else:
+                await asyncio.sleep(0)  # nothing to say here: let the loop breathe
+    for segment in cutter.flush():
+        yield segment
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,16 +242,48 @@ class OpenAISpeech:
         url = yarl.URL(self.base_url.rstrip("/") + "/audio/speech")
         headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         body = {"model": self.model, "voice": self.voice, "input": text, "response_format": "pcm"}
-        resample = Resampler(self.rate)
+        resample, scrub = Resampler(self.rate), Redactor(self.api_key)
         try:
-            async with self.session.post(url, json=body, headers=headers) as response:
-                if response.status >= 400:
-                    raise SpeechError(f"speech endpoint answered {response.status}: {(await response.read())[:200]!r}")
+            async with self.session.post(url, json=body, headers=headers, allow_redirects=False) as response:
+                if response.status >= 400:  # only the start of an error is read: it may be huge, or echo our key
+                    _, said = scrub.json_message(await read_start(response, 4096))
+                    raise SpeechError(f"speech endpoint answered {response.status}: {printable(said, 200)}")
                 async for piece in response.content.iter_any():
                     yield resample(piece)
         except (TimeoutError, aiohttp.ClientError) as error:
-            raise SpeechError(f"speech endpoint failed: {type(error).__name__}: {error}") from None
+            raise SpeechError(f"speech endpoint failed: {type(error).__name__}: {scrub(str(error))[:200]}") from None
         yield resample(b"", last=True)
+
+
+@dataclass
+class Bounded:
+    """Any engine (the built-in ones, or yours) within the speech limits: at most MAX_SPEECH_STREAMS
+    syntheses at once (past it, a quick 503), TTS_TIMEOUT_SECONDS for the first audio and between
+    pieces, and TTS_MAX_SECONDS for a synthesis, in time and in audio returned."""
+
+    engine: Engine
+    slots: Slots
+    timeout: float = 10.0
+    max_seconds: float = 120.0
+
+    async def synthesize(self, text: str) -> AsyncIterator[bytes]:
+        with self.slots.take():
+            pieces, sent = self.engine.synthesize(text), 0
+            try:
+                async with asyncio.timeout(self.max_seconds):
+                    while True:
+                        async with asyncio.timeout(self.timeout):
+                            piece = await anext(pieces, None)
+                        if piece is None:
+                            return
+                        sent += len(piece)
+                        if sent > self.max_seconds * SAMPLE_RATE * 2:
+                            raise SpeechError(f"more than {self.max_seconds:g} s of audio (TTS_MAX_SECONDS)")
+                        yield piece
+            except TimeoutError:
+                raise SpeechError(f"no audio within {self.timeout:g} s, or past {self.max_seconds:g} s") from None
+            finally:
+                await pieces.aclose()  # type: ignore[attr-defined]  # stops the engine's request or process
 
 
 @dataclass
@@ -314,6 +376,8 @@ async def speak(texts: AsyncIterator[str], engine: Engine, head_start_ms: int | 
                 raise item
             text, audio, task = item
             frame = None if broken else await audio.get()
+            if isinstance(frame, ApiError):
+                raise frame  # MAX_SPEECH_STREAMS reached: a 503 the caller can retry
             if isinstance(frame, Exception):
                 if not spoken:
                     raise SpeechError(str(frame)) from frame

@@ -12,9 +12,34 @@ CJK_RANGES = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 CJK = re.compile(f"[{CJK_RANGES}]")
 
 
-# A sentence ends at .!? before a space, or at the end of the text so far unless a digit precedes
-# it (the next delta may be "14" after "3."), or at Chinese and Japanese full stops.
-SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*(?=\s)|(?<!\d)[.!?…]+[\"')\]]*$|[。！？；]+|\n")
+# A sentence ends at a run of .!? (and closing quotes) before a space, at Chinese and Japanese full
+# stops, or at a line end. A run is matched only from its first mark and never given back (possessive),
+# so a model that prints 100,000 dots costs one pass, not one pass per dot.
+_STOPS = ".!?…"
+_SENTENCE_END = re.compile(r"(?<![.!?…])[.!?…]++[\"')\]]*+(?=\s)|[。！？；]++|\n")
+_CLOSERS = "\"')]"
+
+
+def sentence_end(text: str, start: int = 0, stop: int | None = None) -> int:
+    """Where the first sentence in text[start:stop] ends (an index into text), or 0 when none does yet.
+
+    At the very end of the text, a final .!? ends a sentence too, unless a digit precedes it: the next
+    delta may be "14" after "3.". Linear in the part read, whatever the text."""
+    end = len(text) if stop is None else min(stop, len(text))
+    match = _SENTENCE_END.search(text, start, end)
+    if match:
+        return match.end()
+    if end < len(text) or end <= start:
+        return 0
+    at = end
+    while at > start and text[at - 1] in _CLOSERS:
+        at -= 1
+    marks = at
+    while at > start and text[at - 1] in _STOPS:
+        at -= 1
+    if at == marks or (at > 0 and text[at - 1].isdigit()):
+        return 0
+    return end
 
 
 def is_cjk(text: str) -> bool:

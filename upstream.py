@@ -16,7 +16,9 @@ import orjson
 import yarl
 
 import metrics
-from serving import ApiError, facts, printable, upstream_error
+from context import Context
+from errors import ApiError, overloaded, upstream_error
+from redact import Redactor, printable
 
 log = logging.getLogger("custom_llm.upstream")
 
@@ -51,7 +53,8 @@ class Upstream:
     """One endpoint on the shared session: posting to it, and its failures as ApiErrors."""
 
     def __init__(self, endpoint: Endpoint, session: aiohttp.ClientSession):
-        self.name, self.model, self.session, self.key = endpoint.name, endpoint.model, session, endpoint.api_key
+        self.name, self.model, self.session = endpoint.name, endpoint.model, session
+        self.scrub = Redactor(endpoint.api_key)
         base = endpoint.base_url.rstrip("/")
         self.url, self.models_url = yarl.URL(base + "/chat/completions"), yarl.URL(base + "/models")  # parsed once
         # identity: a compressed answer could expand a thousandfold in our memory.
@@ -108,17 +111,8 @@ class Upstream:
                 502, "The upstream LLM could not be reached.", "upstream_unreachable", retryable=True
             ) from None
 
-    def scrub(self, text: str) -> str:
-        """The text without our key: some proxies repeat the request's headers in their errors."""
-        return text.replace(self.key, "[redacted]") if self.key else text
-
     def refusal(self, status: int, content: bytes) -> ApiError:
-        text = self.scrub(content.decode("utf-8", "replace"))
-        try:
-            detail: dict[str, Any] = orjson.loads(text).get("error") or {}
-            detail = detail if isinstance(detail, dict) else {"message": str(detail)}
-        except (orjson.JSONDecodeError, AttributeError):
-            detail = {}
+        detail, text = self.scrub.json_message(content)
         if status in (401, 403):
             # The caller's key was fine; ours was not. The message may quote our key in a form the
             # scrub cannot see (truncated, masked), so it reaches neither the caller nor the log.
@@ -133,8 +127,8 @@ class Upstream:
         return ApiError(
             status,
             message[:500] or f"The upstream LLM refused the request (status {status}).",
-            detail["type"] if isinstance(detail.get("type"), str) else "invalid_request_error",
-            detail["code"] if isinstance(detail.get("code"), str) else None,
+            detail["type"][:100] if isinstance(detail.get("type"), str) else "invalid_request_error",
+            detail["code"][:100] if isinstance(detail.get("code"), str) else None,
             retryable=status == 429,
         )
 
@@ -176,20 +170,14 @@ class LLM:
     def _slot(self) -> Iterator[None]:
         """One of MAX_UPSTREAM_STREAMS; past the cap, a quick 503 beats a slow queue."""
         if self.streams >= self.limits.max_streams:
-            raise ApiError(
-                503,
-                "The server is at capacity; try again shortly.",
-                "server_error",
-                "overloaded",
-                headers={"retry-after": "1"},
-            )
+            raise overloaded("MAX_UPSTREAM_STREAMS")
         self.streams += 1
         try:
             yield
         finally:
             self.streams -= 1
 
-    async def _with_retries(self, call: Callable[[Upstream], Awaitable[T]]) -> T:
+    async def _with_retries(self, call: Callable[[Upstream], Awaitable[T]], context: Context) -> T:
         """call(upstream) on each attempt in turn until one succeeds or fails for good."""
         attempts = self.attempts()
         for n, (upstream, pause) in enumerate(attempts):
@@ -197,7 +185,7 @@ class LLM:
             try:
                 result = await call(upstream)
             except ApiError as error:
-                metrics.UPSTREAM_ERRORS.labels(upstream.name, error.code or "error").inc()
+                metrics.UPSTREAM_ERRORS.labels(upstream.name, metrics.error_code(error.code)).inc()
                 if not error.retryable or n == len(attempts) - 1:
                     raise
                 again = attempts[n + 1][0] is upstream
@@ -209,7 +197,7 @@ class LLM:
                     "again" if again else "the fallback",
                 )
                 continue
-            facts().upstream = upstream.name
+            context.upstream = upstream.name
             self.last_success = time.monotonic()
             return result
         raise AssertionError("unreachable: the last attempt returns or raises")
@@ -223,7 +211,7 @@ class LLM:
         async def opened() -> tuple[Upstream, aiohttp.ClientResponse, list[bytes], Batches]:
             response = await upstream.post(body)
             try:
-                batches = sse_payloads(response, self.limits)
+                batches = sse_payloads(response, self.limits, upstream.scrub)
                 with upstream.errors():
                     first = await anext(batches, None)
                 if first is None:
@@ -249,14 +237,16 @@ class LLM:
         return result
 
     @asynccontextmanager
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[Batches]:
+    async def stream(self, body: dict[str, Any], context: Context) -> AsyncIterator[Batches]:
         """The answer's events, a batch per network read; leaving the block early closes the
         upstream connection, which is how an upstream learns to stop generating."""
         with self._slot():
             started = time.perf_counter()
-            upstream, response, first, batches = await self._with_retries(lambda up: self._first_event(up, body))
-            if facts().upstream_ttfb_ms is None:  # the first round's, retries and fallback included
-                facts().upstream_ttfb_ms = (time.perf_counter() - started) * 1000
+            upstream, response, first, batches = await self._with_retries(
+                lambda up: self._first_event(up, body), context
+            )
+            if context.upstream_ttfb_ms is None:  # the first round's, retries and fallback included
+                context.upstream_ttfb_ms = (time.perf_counter() - started) * 1000
 
             async def events() -> Batches:
                 yield first
@@ -274,7 +264,7 @@ class LLM:
             finally:
                 response.release()
 
-    async def complete(self, body: dict[str, Any]) -> bytes:
+    async def complete(self, body: dict[str, Any], context: Context) -> bytes:
         """A non-streaming completion, as the upstream's JSON bytes (at most max_response_bytes)."""
 
         async def call(upstream: Upstream) -> bytes:
@@ -288,12 +278,12 @@ class LLM:
                             log.warning("upstream %s answer exceeds %d bytes", upstream.name, size - len(piece))
                             raise upstream_error(502, "The upstream LLM's answer is too large.", "upstream_too_large")
                         pieces.append(piece)
-                return b"".join(pieces)
+                return upstream.scrub.relayed(b"".join(pieces))
             finally:
                 response.close()
 
         with self._slot():
-            return await self._with_retries(call)
+            return await self._with_retries(call, context)
 
     async def ready(self) -> bool:
         """Answered in the last minute, or answers a probe now. Callers asking at once share one
@@ -309,34 +299,40 @@ class LLM:
         return False
 
 
-async def sse_payloads(response: aiohttp.ClientResponse, limits: Limits) -> Batches:
+async def sse_payloads(response: aiohttp.ClientResponse, limits: Limits, scrub: Redactor) -> Batches:
     """The data payloads of the upstream's events, a list per network read, until `[DONE]`.
 
-    Events are split on blank lines and passed on as bytes; JSON is never parsed here. The buffer
-    only grows by what arrived and is searched only where a boundary can be new, so a huge event
-    costs linear time, and is refused past max_event_bytes."""
+    Events are split on blank lines and passed on as bytes; JSON is never parsed here. Only what
+    arrived is normalised (CRLF to LF) and searched for a boundary, so any event costs linear time,
+    however it is cut into pieces; past max_event_bytes it is refused. The idle timeout counts from
+    the last whole event: bytes trickled without completing one keep nothing alive."""
     pending = bytearray()
-    total, last_event = 0, time.monotonic()
+    total, last_event, carried_cr = 0, time.monotonic(), False
     pieces = response.content.iter_any()
     async for piece in pieces:
         total += len(piece)
         if total > limits.max_response_bytes:
             raise upstream_error(502, "The upstream LLM's answer is too large.", "upstream_too_large")
-        if b"\r" in piece or pending.endswith(b"\r"):
-            pending += piece
-            pending[:] = pending.replace(b"\r\n", b"\n")
-        else:
-            pending += piece
+        if carried_cr:  # a CR that ended the last piece may begin a CRLF
+            piece = b"\r" + piece
+        carried_cr = piece.endswith(b"\r")
+        if carried_cr:
+            piece = piece[:-1]
+        if b"\r" in piece:
+            piece = piece.replace(b"\r\n", b"\n")
+        pending += piece
         end = pending.rfind(b"\n\n", max(0, len(pending) - len(piece) - 2))
         if end < 0:
             if len(pending) > limits.max_event_bytes:
                 raise upstream_error(
                     502, "The upstream LLM sent an event that is too large.", "upstream_event_too_large"
                 )
+            if time.monotonic() - last_event > limits.idle_timeout:
+                raise TimeoutError  # an event trickled a byte at a time is as dead as silence
             continue
         blocks = bytes(pending[:end]).split(b"\n\n")
         del pending[: end + 2]
-        payloads, done = _payloads(blocks)
+        payloads, done = _payloads(blocks, scrub)
         if payloads:
             yield payloads
             last_event = time.monotonic()
@@ -352,14 +348,14 @@ async def sse_payloads(response: aiohttp.ClientResponse, limits: Limits) -> Batc
                 if drained > limits.max_event_bytes:
                     break
             return
-    payloads, done = _payloads([bytes(pending)])
+    payloads, done = _payloads([bytes(pending)], scrub)
     if payloads:
         yield payloads
     if not done:
         log.warning("upstream stream ended without [DONE]")
 
 
-def _payloads(blocks: list[bytes]) -> tuple[list[bytes], bool]:
+def _payloads(blocks: list[bytes], scrub: Redactor) -> tuple[list[bytes], bool]:
     payloads: list[bytes] = []
     for block in blocks:
         if block.startswith(b"data: ") and b"\n" not in block:
@@ -371,5 +367,5 @@ def _payloads(blocks: list[bytes]) -> tuple[list[bytes], bool]:
         if payload == b"[DONE]":
             return payloads, True
         if payload:
-            payloads.append(payload)
+            payloads.append(scrub.relayed(payload))
     return payloads, False

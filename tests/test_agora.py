@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import time
 
 import httpx
@@ -196,11 +197,13 @@ def test_a_failing_voice_is_a_502_before_any_audio(voiced, upstream):
 
 
 class FakeAgora:
-    """Agora's Conversational AI REST API, the two calls end_call makes, recorded."""
+    """Agora's Conversational AI REST API, the two calls end_call makes, recorded. `statuses` are
+    answered first, one per call (then `status`), to test retries."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, str]] = []  # method, path with query, authorization
         self.status = 200
+        self.statuses: list[int] = []
         self.agents = [{"agent_id": "agent-42", "channel": "room-1", "status": "RUNNING"}]
 
     async def __call__(self, scope, receive, send) -> None:
@@ -209,18 +212,20 @@ class FakeAgora:
                 await send({"type": "lifespan.startup.complete"})
             return await send({"type": "lifespan.shutdown.complete"})
         headers = dict(scope["headers"])
+        query = scope["query_string"].decode()
         self.calls.append(
-            (
-                scope["method"],
-                scope["path"] + "?" + scope["query_string"].decode(),
-                headers.get(b"authorization", b"").decode(),
-            )
+            (scope["method"], scope["raw_path"].decode() + "?" + query, headers.get(b"authorization", b"").decode())
         )
         body = {"data": {"count": len(self.agents), "list": self.agents}} if scope["method"] == "GET" else {}
+        status = self.statuses.pop(0) if self.statuses else self.status
         await send(
-            {"type": "http.response.start", "status": self.status, "headers": [(b"content-type", b"application/json")]}
+            {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]}
         )
         await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+    def paths(self) -> list[tuple[str, str]]:
+        """The calls as (method, path with the query), from_time left out (it is the time of the call)."""
+        return [(method, re.sub(r"&from_time=\d+", "", path)) for method, path, _ in self.calls]
 
 
 @pytest.fixture
@@ -231,22 +236,33 @@ def agora():
         yield fake
 
 
-def hanging_up(make_server, agora, upstream, goodbye: str = "Goodbye!"):
+def hanging_up(make_server, agora, upstream, goodbye: str = "Goodbye!", calls: int = 1, **settings):
+    settings = {"agora_hangup_grace_ms": 0, **settings}
     server = make_server(
         agora_app_id="app-1",
         agora_customer_id="cust",
         agora_customer_secret="secret",
         agora_api_base=agora.url,
-        agora_hangup_grace_ms=0,
+        **settings,
     )
-    upstream.script.turns = [{"calls": [("end_call", json.dumps({"goodbye": goodbye}))]}, {"say": [goodbye]}]
+    call = ("end_call", json.dumps({"goodbye": goodbye, "reason": "The user said bye."}))
+    upstream.script.turns = [{"calls": [call] * calls}, {"say": [goodbye]}]
     return server
+
+
+def bye(channel: str | None = "room-1", **fields) -> dict:
+    body = {"stream": True, "messages": [{"role": "user", "content": "Bye, that's all."}], **fields}
+    return {**body, "channel": channel} if channel is not None else body
 
 
 def wait_for(condition, seconds: float = 3.0) -> None:
     deadline = time.monotonic() + seconds
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+LIST = ("GET", "/v2/projects/app-1/agents?channel=room-1&state=2")
+LEAVE = ("POST", "/v2/projects/app-1/agents/agent-42/leave?")
 
 
 def test_end_call_is_offered_only_with_agora_credentials(server, make_server, agora, upstream):
@@ -258,42 +274,103 @@ def test_end_call_is_offered_only_with_agora_credentials(server, make_server, ag
         make_server(agora_app_id="a", agora_customer_id="c", agora_customer_secret="s"),
         {"messages": [{"role": "user", "content": "Hi"}]},
     ).read()
-    assert "end_call" in [t["function"]["name"] for t in upstream.requests[-1]["body"]["tools"]]
+    end_call = next(t for t in upstream.requests[-1]["body"]["tools"] if t["function"]["name"] == "end_call")
+    assert end_call["function"]["parameters"]["required"] == ["goodbye", "reason"]  # the model says why
 
 
 def test_end_call_says_goodbye_uninterruptibly_then_stops_the_agent(make_server, agora, upstream, caplog):
     server = hanging_up(make_server, agora, upstream)
     with caplog.at_level(logging.INFO, logger="custom_llm"):
-        events = sse_events(
-            post(
-                server,
-                {
-                    "stream": True,
-                    "turn_id": 7,
-                    "channel": "room-1",
-                    "messages": [{"role": "user", "content": "Bye, that's all."}],
-                },
-            )
-        )
+        events = sse_events(post(server, bye(turn_id=7)))
         first = json.loads(events[0])
         assert first["object"] == "chat.completion.custom_metadata" and first["metadata"] == {"interruptable": False}
         assert first["choices"] == [] and text_of(events) == "Goodbye!" and events[-1] == b"[DONE]"
-        assert agora.calls == []  # not before the goodbye has been heard
         wait_for(lambda: len(agora.calls) == 2)
     auth = "Basic " + base64.b64encode(b"cust:secret").decode()
-    assert agora.calls == [
-        ("GET", "/v2/projects/app-1/agents?channel=room-1&state=2", auth),
-        ("POST", "/v2/projects/app-1/agents/agent-42/leave?", auth),
-    ]
+    assert agora.paths() == [LIST, LEAVE] and {call[2] for call in agora.calls} == {auth}
+    # List agents finds only the last 2 hours' agents unless told otherwise: a long call is still found.
+    from_time = int(re.search(r"from_time=(\d+)", agora.calls[0][1]).group(1))
+    assert time.time() - from_time >= 23 * 3600
     assert "end_call: agent agent-42 stopped" in caplog.text
+    assert "reason=The user said bye." in caplog.text  # why the model ended the call, in the log
 
 
-def test_an_agent_id_from_llm_params_is_stopped_directly(make_server, agora, upstream):
+def test_the_hang_up_waits_for_the_goodbye_to_be_sent(make_server, agora, upstream):
     server = hanging_up(make_server, agora, upstream)
-    post(server, {"stream": True, "agent_id": "agent-7", "messages": [{"role": "user", "content": "Bye"}]}).read()
-    wait_for(lambda: agora.calls)
-    assert [call[:2] for call in agora.calls] == [("POST", "/v2/projects/app-1/agents/agent-7/leave?")]
+    upstream.script.delay = 0.3  # the goodbye streams slowly
+    upstream.script.turns = [upstream.script.turns[0], {"say": ["Good", "bye", "!"]}]
+    with httpx.stream("POST", server.url + "/chat/completions", json=bye(), headers=AUTH, timeout=10) as response:
+        for _ in response.iter_bytes():
+            assert agora.calls == []  # nothing is stopped while the goodbye is still being sent
+    wait_for(lambda: len(agora.calls) == 2)
+    assert agora.paths() == [LIST, LEAVE]
+
+
+def test_an_agent_id_from_llm_params_is_stopped_when_it_runs_in_the_channel(make_server, agora, upstream):
+    server = hanging_up(make_server, agora, upstream)
+    post(server, bye(agent_id="agent-42")).read()
+    wait_for(lambda: len(agora.calls) == 2)
+    assert agora.paths() == [LIST, LEAVE]
     assert "agent_id" not in upstream.requests[-1]["body"]  # a routing id, never sent to the model
+
+
+@pytest.mark.parametrize(
+    "agent_id",
+    ["../../other-project/agents/x", "%2e%2e", "agent-42/speak?x=", "agent-42#", "agent-7", "agent\n42", "a" * 200],
+)
+def test_a_callers_agent_id_cannot_steer_the_credentials(make_server, agora, upstream, caplog, agent_id):
+    server = hanging_up(make_server, agora, upstream)
+    with caplog.at_level(logging.INFO, logger="custom_llm"):
+        post(server, bye(agent_id=agent_id)).read()
+        wait_for(lambda: "end_call:" in caplog.text)
+    # Only the list call, under AGORA_API_BASE; no agent that the channel does not run is stopped.
+    assert all(path.startswith("/v2/projects/app-1/agents?") for _, path in agora.paths())
+    assert "not stopped" in caplog.text or "not an Agora id" in caplog.text
+    assert all("\n" not in record.getMessage() for record in caplog.records)  # no forged log line
+
+
+def test_a_call_without_a_channel_stops_nothing(make_server, agora, upstream, caplog):
+    server = hanging_up(make_server, agora, upstream)
+    with caplog.at_level(logging.INFO, logger="custom_llm"):
+        post(server, bye(channel=None, agent_id="agent-42")).read()
+        wait_for(lambda: "end_call:" in caplog.text)
+    assert agora.calls == [] and "no valid channel" in caplog.text
+
+
+def test_one_end_call_per_answer_and_per_channel(make_server, agora, upstream, caplog):
+    server = hanging_up(make_server, agora, upstream, calls=16)
+    turns = list(upstream.script.turns)
+    for _ in range(5):
+        upstream.script.turns = list(turns)
+        post(server, bye()).read()
+    wait_for(lambda: len(agora.calls) >= 2)
+    time.sleep(0.3)
+    assert agora.paths() == [LIST, LEAVE]  # 5 answers asking 16 times each: one hang-up
+    assert caplog.text.count("tool name=end_call ok=true") == 5 * 16  # every call answered, none run twice
+
+
+def test_pending_hang_ups_are_bounded(make_server, agora, upstream, caplog):
+    server = hanging_up(make_server, agora, upstream, agora_max_pending_hangups=2, agora_hangup_grace_ms=1000)
+    turns = list(upstream.script.turns)
+    with caplog.at_level(logging.INFO, logger="custom_llm"):
+        for n in range(4):
+            upstream.script.turns = list(turns)
+            post(server, bye(channel=f"room-{n}")).read()
+        assert "2 hang-ups are pending already" in caplog.text
+    wait_for(lambda: len(agora.calls) >= 4, 6)
+    assert sorted({path for _, path in agora.paths() if "channel=" in path}) == [
+        "/v2/projects/app-1/agents?channel=room-0&state=2",
+        "/v2/projects/app-1/agents?channel=room-1&state=2",
+    ]
+
+
+def test_busy_rest_calls_are_retried(make_server, agora, upstream, caplog):
+    agora.statuses = [503, 429]
+    server = hanging_up(make_server, agora, upstream)
+    with caplog.at_level(logging.INFO, logger="custom_llm"):
+        post(server, bye()).read()
+        wait_for(lambda: "end_call: agent agent-42 stopped" in caplog.text, 6)
+    assert agora.paths() == [LIST, LIST, LIST, LEAVE]
 
 
 @pytest.mark.parametrize(
@@ -309,9 +386,31 @@ def test_rest_failures_still_end_with_the_goodbye(make_server, agora, upstream, 
         agora.agents = agents
     server = hanging_up(make_server, agora, upstream)
     with caplog.at_level(logging.INFO, logger="custom_llm"):
-        events = sse_events(
-            post(server, {"stream": True, "channel": "room-1", "messages": [{"role": "user", "content": "Bye"}]})
-        )
+        events = sse_events(post(server, bye()))
         assert text_of(events) == "Goodbye!" and events[-1] == b"[DONE]"
         wait_for(lambda: said in caplog.text)
     assert said in caplog.text
+
+
+# --- 5. a destructive tool runs only when the user asks --------------------------------------------
+
+
+def test_end_call_runs_only_when_the_users_words_ask_for_it(make_server, agora, upstream, caplog):
+    server = hanging_up(make_server, agora, upstream)
+    with caplog.at_level(logging.INFO, logger="custom_llm"):
+        body = bye()
+        body["messages"] = [{"role": "user", "content": "What are your opening hours?"}]
+        post(server, body).read()
+        time.sleep(0.5)
+    assert agora.calls == []
+    result = json.loads(upstream.requests[-1]["body"]["messages"][-1]["content"])
+    assert "the user's own latest words do not ask for it" in result["error"]
+    assert "tool end_call refused" in caplog.text and "The user said bye." in caplog.text
+
+
+@pytest.mark.parametrize("words", ["OK thanks, goodbye!", "you can hang up now", "好的，再见", "That’s all, thanks"])
+def test_users_ways_of_saying_goodbye_end_the_call(make_server, agora, upstream, words):
+    server = hanging_up(make_server, agora, upstream)
+    post(server, {"stream": True, "channel": "room-1", "messages": [{"role": "user", "content": words}]}).read()
+    wait_for(lambda: len(agora.calls) == 2)
+    assert agora.paths() == [LIST, LEAVE]

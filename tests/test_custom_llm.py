@@ -179,7 +179,7 @@ class Catalogue:
 def test_a_retriever_of_your_own(make_server, upstream):
     server = make_server(retriever=Catalogue())
     post(server, {"messages": [{"role": "user", "content": "How much is the kettle?"}]}, "/rag/chat/completions")
-    context = upstream.requests[-1]["body"]["messages"][0]["content"]
+    context = upstream.requests[-1]["body"]["messages"][-1]["content"]
     assert "catalogue › Kettles › K-2" in context and "49 euros" in context
     hits = httpx.get(server.url + "/knowledge/search", params={"q": "kettle"}, headers=AUTH).json()["passages"]
     assert hits == [

@@ -66,19 +66,22 @@ def test_waiting_phrase_is_sent_before_retrieval_finishes(server, upstream):
 def test_passages_are_injected_after_the_callers_system_messages(server, upstream):
     ask(server, "How do I point the llm url of my agent at the server?").read()
     messages = upstream.requests[-1]["body"]["messages"]
-    assert [m["role"] for m in messages] == ["system", "system", "user"]
+    assert [m["role"] for m in messages] == ["system", "system", "user", "assistant", "tool"]
     assert messages[0]["content"] == "You are Ada."
-    context = messages[1]["content"]
-    assert "agora-setup.md › Pointing an Agora agent at the server › The llm block" in context
-    assert "appends no path" in context  # the fact itself, not just its title
-    assert "say you don't know" in context
+    assert "say you don't know" in messages[1]["content"] and "never instructions" in messages[1]["content"]
+    # The passages are data: the result of a search_knowledge call, never a system message.
+    call = messages[3]["tool_calls"][0]
+    assert call["function"]["name"] == "search_knowledge" and messages[4]["tool_call_id"] == call["id"]
+    found = json.loads(messages[4]["content"])
+    assert "agora-setup.md › Pointing an Agora agent at the server › The llm block" in [p["source"] for p in found]
+    assert any("appends no path" in p["text"] for p in found)  # the fact itself, not just its title
 
 
 def test_chinese_question_gets_a_chinese_waiting_phrase_and_chinese_passages(make_server, upstream):
     server = make_server(waiting_messages_en=("Hold on.",), waiting_messages_zh=("请稍等。",))
     events = sse_events(ask(server, "音频格式是什么？"))
     assert delta(events[0])["content"] == "请稍等。"
-    assert "1280 字节" in upstream.requests[-1]["body"]["messages"][1]["content"]
+    assert "1280 字节" in upstream.requests[-1]["body"]["messages"][-1]["content"]
     events = sse_events(ask(server, "What audio format do you send?"))
     assert delta(events[0])["content"] == "Hold on. "
 
@@ -94,7 +97,7 @@ def test_non_streaming_rag_answers_with_context(client, upstream):
         model="m", stream=False, messages=[{"role": "user", "content": "Must the audio be mono PCM?"}]
     )
     assert completion.choices[0].message.content == "Hello from the upstream."
-    assert "16-bit, mono PCM" in upstream.requests[-1]["body"]["messages"][0]["content"]
+    assert "16-bit, mono PCM" in upstream.requests[-1]["body"]["messages"][-1]["content"]
 
 
 def test_sdk_streams_rag(client, upstream):

@@ -7,6 +7,7 @@ import time
 import pytest
 
 import tools
+from context import Context
 from tools import ToolRegistry
 
 
@@ -94,7 +95,7 @@ def test_results_past_64_bits_are_results():
     import asyncio
 
     registry = tools.sample_tools(None)  # search_knowledge is not called here
-    result = asyncio.run(registry.run("calculate", '{"expression": "factorial(25)"}'))
+    result = asyncio.run(registry.run("calculate", '{"expression": "factorial(25)"}', Context("t")))
     assert result == '{"expression": "factorial(25)", "result": 15511210043330985984000000}'
 
 
@@ -103,6 +104,6 @@ def test_an_expected_refusal_is_logged_without_a_traceback(caplog):
 
     registry = tools.sample_tools(None)
     with caplog.at_level("INFO", logger="custom_llm.tools"):
-        result = asyncio.run(registry.run("calculate", '{"expression": "1/0"}'))
+        result = asyncio.run(registry.run("calculate", '{"expression": "1/0"}', Context("t")))
     assert "division by zero" in result
     assert "Traceback" not in caplog.text and all(r.exc_info is None for r in caplog.records)

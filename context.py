@@ -1,0 +1,64 @@
+"""What one request is about, handed explicitly to whatever serves it: who is calling, the engine's
+fields (turn, channel, agent), and what the request log reports (timings, which upstream served).
+
+The request log makes a Context when the request arrives; the route fills in what the body says and
+passes it down to the answer loop, the upstream client, retrieval and the tools. A tool that declares
+a parameter of type Context receives it. Nothing reads it from a global, except the log formatter,
+which stamps each log line with the request id (logging offers no other way in).
+"""
+
+import asyncio
+import contextvars
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Context:
+    """One request: set once from the caller and the body, filled in as the answer is made."""
+
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    model: str = "-"
+    turn_id: str = "-"
+    engine: dict[str, Any] = field(default_factory=dict)  # the engine's own fields: channel, agent_id...
+    messages: list[dict[str, Any]] = field(default_factory=list)  # the conversation as the caller sent it
+    upstream: str = "-"  # which upstream served: primary or fallback
+    cancelled: bool = False  # the caller hung up mid-answer (a barge-in)
+    call_ended: bool = False  # end_call ran in this answer: once is enough
+    answered: asyncio.Event = field(default_factory=asyncio.Event)  # set when the response has been sent
+    # Our side of Agora's per-turn metrics, in ms: retrieval, tools, upstream first byte, first sentence.
+    retrieval_ms: float | None = None
+    tools_ms: float | None = None
+    upstream_ttfb_ms: float | None = None
+    first_sentence_ms: float | None = None
+
+    @property
+    def channel(self) -> str | None:
+        value = self.engine.get("channel")
+        return value if isinstance(value, str) else None
+
+    @property
+    def agent_id(self) -> str | None:
+        value = self.engine.get("agent_id")
+        return value if isinstance(value, str) else None
+
+    def since_start_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+
+_logged: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+def log_as(request_id: str) -> contextvars.Token[str]:
+    """Stamp the log lines written from here on (in this task) with the request id."""
+    return _logged.set(request_id)
+
+
+def logged_request_id() -> str:
+    return _logged.get()
+
+
+def stop_logging_as(token: contextvars.Token[str]) -> None:
+    _logged.reset(token)
