@@ -56,19 +56,23 @@ _MARKS = re.compile(r"(^|\n)\s{0,3}(#{1,6}\s+|[-*+]\s+|>\s?|\d+[.)]\s+)|[*_`~]{1
 # Runs of spaces are matched from their first space and never given back: linear on any text.
 _SPACE_BEFORE_MARK = re.compile(r"(?<![ \t])[ \t]++([.,!?;:])")
 _SPACES = re.compile(r"[ \t]++")
+_WORD = re.compile(r"[^\W_]")
+_UNSAID = re.compile(r"[\s.!?…,;:。！？；，、]*+")  # nothing to say at the start of a segment
 _CLAUSE = re.compile(r"[,;:](?=\s)|[，、：]")
 FIRST_SEGMENT_MIN = 12  # characters before the first segment may end at a comma
 MAX_SEGMENT = 220  # a segment with no punctuation is cut at a space near this length
 
 
 def speakable(text: str) -> str:
-    """The text as it should be spoken: no code blocks, link targets, raw URLs or markdown marks."""
+    """The text as it should be spoken: no code blocks, link targets, raw URLs or markdown marks;
+    nothing at all when no word is left (a run of dots or commas says nothing)."""
     text = _FENCE.sub(" ", text)
     text = _LINK.sub(r"\1", text)
     text = _URL.sub("", text)
     text = _MARKS.sub(lambda m: m.group(1) or "", text)
     text = _SPACE_BEFORE_MARK.sub(r"\1", text)  # where a URL was cut out
-    return _SPACES.sub(" ", text).strip()
+    text = _SPACES.sub(" ", text).strip()
+    return text if _WORD.search(text) else ""
 
 
 def _length(text: str) -> int:
@@ -101,6 +105,7 @@ class Segmenter:
                 at, self.in_code = close + 3, False
                 fence = text.find("```", at)
                 continue
+            at = _UNSAID.match(text, at).end()  # type: ignore[union-attr]  # a run of them is one step
             near = 0 <= fence <= at + MAX_SEGMENT
             window = fence if near else at + MAX_SEGMENT
             cut = self._cut(text, at, window)
@@ -111,7 +116,7 @@ class Segmenter:
                 cut = space if space > at else window
             elif not cut:
                 break
-            segment = speakable(text[at:cut])
+            segment = speakable(text[at:cut]) if _WORD.search(text, at, cut) else ""
             at = cut + 3 if self.in_code else cut
             self.first = self.first and not segment
             yield segment
@@ -124,13 +129,13 @@ class Segmenter:
     def _cut(self, text: str, at: int, window: int) -> int:
         """Where the next segment ends within text[at:window], or 0 when it needs more text."""
         # One character past the window, so a stop at its edge can see the space after it.
-        ends = [end for end in [sentence_end(text, at, window + 1)] if end and end <= window]
-        if self.first:
-            for clause in _CLAUSE.finditer(text, at, window):
+        end = sentence_end(text, at, window + 1)
+        end = end if end <= window else 0
+        if self.first:  # the first segment may end at a clause, so the first audio leaves sooner
+            for clause in _CLAUSE.finditer(text, at, end or window):
                 if _length(text[at : clause.end()]) >= FIRST_SEGMENT_MIN:
-                    ends.append(clause.end())
-                    break
-        return min(ends, default=0)
+                    return clause.end()
+        return end
 
 
 async def segments(deltas: AsyncIterator[str]) -> AsyncIterator[str]:

@@ -3,6 +3,7 @@ both real uvicorn servers on loopback, and readers for SSE, answers, errors and 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import socket
@@ -28,15 +29,56 @@ UPSTREAM_KEY = "upstream-secret-key"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 
 
-class ServerThread:
-    """A uvicorn server on a free loopback port, in a thread of the test process."""
+# The watchdog: every callback the event loop of a server under test runs is timed, and one that
+# holds the loop for more than 100 ms fails the test that caused it. asyncio's debug mode reports the
+# same by wall-clock time; here the servers share the test process with its client threads, whose
+# GIL would be counted too, so the time is the loop thread's own CPU time.
+WATCHDOG_SECONDS = 0.1
+BLOCKED: list[str] = []
+_run_callback = asyncio.events.Handle._run
 
-    def __init__(self, app, **config) -> None:
+
+def _timed_callback(handle: asyncio.events.Handle) -> None:
+    if not getattr(handle._loop, "watched", False):
+        return _run_callback(handle)
+    started = time.thread_time()
+    try:
+        return _run_callback(handle)
+    finally:
+        spent = time.thread_time() - started
+        if spent > WATCHDOG_SECONDS:
+            BLOCKED.append(f"{str(handle)[:300]} held the loop for {spent * 1000:.0f} ms")
+
+
+asyncio.events.Handle._run = _timed_callback  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def loop_watchdog():
+    """Fails any test during which a server under test held its event loop for over 100 ms."""
+    BLOCKED.clear()
+    yield
+    assert not BLOCKED, f"the event loop was blocked: {BLOCKED}"
+
+
+class ServerThread:
+    """A uvicorn server on a free loopback port, in a thread of the test process. `watched`: its
+    loop is under the watchdog (the server under test; not the fakes around it)."""
+
+    def __init__(self, app, watched: bool = False, **config) -> None:
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.watched = watched
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, **config))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        async def serve() -> None:
+            asyncio.get_running_loop().watched = self.watched  # type: ignore[attr-defined]
+            await self.server.serve(sockets=[self.socket])
+
+        asyncio.run(serve())
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
@@ -99,7 +141,7 @@ def make_server(upstream_server):
 
     def make(tools=None, config=None, retriever=None, voice=None, **overrides) -> ServerThread:
         app = create_app(settings_for(upstream_server, **overrides), tools, retriever, voice)
-        server = ServerThread(app, **{"http": GuardedHttpTools, **(config or {})}).__enter__()
+        server = ServerThread(app, watched=True, **{"http": GuardedHttpTools, **(config or {})}).__enter__()
         started.append(server)
         return server
 
@@ -110,7 +152,7 @@ def make_server(upstream_server):
 
 @pytest.fixture(scope="session")
 def server(upstream_server):
-    with ServerThread(create_app(settings_for(upstream_server)), http=GuardedHttpTools) as server:
+    with ServerThread(create_app(settings_for(upstream_server)), watched=True, http=GuardedHttpTools) as server:
         yield server
 
 

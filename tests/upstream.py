@@ -43,6 +43,11 @@ class Script:
     embedding_status: int = 200
     embedding_delay: float = 0.0
     fail_times: int | None = None  # only the first N requests get `status` (or the first delay); then all is well
+    error_raw: bytes | None = None  # the whole body of an error answer, as bytes (escapes and all)
+    speech_error_bytes: int = 0  # the speech endpoint fails with an error body this large, streamed
+    # An obedient model: it follows an instruction to end the call wherever it reads one (a passage,
+    # a tool result), calling end_call when it is offered.
+    obey: bool = False
 
 
 def chunk_event(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -71,6 +76,7 @@ class ScriptedUpstream:
         self.speech_requests: list[dict[str, Any]] = []
         self.embedding_requests: list[list[str]] = []
         self.speech_disconnected = threading.Event()
+        self.speech_error_sent = 0
         self.probe_status = 200
 
     def turn(self) -> dict[str, Any] | None:
@@ -163,6 +169,7 @@ class ScriptedUpstream:
                 break
         request = json.loads(body)
         if scope["path"].endswith("/audio/speech"):
+            request["_headers"] = {k.decode(): v.decode() for k, v in scope["headers"]}
             return await self._speech(request, receive, send)
         if scope["path"].endswith("/embeddings"):
             return await self._embeddings(request, send)
@@ -178,9 +185,12 @@ class ScriptedUpstream:
         script = self.script
         if script.fail_times is not None and len(self.requests) > script.fail_times:
             script = Script(turns=script.turns, words=script.words)
+        if script.status != 200 and script.error_raw is not None:
+            await send({"type": "http.response.start", "status": script.status, "headers": []})
+            return await send({"type": "http.response.body", "body": script.error_raw})
         if script.status != 200:
             return await self._json(send, script.status, script.error or {"error": {"message": "scripted failure"}})
-        turn = self.turn()
+        turn = self.obeyed(request) if script.obey else self.turn()
         if not request.get("stream") and script.body is not None:
             await send(
                 {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
@@ -215,6 +225,19 @@ class ScriptedUpstream:
             await self._race_disconnect(receive, self._stream(send, script, self.turn_events(turn) if turn else None))
         finally:
             self.active -= 1
+
+    @staticmethod
+    def obeyed(request: dict[str, Any]) -> dict[str, Any]:
+        """What an obedient model does: end the call when anything but the user tells it to."""
+        messages = request["messages"]
+        planted = next(
+            (m["content"] for m in messages if m["role"] != "user" and "end the call" in str(m.get("content"))), None
+        )
+        offered = any(t["function"]["name"] == "end_call" for t in request.get("tools") or [])
+        if planted is None or not offered or (messages[-1]["role"] == "tool" and "end_call" in str(messages[-2])):
+            return {"say": ["Here is what I found."]}
+        arguments = json.dumps({"goodbye": "Goodbye!", "reason": str(planted)[:200]})
+        return {"calls": [("end_call", arguments)]}
 
     async def _stream(self, send, script: Script, events: list[bytes] | None) -> None:
         headers = [(b"content-type", b"text/event-stream"), *script.headers]
@@ -296,7 +319,15 @@ class ScriptedUpstream:
 
     async def _speech(self, request: dict[str, Any], receive, send) -> None:
         self.speech_requests.append(request)
-        script = self.script
+        number, script = len(self.speech_requests), self.script
+        if script.speech_error_bytes:
+            await send({"type": "http.response.start", "status": 500, "headers": [(b"content-type", b"text/plain")]})
+            key = dict(request.get("_headers", {})).get("authorization", "")
+            piece = (f"speech failed for {key} " * 3000)[:65536].encode()
+            while self.speech_error_sent < script.speech_error_bytes:
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+                self.speech_error_sent += len(piece)
+            return await send({"type": "http.response.body", "body": b""})
         if script.speech_status != 200:
             return await self._json(send, script.speech_status, {"error": {"message": "speech failed"}})
         pcm = self.speech_pcm(request["input"])
@@ -305,7 +336,7 @@ class ScriptedUpstream:
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"audio/pcm")]})
             piece = self.SPEECH_RATE // 10 * 2
             for offset in range(0, len(pcm), piece):
-                if script.speech_fail_after is not None and len(self.speech_requests) > script.speech_fail_after:
+                if script.speech_fail_after is not None and number > script.speech_fail_after:
                     raise RuntimeError("scripted speech failure")  # the connection breaks mid-answer
                 await send({"type": "http.response.body", "body": pcm[offset : offset + piece], "more_body": True})
                 if script.speech_delay:

@@ -1,0 +1,242 @@
+"""Every surface bounded: the attacks of issue 21, each against the real server on loopback.
+
+Each test asserts the guarantee, not the behaviour of the day: the event loop is never held for more
+than 100 ms (the watchdog in conftest.py fails any test in which it is), memory and metric series
+stay bounded, no key reaches any output, and the server keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import AUTH, UPSTREAM_KEY, error_of, post, sse_events, text_of
+
+ASK = {"stream": True, "messages": [{"role": "user", "content": "Say something."}]}
+
+
+def tts_server(make_server, upstream_server, **overrides):
+    settings = dict(audio_source="tts", tts_base_url=f"{upstream_server.url}/v1", audio_head_start_ms=60_000)
+    return make_server(**{**settings, **overrides})
+
+
+# --- text a model or a caller sends: read once, whatever it holds ----------------------------------
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/rag/chat/completions"])
+def test_a_model_printing_dots_never_holds_the_loop(server, upstream, path):
+    upstream.script.words = ["." * 65_536 + "x", " and then a sentence."]
+    events = sse_events(post(server, ASK, path))
+    assert events[-1] == b"[DONE]" and text_of(events).endswith("and then a sentence.")
+
+
+def test_a_model_printing_dots_is_spoken_without_holding_the_loop(make_server, upstream_server, upstream):
+    upstream.script.words = ["Fine. ", "." * 65_536 + "x", ", " * 20_000, "Done."]
+    server = tts_server(make_server, upstream_server)
+    events = sse_events(httpx.post(server.url + "/audio/chat/completions", json=ASK, headers=AUTH, timeout=30))
+    assert events[-1] == b"[DONE]"
+
+
+def test_a_broadcast_longer_than_the_limit_is_refused(server, upstream):
+    body = {"stream": True, "messages": [{"role": "assistant", "content": "." * 32_768}]}
+    response = post(server, body, "/audio/chat/completions")
+    assert response.status_code == 400 and error_of(response)["code"] == "broadcast_too_long"
+
+
+def test_a_huge_permitted_broadcast_is_read_once(make_server, upstream):
+    """3.8 MB of ordinary sentences with commas: the voice starts at once and the loop stays free."""
+    server = make_server(max_broadcast_chars=4_000_000)
+    text = "Well, this is one sentence, with commas, and more words. " * 66_000
+    body = {"stream": True, "messages": [{"role": "assistant", "content": text}]}
+    started = time.monotonic()
+    with httpx.stream("POST", server.url + "/audio/chat/completions", json=body, headers=AUTH, timeout=30) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if "transcript" in line)
+    assert "this is one sentence" in first and time.monotonic() - started < 10
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+# --- upstream streams: linear parsing, an idle timeout per event, keys scrubbed ----------------------
+
+
+def test_an_event_trickled_a_byte_at_a_time_times_out(make_server, upstream):
+    server = make_server(llm_idle_timeout=1.0)
+    first = b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
+    upstream.script.pieces = [first] + [b"x"] * 200
+    upstream.script.delay = 0.2  # a byte every 0.2 s: never silent, never an event
+    started = time.monotonic()
+    events = sse_events(post(server, ASK))
+    assert json.loads(events[-2])["error"]["code"] == "upstream_timeout" and events[-1] == b"[DONE]"
+    assert time.monotonic() - started < 6  # the idle timeout, not the 300 s stream cap
+
+
+def test_an_event_cut_into_pieces_that_start_with_cr_costs_linear_time(server, upstream):
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"' + b"y" * (1 << 20) + b'"}}]}'
+    upstream.script.pieces = [event[:512]] + [b"\r" + event[i : i + 511] for i in range(512, len(event), 511)]
+    upstream.script.pieces.append(b"\r\n\r\n")
+    upstream.script.delay = 0
+    started = time.monotonic()
+    events = sse_events(post(server, ASK))
+    assert events[-1] == b"[DONE]" and len(events[0]) > 1 << 20  # relayed as it came (not JSON: a CR in it)
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize(
+    "echo",
+    [
+        b'{"error": {"message": "Incorrect key sk-pro\\/j+key=", "code": "invalid_api_key"}}',  # PHP, Java
+        b'{"error": {"message": "Incorrect key sk-pro\\u002fj+key=", "code": "bad"}}',
+        b"proxy error: Authorization: Bearer sk-pro%2Fj%2Bkey%3D",
+    ],
+)
+def test_an_upstream_echoing_our_key_in_any_escape_never_shows_it(make_server, upstream, caplog, echo):
+    server = make_server(llm_api_key="sk-pro/j+key=")
+    upstream.script.status, upstream.script.error_raw = 400, echo
+    with caplog.at_level(logging.DEBUG, logger="custom_llm"):
+        response = post(server, {"messages": [{"role": "user", "content": "Hi"}]})
+    shown = response.text + caplog.text
+    assert response.status_code == 400
+    for form in ("sk-pro/j+key=", "sk-pro\\/j+key=", "sk-pro\\u002fj+key=", "sk-pro%2Fj%2Bkey%3D"):
+        assert form not in shown
+
+
+def test_our_key_in_a_relayed_event_is_scrubbed(server, upstream):
+    upstream.script.words = ["The header was Bearer ", UPSTREAM_KEY, "."]
+    assert UPSTREAM_KEY not in post(server, ASK).text
+
+
+def test_many_distinct_upstream_error_codes_make_no_new_series(make_server, upstream):
+    server = make_server()
+    upstream.script.status = 400
+    for n in range(40):
+        upstream.script.error = {"error": {"message": "no", "code": f"made-up-code-{n}"}}
+        post(server, {"messages": [{"role": "user", "content": "Hi"}]}).read()
+    series = [
+        line
+        for line in httpx.get(server.url + "/metrics", headers=AUTH).text.splitlines()
+        if line.startswith("custom_llm_upstream_errors_total{")
+    ]
+    assert not any("made-up-code" in line for line in series) and any('code="other"' in line for line in series)
+
+
+# --- the voice: a cap on syntheses, bounded answers, no key in the log -----------------------------
+
+
+class CountingVoice:
+    """A slow voice that records how many syntheses run at once."""
+
+    def __init__(self) -> None:
+        self.running = self.most = 0
+
+    async def synthesize(self, text: str):
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            for _ in range(5):
+                await asyncio.sleep(0.1)
+                yield b"\0\0" * 1600
+        finally:
+            self.running -= 1
+
+
+def test_speech_has_its_own_concurrency_cap(make_server, upstream):
+    voice = CountingVoice()
+    server = make_server(voice=voice, max_speech_streams=3, max_upstream_streams=1000)
+
+    async def speak_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=20, headers=AUTH) as client:
+            return await asyncio.gather(
+                *(client.post(server.url + "/audio/speech", json={"input": "x" * 4000}) for _ in range(20))
+            )
+
+    answers = asyncio.run(speak_all())
+    statuses = sorted(answer.status_code for answer in answers)
+    assert voice.most <= 3 and statuses.count(200) >= 3 and set(statuses) <= {200, 503}
+    refused = next(answer for answer in answers if answer.status_code == 503)
+    assert refused.headers["retry-after"] == "1" and error_of(refused)["code"] == "overloaded"
+
+
+def test_a_huge_speech_error_is_read_only_so_far_and_shows_no_key(make_server, upstream_server, upstream, caplog):
+    server = make_server(audio_source="tts", tts_base_url=f"{upstream_server.url}/v1")
+    upstream.script.speech_error_bytes = 50 << 20  # an endless error page that quotes our key
+    with caplog.at_level(logging.DEBUG, logger="custom_llm"):
+        response = httpx.post(server.url + "/audio/speech", json={"input": "Hello."}, headers=AUTH, timeout=20)
+    assert response.status_code == 502 and error_of(response)["code"] == "speech_failed"
+    assert upstream.speech_error_sent < 50 << 20  # the rest was never read
+    assert UPSTREAM_KEY not in caplog.text and UPSTREAM_KEY not in response.text
+
+
+def test_a_voice_that_never_ends_is_cut_off(make_server, upstream):
+    class Endless:
+        async def synthesize(self, text: str):
+            while True:
+                yield b"\0" * 32_000  # a second of audio, as fast as it can be read
+
+    server = make_server(voice=Endless(), tts_max_seconds=2)
+    with httpx.stream("POST", server.url + "/audio/speech", json={"input": "Hi"}, headers=AUTH, timeout=20) as response:
+        received = sum(len(piece) for piece in response.iter_bytes())
+    assert received <= 2 * 32_000 + 32_000
+
+
+# --- connections: no key, no time -----------------------------------------------------------------
+
+
+def raw(server) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    connection = socket.create_connection((host, int(port)), timeout=5)
+    return connection
+
+
+def read_all(connection: socket.socket) -> bytes:
+    received = b""
+    while piece := connection.recv(65536):
+        received += piece
+    return received
+
+
+def test_a_slow_body_without_a_key_is_answered_and_closed_at_once(server):
+    connections = []
+    started = time.monotonic()
+    for _ in range(20):
+        connection = raw(server)
+        connection.sendall(b"POST /chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{")
+        connections.append(connection)
+    for connection in connections:
+        answer = read_all(connection)  # returns only once the server has closed the connection
+        assert answer.startswith(b"HTTP/1.1 401") and b"connection: close" in answer
+        connection.close()
+    assert time.monotonic() - started < 5
+
+
+def test_a_slow_body_with_a_key_meets_the_body_deadline(make_server):
+    server = make_server(body_timeout_seconds=0.5)
+    connection = raw(server)
+    connection.sendall(
+        b"POST /chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer test-key\r\n"
+        b"content-type: application/json\r\ncontent-length: 1000\r\n\r\n{"
+    )
+    started = time.monotonic()
+    try:
+        for _ in range(20):
+            connection.sendall(b" ")
+            time.sleep(0.2)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    assert read_all(connection).startswith(b"HTTP/1.1 408") and time.monotonic() - started < 3
+    connection.close()
+
+
+# --- log lines ------------------------------------------------------------------------------------
+
+
+def test_a_tool_name_cannot_forge_a_log_line(server, upstream, caplog):
+    upstream.script.turns = [{"calls": [("calc\n2026-01-01 INFO custom_llm forged line", "{}")]}, {"say": ["ok"]}]
+    with caplog.at_level(logging.INFO, logger="custom_llm"):
+        post(server, {"messages": [{"role": "user", "content": "Hi"}]}).read()
+    assert "forged line" in caplog.text
+    assert all("\n" not in record.getMessage() for record in caplog.records)
