@@ -783,13 +783,16 @@ def main(argv: list[str]) -> int:
         command.add_argument("--index-file", help="the SQLite index (default: KNOWLEDGE_INDEX, or .index/)")
     check = commands.add_parser("check", help="check any custom LLM URL against what Agora's engine sends and expects")
     check.add_argument("url", help="e.g. http://localhost:8000/rag/chat/completions")
-    check.add_argument("--key", default="", help="the Bearer key the endpoint expects")
+    check.add_argument("--key", default="", help="the Bearer key the endpoint expects (none: an open endpoint)")
     check.add_argument("--model", default="gpt-4o-mini", help="the model name sent (default: gpt-4o-mini)")
+    check.add_argument("--timeout", type=float, default=20.0, help="seconds each check may take (default: 20)")
+    check.add_argument("--run-timeout", type=float, default=180.0, help="seconds all checks may take (default: 180)")
     args = parser.parse_args(argv)
     if args.command == "check":  # needs no settings: the endpoint may be anyone's
         import checker  # only here: the server itself never needs an HTTP client of this kind
 
-        return checker.run(args.url, args.key, args.model)
+        bounds = checker.Bounds(check_seconds=args.timeout, run_seconds=args.run_timeout)
+        return checker.run(args.url, args.key.strip(), args.model, bounds=bounds)
     try:
         settings = Settings.from_env()
     except ValueError as error:

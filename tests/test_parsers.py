@@ -57,7 +57,11 @@ READERS = {
     "redact.Redactor": redact.Redactor("sk-secret/key"),
     "redact.printable": redact.printable,
     "checker.words": lambda value: checker.words('{"choices":[{"delta":{"content":"' + value + '"}}]}'),
+    "checker.sse_data": lambda value: list(
+        checker.sse_data(iter([value.encode()[i : i + 4096] for i in range(0, 4 * MEGABYTE, 4096)]), LOOSE, FAR)
+    ),
 }
+LOOSE, FAR = checker.Bounds(max_line_bytes=8 * MEGABYTE, max_body_bytes=8 * MEGABYTE), time.monotonic() + 3600
 BUDGET_SECONDS = 4.0  # per megabyte, on a slow machine; a quadratic scan takes minutes
 
 
@@ -107,6 +111,15 @@ def test_sse_events_survive_any_cut(events, points, crlf):
     stream = b"".join(b"data: " + event + newline + newline for event in events)
     stream += b": keep-alive" + newline + newline + b"data: [DONE]" + newline + newline
     assert payloads_of(cut(stream, points)) == events  # "data: " loses its one space, as the spec says
+
+
+@given(events=st.lists(PAYLOAD, min_size=1, max_size=8), points=st.lists(st.integers(0, 10_000)), crlf=st.booleans())
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+def test_the_checker_reads_sse_the_same_under_any_cut(events, points, crlf):
+    newline = b"\r\n" if crlf else b"\n"
+    stream = b"".join(b"data: " + event + newline + newline for event in events) + b"data: [DONE]" + newline + newline
+    read = list(checker.sse_data(iter(cut(stream, points)), checker.Bounds(), time.monotonic() + 60))
+    assert read == [event.decode("utf-8", "replace") for event in events] + ["[DONE]"]
 
 
 def test_sse_cr_floods_and_splits_cost_linear_time():
