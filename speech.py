@@ -386,7 +386,9 @@ async def speak(texts: AsyncIterator[str], engine: Engine, head_start_ms: int | 
             if isinstance(frame, Exception):
                 if not spoken:
                     raise SpeechError(str(frame)) from frame
-                log.warning("speech failed after audio began (%s); the rest goes out as subtitles", frame)
+                log.warning(
+                    "speech failed after audio began (%s); the rest goes out as subtitles", printable(frame, 200)
+                )
                 broken = True
             if broken:  # a subtitle: the transcript, and no audio for it
                 task.cancel()
@@ -394,7 +396,9 @@ async def speak(texts: AsyncIterator[str], engine: Engine, head_start_ms: int | 
             yield Said(transcript=text)
             while frame is not None:
                 if isinstance(frame, Exception):
-                    log.warning("speech failed mid-sentence (%s); the rest goes out as subtitles", frame)
+                    log.warning(
+                        "speech failed mid-sentence (%s); the rest goes out as subtitles", printable(frame, 200)
+                    )
                     broken = True
                     break
                 await pacer.wait()
@@ -440,7 +444,7 @@ async def pcm_at(engine: Engine, text: str, rate: int) -> AsyncIterator[bytes]:
             if out := resample(piece):
                 yield out
     except SpeechError as error:
-        log.warning("speech failed: %s", error)
+        log.warning("speech failed: %s", printable(error, 200))
         raise upstream_error(502, "The speech service failed.", "speech_failed") from None
     if out := resample(b"", last=True):
         yield out
@@ -518,7 +522,7 @@ async def spoken_answer(
                 else:
                     yield Audio(pcm=step.audio)
         except SpeechError as error:
-            log.warning("speech failed before any audio: %s", error)
+            log.warning("speech failed before any audio: %s", printable(error, 200))
             raise upstream_error(502, "The speech service failed.", "speech_failed") from None
     for call in held:
         yield call

@@ -105,7 +105,10 @@ class Upstream:
             raise upstream_error(504, "The upstream LLM stopped sending.", "upstream_timeout", retryable=True) from None
         except aiohttp.ClientError as error:
             log.warning(
-                "upstream %s connection failed: %s: %s", self.name, type(error).__name__, self.scrub(str(error))
+                "upstream %s connection failed: %s: %s",
+                self.name,
+                type(error).__name__,
+                printable(self.scrub(str(error)), 200),
             )
             raise upstream_error(
                 502, "The upstream LLM could not be reached.", "upstream_unreachable", retryable=True
