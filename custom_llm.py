@@ -41,10 +41,10 @@ import speech
 from agora import AGENT_ID, ENGINE_FIELDS, AgoraREST, Hangups, end_call_tool, for_upstream
 from answer import ToolLoop, answer, complete
 from context import Context
+from embeddings import BUILTIN, BuiltinModel, Embedder, HostedModel
 from errors import ApiError, bad_request
 from events import Event, Note, Text
 from knowledge import (
-    Embeddings,
     Knowledge,
     KnowledgeBase,
     Retriever,
@@ -152,9 +152,11 @@ class Settings:
     # Share (0 to 1) of a question's information a passage must hold to be injected; knowledge.py.
     rag_min_coverage: float = setting("RAG_MIN_COVERAGE", 0.5, float)
     rag_deadline_ms: int = setting("RAG_DEADLINE_MS", 300, int)
-    embedding_model: str = setting("EMBEDDING_MODEL", "")  # set: hybrid search (BM25 + embeddings)
-    embedding_base_url: str = setting("EMBEDDING_BASE_URL", "")  # empty: LLM_BASE_URL
+    embedding_model: str = setting("EMBEDDING_MODEL", BUILTIN)  # "none": search by words alone
+    embedding_base_url: str = setting("EMBEDDING_BASE_URL", "")  # empty: the built-in model, or LLM_BASE_URL
     embedding_api_key: str = setting("EMBEDDING_API_KEY", "")  # empty: LLM_API_KEY
+    embedding_threads: int = setting("EMBEDDING_THREADS", 1, int)
+    rag_min_similarity: float | None = setting("RAG_MIN_SIMILARITY", None, float)  # None: the model's own
     waiting_messages_en: tuple[str, ...] = setting("WAITING_MESSAGES_EN", WAITING_PHRASES["en"], _phrases)
     waiting_messages_zh: tuple[str, ...] = setting("WAITING_MESSAGES_ZH", WAITING_PHRASES["zh"], _phrases)
     audio_text_file: Path = setting("AUDIO_TEXT_FILE", HERE / "file.txt", Path)
@@ -202,6 +204,8 @@ class Settings:
             raise ValueError("AGORA_APP_ID is not an Agora App ID (letters and digits)")
         if self.rag_min_coverage > 1:
             raise ValueError(f"RAG_MIN_COVERAGE is a share from 0 to 1, not {self.rag_min_coverage}")
+        if self.rag_min_similarity is not None and not -1 <= self.rag_min_similarity <= 1:
+            raise ValueError(f"RAG_MIN_SIMILARITY is a cosine similarity from -1 to 1, not {self.rag_min_similarity}")
         if os.environ.get("RAG_MIN_SCORE"):  # a raw BM25 floor meant something else at every corpus size
             log.warning("RAG_MIN_SCORE is no longer read; RAG_MIN_COVERAGE (0 to 1) decides what /rag injects")
 
@@ -256,22 +260,27 @@ class Settings:
         return registry
 
     def knowledge(self) -> Knowledge:
-        embeddings = None
-        if self.embedding_model:
-            embeddings = Embeddings(
-                self.embedding_base_url or self.llm_base_url,
-                self.embedding_api_key or self.llm_api_key,
-                self.embedding_model,
-            )
-        return Knowledge(
-            KnowledgeBase(
-                self.knowledge_dir,
-                self.knowledge_index or None,
-                self.rag_min_coverage,
-                self.knowledge_max_file_bytes,
-                self.knowledge_pdf_seconds,
-            ),
-            embeddings,
+        base = KnowledgeBase(
+            self.knowledge_dir,
+            self.knowledge_index or None,
+            self.rag_min_coverage,
+            self.knowledge_max_file_bytes,
+            self.knowledge_pdf_seconds,
+        )
+        return Knowledge(base, self.embedder())
+
+    def embedder(self) -> Embedder | None:
+        """The embedding model: none, the built-in one, or a hosted one (EMBEDDING_MODEL, EMBEDDING_BASE_URL)."""
+        if self.embedding_model.lower() == "none":
+            return None
+        if self.embedding_model == BUILTIN and not self.embedding_base_url:
+            return BuiltinModel(self.embedding_threads, self.rag_min_similarity)
+        return HostedModel(
+            self.embedding_base_url or self.llm_base_url,
+            self.embedding_api_key or self.llm_api_key,
+            self.embedding_model,
+            Slots(self.max_upstream_streams, "MAX_UPSTREAM_STREAMS"),
+            self.rag_min_similarity,
         )
 
     def voice(self, llm: LLM, voice: speech.Engine | None) -> speech.Engine | None:

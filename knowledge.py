@@ -33,18 +33,19 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiohttp
 import numpy as np
 import orjson
 
 import metrics
 from context import Context
 from documents import SUFFIXES, chunk_markdown, read_document
+from embeddings import Embedder, EmbeddingError
 from ranking import Postings
+from redact import printable
 from terms import (
     Word,
     asks_something,
@@ -62,7 +63,7 @@ from wording import GROUNDING_PROMPT
 
 log = logging.getLogger("custom_llm.knowledge")
 
-SCHEMA_VERSION = 4  # bumped when the stored terms change: an index made by another version is rebuilt
+SCHEMA_VERSION = 5  # bumped when what the index stores changes: an index made by another version is rebuilt
 HEARD_CREDIT = 0.8  # a word matched only as what it may have been misheard for counts this much
 HEARD_MAX = 3  # known words one unknown word may stand for
 PREFIX_MIN = 4  # an unknown word this long may be the start of a known one, cut off
@@ -82,12 +83,18 @@ CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY, source TEXT, heading TEXT, text TEXT, hash TEXT, terms TEXT, heading_terms TEXT);
 CREATE INDEX IF NOT EXISTS chunks_by_source ON chunks (source);
 CREATE TABLE IF NOT EXISTS embeddings (hash TEXT PRIMARY KEY, vector BLOB);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 PRAGMA user_version = {SCHEMA_VERSION};
 """
 SAME_TEXT_SLACK = 4  # passages read per one returned, so that copies of the same text can be left out
-RRF_K = 60  # reciprocal rank fusion's usual constant
-MIN_SIMILARITY = 0.3  # a passage found only by meaning must be at least this close (cosine)
-EMBED_BATCH = 64
+EMBED_BATCH = 8  # passages embedded at a time: a batch is written before the next one starts
+# The ranking when vectors are there: how far a passage's similarity stands above the knowledge base's
+# (in standard deviations), plus BM25 relative to the question's best, weighted so: meaning leads,
+# and exact words (identifiers, numbers, names) lift a passage among those close in meaning.
+BM25_WEIGHT = 0.5
+# A passage whose similarity is this much below the threshold still answers when the lexical decision
+# says it holds enough of the question's words: the words support meaning; they never veto it.
+SUPPORT_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -97,7 +104,8 @@ class Passage:
     heading: str  # "Title › Section", where the passage sits in its document
     score: float  # BM25 (or the fused score in hybrid search), higher is better
     rowid: int = 0
-    coverage: float = 1.0  # the share of the question's information it holds (0 to 1; 0 when found by meaning alone)
+    coverage: float = 1.0  # the share of the question's information it holds (0 to 1)
+    similarity: float | None = None  # cosine similarity to the question, when searched by meaning
 
     def citation(self) -> str:
         return f"{self.source} › {self.heading}" if self.heading else self.source
@@ -108,6 +116,7 @@ class Passage:
             "heading": self.heading,
             "score": round(self.score, 4),
             "coverage": round(self.coverage, 3),
+            "similarity": None if self.similarity is None else round(self.similarity, 4),
             "text": self.text,
         }
 
@@ -213,6 +222,7 @@ class KnowledgeBase:
         self.max_file_bytes, self.pdf_seconds = max_file_bytes, pdf_seconds
         self.index_path = str(index_path or default_index(self.folder))
         self.min_coverage = min_coverage
+        self.min_similarity: float | None = None  # set with use_model()
         self._lock = threading.Lock()
         self._db = self._open()
         self.loaded = False
@@ -222,10 +232,9 @@ class KnowledgeBase:
         self._reloading = threading.Event()
         self._sorted: list[str] = []  # the index's terms in order, for cut-off words
         self._sounds: dict[str, list[str]] = {}  # how a term sounds -> the index's terms that sound so
-        self._vectors: tuple[np.ndarray, np.ndarray] | None = (
-            None  # (rowids, unit vectors as a matrix) of the embedded chunks, for hybrid search
-        )
-        self._rows: dict[int, tuple[str, str, str]] = {}  # rowid -> (text, source, heading) of embedded chunks
+        self.embedded: str | None = None  # the model whose vectors search uses, once they are loaded
+        self._vectors: np.ndarray | None = None  # unit vectors, a row per chunk as the postings hold them
+        self._vectorless: np.ndarray | None = None  # the chunks with no vector yet (True)
 
     def _open(self) -> sqlite3.Connection:
         if self.index_path != ":memory:":
@@ -253,7 +262,7 @@ class KnowledgeBase:
         with self._lock:
             return self._db.execute("SELECT count(*) FROM chunks").fetchone()[0]
 
-    def index(self, progress: Callable[[str, int], None] | None = None, ready_after: bool = True) -> IndexReport:
+    def index(self, progress: Callable[[str, int], None] | None = None) -> IndexReport:
         """Bring the index in step with the folder; only changed, added or removed files are touched.
 
         A file that cannot be read (unreadable, empty, binary, huge, renamed or deleted meanwhile,
@@ -284,7 +293,7 @@ class KnowledgeBase:
         report.seconds = time.perf_counter() - started
         if report.indexed or report.removed or self._postings is None:
             self._load_postings()
-        self.loaded = self.loaded or ready_after
+        self.loaded = True
         log.info(
             "knowledge: %d files, %d (re)indexed with %d chunks, %d removed, %d skipped, %.2f s",
             *(report.files, report.indexed, report.chunks, report.removed, len(report.skipped), report.seconds),
@@ -351,42 +360,54 @@ class KnowledgeBase:
             self._db.commit()
         return len(sources)
 
-    def search(self, question: str, limit: int = 3, vector: list[float] | None = None) -> list[Passage]:
-        """The passages that best match the question, best first, above the relevance floor.
+    def search(self, question: str, limit: int = 3, vector: np.ndarray | None = None) -> list[Passage]:
+        """The passages that answer the question, best first; none when nothing does.
 
-        With the question's embedding, BM25's ranking and the embeddings' ranking are fused by
-        reciprocal rank fusion; without it, BM25 alone."""
+        Without a question vector (lexical mode, or while the vectors are being made), the lexical
+        decision picks and BM25 ranks. With one, meaning leads: a passage answers when its cosine
+        similarity reaches the model's threshold, or comes close to it (SUPPORT_MARGIN) and holds enough
+        of the question's words; they are ranked by similarity and BM25 together (BM25_WEIGHT)."""
         said = tokens(question)
         words = question_words(said)
         if limit <= 0 or not words:  # "hello", "thanks", 你好: nothing to look up, by words or by meaning
             return []
-        keyword = self._keyword(said, words, limit * 4 if vector else limit)
-        if vector is None or self._vectors is None:
-            return keyword[:limit]
-        by_meaning = self._nearest(vector, limit * 4)
-        fused: dict[str, float] = {}  # by text: a copy of a passage (another file, the same words) is that passage
-        for ranking in (keyword, by_meaning):
-            for rank, text in enumerate(dict.fromkeys(p.text for p in ranking)):
-                fused[text] = fused.get(text, 0.0) + 1 / (RRF_K + rank + 1)
-        # each text's best-ranked copy (reversed: the first written last), as keyword search found it if it did
-        passages = {p.text: replace(p, coverage=0.0) for p in reversed(by_meaning)} | {
-            p.text: p for p in reversed(keyword)
-        }
-        best = sorted(fused, key=lambda text: fused[text], reverse=True)[:limit]
-        return [replace(passages[text], score=fused[text]) for text in best]
-
-    def _keyword(self, said: list[tuple[str, bool]], words: list[Word], limit: int) -> list[Passage]:
-        """The passages that hold enough of what the question asks, best BM25 score first."""
         postings = self._current_postings()
         heard, joined = self._heard(said, words, postings)
         share, amount = coverage(words, heard, joined, postings)
-        enough = np.flatnonzero((share >= self.min_coverage) & (amount >= MIN_EVIDENCE))
-        if not enough.size:
-            return []
+        lexical = (share >= self.min_coverage) & (amount >= MIN_EVIDENCE)
         terms = [w.term for w in words] + [t for found in heard.values() for t in found] + list(joined.values())
         scores = postings.scores(terms)
+        similarity = self._similarity(vector, postings.size)
+        if similarity is None:
+            answers, rank = lexical, scores
+        else:
+            answers = self._answers(similarity, lexical)
+            rank = _standardized(similarity) + BM25_WEIGHT * scores / max(float(scores.max()), 1e-9)
+        found = np.flatnonzero(answers)
         # A few more than asked: the same text installed twice (a manual page and its alias) is shown once
-        best = enough[np.argsort(-scores[enough], kind="stable")[: limit * SAME_TEXT_SLACK]]
+        best = found[np.argsort(-rank[found], kind="stable")[: limit * SAME_TEXT_SLACK]]
+        return self._passages(postings, best, scores, share, similarity)[:limit]
+
+    def _similarity(self, vector: np.ndarray | None, size: int) -> np.ndarray | None:
+        """Every chunk's cosine similarity to the question, when there are vectors for them."""
+        vectors = self._vectors
+        if vector is None or vectors is None or len(vectors) != size:
+            return None
+        return vectors @ np.asarray(vector, dtype=np.float32)
+
+    def _answers(self, similarity: np.ndarray, lexical: np.ndarray) -> np.ndarray:
+        """Which chunks answer, by meaning with the words' support (see search)."""
+        threshold = self.min_similarity
+        if threshold is None:  # a hosted model nobody calibrated: its vectors only rank
+            return lexical
+        assert self._vectorless is not None
+        close = similarity >= threshold - SUPPORT_MARGIN
+        return (similarity >= threshold) | (close & lexical) | (self._vectorless & lexical)
+
+    def _passages(
+        self, postings: Postings, best: np.ndarray, scores: np.ndarray, share: np.ndarray, similarity: np.ndarray | None
+    ) -> list[Passage]:
+        """The chunks at these positions as passages, each text once (the first, best, copy)."""
         rowids = [int(postings.rowids[at]) for at in best]
         with self._lock:
             rows: dict[int, tuple[str, str, str]] = {
@@ -398,8 +419,9 @@ class KnowledgeBase:
         passages: dict[str, Passage] = {}  # by text, the best first
         for rowid, at in zip(rowids, best):
             if rowid in rows and rows[rowid][0] not in passages:  # not re-indexed since the postings were loaded
-                passages[rows[rowid][0]] = Passage(*rows[rowid], float(scores[at]), rowid, float(share[at]))
-        return list(passages.values())[:limit]
+                close = None if similarity is None else float(similarity[at])
+                passages[rows[rowid][0]] = Passage(*rows[rowid], float(scores[at]), rowid, float(share[at]), close)
+        return list(passages.values())
 
     # --- speech-recognition noise ------------------------------------------------------------------
 
@@ -470,84 +492,69 @@ class KnowledgeBase:
         for term in sorted(postings.ids, key=postings.count, reverse=True):
             if len(term) >= 2 and not term.isdigit():
                 sounds.setdefault(sound(said_as(term)), []).append(term)
+        if self.embedded:  # the vectors follow the chunks
+            self.load_vectors(postings)
         self._postings, self._sounds, self._sorted = postings, sounds, sorted(postings.ids)
         return postings
 
-    # --- embeddings (hybrid search, when EMBEDDING_MODEL is set) ---------------------------------
+    # --- vectors (semantic search) --------------------------------------------------------------
 
-    async def embed(self, embeddings: "Embeddings") -> int:
-        """Embed the chunks whose text has no embedding yet (cached by content hash, so unchanged
-        chunks are never embedded twice), then load every vector for search. Returns how many were new."""
+    def use_model(self, identity: str, min_similarity: float | None) -> None:
+        """Search by this model's vectors from now on; the vectors of another model are deleted."""
+        self.min_similarity = min_similarity
         with self._lock:
-            missing = [
-                row
-                for row in self._db.execute(
-                    "SELECT DISTINCT c.hash, c.heading, c.text FROM chunks c LEFT JOIN embeddings e ON e.hash = c.hash"
-                    " WHERE e.hash IS NULL"
-                )
-            ]
-        for start in range(0, len(missing), EMBED_BATCH):
-            batch = missing[start : start + EMBED_BATCH]
-            vectors = await embeddings.embed([f"{heading}\n{text}" for _, heading, text in batch])
-            with self._lock:
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO embeddings VALUES (?, ?)",
-                    [(h, np.asarray(v, dtype=np.float32).tobytes()) for (h, _, _), v in zip(batch, vectors)],
-                )
+            known = self._db.execute("SELECT value FROM meta WHERE key = 'embedding_model'").fetchone()
+            if known is None or known[0] != identity:
+                self._db.execute("DELETE FROM embeddings")
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('embedding_model', ?)", (identity,))
                 self._db.commit()
-        self._load_vectors()
-        return len(missing)
+        self.embedded = identity
 
-    def _load_vectors(self) -> None:
+    @property
+    def searchable_by_meaning(self) -> bool:
+        return self._vectors is not None
+
+    def unembedded(self) -> list[tuple[str, str]]:
+        """(hash, heading and text) of each text that has no vector yet (a text in two files is embedded once)."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT DISTINCT c.hash, c.heading || char(10) || c.text FROM chunks c"
+                " LEFT JOIN embeddings e ON e.hash = c.hash WHERE e.hash IS NULL"
+            ).fetchall()
+
+    def store_vectors(self, hashes: list[str], vectors: np.ndarray) -> None:
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO embeddings VALUES (?, ?)",
+                [(h, np.asarray(v, dtype=np.float32).tobytes()) for h, v in zip(hashes, vectors)],
+            )
+            self._db.commit()
+
+    def load_vectors(self, postings: Postings | None = None) -> int:
+        """The stored vectors in memory, a row per chunk in the postings' order; how many chunks have one."""
+        postings = postings or self._current_postings()
         with self._lock:
             rows = self._db.execute(
-                "SELECT c.rowid, c.text, c.source, c.heading, e.vector FROM chunks c"
-                " JOIN embeddings e ON e.hash = c.hash"
+                "SELECT c.id, e.vector FROM chunks c JOIN embeddings e ON e.hash = c.hash ORDER BY c.id"
             ).fetchall()
         if not rows:
-            self._vectors = None
-            return
-        matrix = np.stack([np.frombuffer(vector, dtype=np.float32) for *_, vector in rows])
-        matrix /= np.linalg.norm(matrix, axis=1, keepdims=True) + 1e-12
-        self._vectors = (np.array([row[0] for row in rows]), matrix)
-        self._rows = {row[0]: row[1:4] for row in rows}
-
-    def _nearest(self, vector: list[float], limit: int) -> list[Passage]:
-        assert self._vectors is not None
-        rowids, matrix = self._vectors
-        query = np.asarray(vector, dtype=np.float32)
-        similarity = matrix @ (query / (np.linalg.norm(query) + 1e-12))
-        best = np.argsort(-similarity)[:limit]
-        return [
-            Passage(*self._rows[int(rowids[i])], float(similarity[i]), int(rowids[i]))
-            for i in best
-            if similarity[i] >= MIN_SIMILARITY
-        ]
+            self._vectors = self._vectorless = None
+            return 0
+        found = np.stack([np.frombuffer(vector, dtype=np.float32) for _, vector in rows])
+        at = np.searchsorted(postings.rowids, [rowid for rowid, _ in rows])
+        inside = (at < postings.size) & (postings.rowids[np.minimum(at, postings.size - 1)] == [r for r, _ in rows])
+        vectors = np.zeros((postings.size, found.shape[1]), dtype=np.float32)
+        vectors[at[inside]] = found[inside]
+        vectorless = np.ones(postings.size, dtype=bool)
+        vectorless[at[inside]] = False
+        self._vectors, self._vectorless = vectors, vectorless
+        return int(inside.sum())
 
 
-class Embeddings:
-    """An OpenAI-compatible /embeddings endpoint, with a connection pool of its own."""
-
-    def __init__(self, base_url: str, api_key: str, model: str):
-        self.url = base_url.rstrip("/") + "/embeddings"
-        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self.model = model
-        self.session: aiohttp.ClientSession | None = None
-
-    async def embed(self, texts: list[str]) -> list[list[float]]:
-        if self.session is None:  # made on first use, inside the event loop that uses it
-            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
-        async with self.session.post(
-            self.url, headers=self.headers, json={"model": self.model, "input": texts}
-        ) as response:
-            if response.status >= 400:
-                raise RuntimeError(f"embeddings endpoint answered {response.status}")
-            data = (await response.json())["data"]
-        return [item["embedding"] for item in sorted(data, key=lambda item: item.get("index", 0))]
-
-    async def aclose(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+def _standardized(values: np.ndarray) -> np.ndarray:
+    """How far each value stands above the others, in standard deviations."""
+    spread = float(values.std())
+    return (values - float(values.mean())) / (spread if spread > 1e-9 else 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,42 +584,64 @@ class Retriever(Protocol):
 
 
 class Knowledge:
-    """The default retriever: the SQLite index of a folder, and embeddings when configured."""
+    """The default retriever: the SQLite index of a folder, searched by words and, once the vectors are
+    made (in the background, after the words are indexed), by meaning too."""
 
-    def __init__(self, base: KnowledgeBase, embeddings: Embeddings | None = None):
-        self.base, self.embeddings = base, embeddings
+    def __init__(self, base: KnowledgeBase, embedder: Embedder | None = None):
+        self.base, self.embedder = base, embedder
+        self.embedding: asyncio.Task[int] | None = None  # the vectors being made
+        self.started = False
 
     @property
     def ready(self) -> bool:
-        return self.base.loaded
+        return self.started
 
     async def start(self) -> None:
-        """Index the folder (only what changed), then embed the new chunks for hybrid search."""
-        await asyncio.to_thread(self.base.index, ready_after=self.embeddings is None)
-        if self.embeddings is not None:
-            try:
-                log.info("knowledge: %d chunks embedded", await self.base.embed(self.embeddings))
-            except Exception as error:
-                log.warning(
-                    "embedding the knowledge base failed (%s: %s); searching with BM25 alone",
-                    type(error).__name__,
-                    error,
-                )
-            self.base.loaded = True
+        """Index the folder (only what changed): searchable by words from then on. Then make the vectors
+        of new texts in the background; search uses meaning once they are all there."""
+        await asyncio.to_thread(self.base.index)
+        if self.embedder is not None and self.base.chunks:
+            self.base.use_model(self.embedder.identity, self.embedder.min_similarity)
+            self.embedding = asyncio.ensure_future(self.embed())
+        self.started = True
+
+    async def embed(self) -> int:
+        """Embed every text that has no vector, a batch at a time; then search by meaning. How many were new."""
+        assert self.embedder is not None
+        started, missing = time.perf_counter(), await asyncio.to_thread(self.base.unembedded)
+        if missing:
+            log.info("knowledge: embedding %d passages in the background; until then, search by words", len(missing))
+        try:
+            for at in range(0, len(missing), EMBED_BATCH):
+                batch = missing[at : at + EMBED_BATCH]
+                vectors = await self.embedder.passages([text for _, text in batch])
+                await asyncio.to_thread(self.base.store_vectors, [hash for hash, _ in batch], vectors)
+        except EmbeddingError as error:
+            log.warning("embedding the knowledge base failed (%s); searching by words", printable(error, 200))
+            return 0
+        loaded = await asyncio.to_thread(self.base.load_vectors)
+        log.info(
+            "knowledge: %d passages searchable by meaning (%d embedded now in %.1f s)",
+            *(loaded, len(missing), time.perf_counter() - started),
+        )
+        return len(missing)
 
     async def search(self, question: str, limit: int) -> list[Passage]:
         vector = None
-        if self.embeddings is not None and asks_something(question):
+        if self.embedder is not None and self.base.searchable_by_meaning and asks_something(question):
             try:
-                vector = (await self.embeddings.embed([question]))[0]
-            except Exception as error:  # the embeddings upstream failing costs this query its hybrid half only
-                log.warning("query embedding failed (%s: %s); searching with BM25 alone", type(error).__name__, error)
+                vector = await self.embedder.query(question)
+            except EmbeddingError as error:  # the embedding model failing costs this question its meaning only
+                log.warning("question embedding failed (%s); searching by words", printable(error, 200))
         return await asyncio.to_thread(self.base.search, question, limit, vector)
 
     async def aclose(self) -> None:
         self.base.stop()
-        if self.embeddings is not None:
-            await self.embeddings.aclose()
+        if self.embedding is not None:
+            self.embedding.cancel()
+            await asyncio.gather(self.embedding, return_exceptions=True)
+        if self.embedder is not None:
+            await self.embedder.aclose()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -702,16 +731,20 @@ async def index_command(knowledge: Knowledge) -> int:
     )
     for skipped in report.skipped:
         print(f"  skipped {skipped}")
-    if knowledge.embeddings is not None:
-        print(f"{await base.embed(knowledge.embeddings)} chunks embedded")
+    if knowledge.embedder is not None and base.chunks:
+        base.use_model(knowledge.embedder.identity, knowledge.embedder.min_similarity)
+        print(f"{await knowledge.embed()} passages embedded ({knowledge.embedder.identity})")
     await knowledge.aclose()
     return 0
 
 
 async def search_command(knowledge: Knowledge, question: str, limit: int) -> int:
-    """Print what a question retrieves, with scores and citations."""
+    """Print what a question retrieves, with scores and citations (by meaning too, once the vectors are made)."""
     await knowledge.start()
+    if knowledge.embedding is not None:
+        await knowledge.embedding
     for passage in await knowledge.search(question, limit):
-        print(f"{passage.score:7.3f}  {passage.citation()}\n         {passage.text[:200]!r}")
+        close = "" if passage.similarity is None else f"  similarity {passage.similarity:.3f}"
+        print(f"{passage.score:7.3f}  {passage.citation()}{close}\n         {passage.text[:200]!r}")
     await knowledge.aclose()
     return 0

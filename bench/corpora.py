@@ -4,8 +4,9 @@ None of us wrote them, and none is Python's documentation or a Debian manual (th
 independent check). English: the HTML manuals of Requests (Sphinx, with sidebars and navigation)
 and GNU diffutils (texinfo, with navigation bars). Chinese: the simplified-Chinese manual pages of
 manpages-zh, rendered by groff as a terminal shows them and saved as Markdown (the sections of a
-manual page become its headings). A second English corpus, git's manual (git-doc), checks small
-talk beyond the bench. Cached in bench/.cache; `apt-get download` needs no root.
+manual page become its headings). A help centre: LibreOffice's how-to pages in English and
+Chinese, what a user asks in everyday words. A second English corpus, git's manual (git-doc),
+checks small talk beyond the bench. Cached in bench/.cache; `apt-get download` needs no root.
 """
 
 import gzip
@@ -15,11 +16,20 @@ import subprocess
 from pathlib import Path
 
 CACHE = Path(__file__).resolve().parent / ".cache"
-PACKAGES = ("python-requests-doc", "diffutils-doc", "manpages-zh", "git-doc")
+PACKAGES = (
+    "python-requests-doc",
+    "diffutils-doc",
+    "manpages-zh",
+    "git-doc",
+    "libreoffice-help-en-us",
+    "libreoffice-help-zh-cn",
+)
 REQUESTS_HTML = "usr/share/doc/python-requests-doc/html"
 DIFFUTILS_HTML = "usr/share/doc/diffutils"
 MAN_ZH = "usr/share/man/zh_CN"
 GIT_HTML = "usr/share/doc/git-doc"
+LIBREOFFICE_HELP = "usr/share/libreoffice/help"
+LIBREOFFICE_GUIDES = ("swriter", "scalc", "simpress", "shared")  # the how-to pages of the help centre
 
 
 def unpacked() -> Path:
@@ -77,6 +87,16 @@ def third_party(folder: Path) -> Path:
     """English and Chinese third-party documents, written into folder."""
     english(folder / "en")
     chinese(folder / "zh")
+    return folder
+
+
+def help_centre(folder: Path) -> Path:
+    """LibreOffice's help centre in English and Chinese: the how-to pages ("guide") of Writer, Calc,
+    Impress and the parts they share, as the help browser shows them (HTML)."""
+    help_pages = unpacked() / "files" / LIBREOFFICE_HELP
+    for language in ("en-US", "zh-CN"):
+        for guide in LIBREOFFICE_GUIDES:
+            shutil.copytree(help_pages / language / "text" / guide / "guide", folder / language / guide)
     return folder
 
 

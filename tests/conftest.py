@@ -90,6 +90,10 @@ class ServerThread:
         while service is not None and not service.retriever.ready:  # the index builds in the background
             assert time.monotonic() < deadline, "the knowledge base was not indexed"
             time.sleep(0.01)
+        embedding = getattr(getattr(service, "retriever", None), "embedding", None)
+        while embedding is not None and not embedding.done():  # and so do its vectors, when it has a model
+            assert time.monotonic() < deadline + 120, "the knowledge base was not embedded"
+            time.sleep(0.01)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -130,6 +134,7 @@ def settings_for(upstream_server, **overrides) -> Settings:
         api_keys=(API_KEY,),
         llm_first_token_timeout=2.0,
         llm_idle_timeout=2.0,
+        embedding_model="none",  # the built-in model costs seconds per index: tests that need meaning ask for it
     )
     return dataclasses.replace(base, **overrides)
 

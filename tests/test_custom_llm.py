@@ -188,6 +188,7 @@ def test_a_retriever_of_your_own(make_server, upstream):
             "heading": "Kettles › K-2",
             "score": 1.0,
             "coverage": 1.0,
+            "similarity": None,
             "text": "The K-2 kettle costs 49 euros.",
         }
     ]
