@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import orjson
 from dotenv import load_dotenv
@@ -44,17 +44,8 @@ from context import Context
 from embeddings import BUILTIN, BuiltinModel, Embedder, HostedModel
 from errors import ApiError, bad_request
 from events import Event, Note, Text
-from knowledge import (
-    Knowledge,
-    KnowledgeBase,
-    Retriever,
-    index_command,
-    retrieve,
-    search_command,
-    waiting_phrase,
-    with_passages,
-)
 from outbound import Slots
+from rag import NoKnowledge, Retriever, has_documents, retrieve, waiting_phrase, with_passages
 from serving import (
     BearerAuth,
     BytesStream,
@@ -72,6 +63,9 @@ from text import latest_question, message_text
 from tools import ToolRegistry, sample_tools
 from upstream import LLM, Endpoint, Limits
 from wording import FAREWELLS, WAITING_PHRASES
+
+if TYPE_CHECKING:  # imported where it is made: a server with no documents never loads it
+    from knowledge import Knowledge
 
 __version__ = "0.2.0"
 
@@ -259,7 +253,16 @@ class Settings:
             registry.add(end_call_tool(hangups), name="end_call", heard_whole=True, destructive=FAREWELLS)
         return registry
 
-    def knowledge(self) -> Knowledge:
+    def knowledge(self) -> Retriever:
+        """The default retriever: the index of KNOWLEDGE_DIR, or nothing at all for a folder with no
+        document (then neither the index nor its dictionaries or model are ever loaded)."""
+        if not has_documents(self.knowledge_dir):
+            return NoKnowledge(self.knowledge_dir)
+        return self.knowledge_base()
+
+    def knowledge_base(self) -> Knowledge:
+        from knowledge import Knowledge, KnowledgeBase
+
         base = KnowledgeBase(
             self.knowledge_dir,
             self.knowledge_index or None,
@@ -773,9 +776,11 @@ def knowledge_command(args: argparse.Namespace, settings: Settings) -> int:
         settings = dataclasses.replace(settings, knowledge_dir=Path(args.folder))
     if args.index_file:
         settings = dataclasses.replace(settings, knowledge_index=args.index_file)
+    from knowledge import index_command, search_command
+
     if args.command == "index":
-        return asyncio.run(index_command(settings.knowledge()))
-    return asyncio.run(search_command(settings.knowledge(), args.question, args.limit))
+        return asyncio.run(index_command(settings.knowledge_base()))
+    return asyncio.run(search_command(settings.knowledge_base(), args.question, args.limit))
 
 
 def main(argv: list[str]) -> int:

@@ -4,13 +4,17 @@ within a time limit), all cut into chunks along their own headings; code is text
 never a heading.
 """
 
+from __future__ import annotations
+
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from bs4 import BeautifulSoup, NavigableString, Tag
+if TYPE_CHECKING:  # bs4 is imported where HTML is read: a server with no knowledge base never loads it
+    from bs4 import Tag
 
 SUFFIXES = {".md", ".markdown", ".txt", ".html", ".htm", ".pdf"}
 MAX_CHUNK_CHARS = 1200
@@ -69,6 +73,8 @@ _BLOCKS = {
 
 def html_text(html: str) -> str:
     """An HTML page's main content as text: headings as '#' lines, code blocks fenced."""
+    from bs4 import BeautifulSoup
+
     soup = BeautifulSoup(html, "html.parser")
     furniture = []
     for tag in soup.find_all(True):  # one pass (CSS selectors cost a second per large page)
@@ -111,6 +117,8 @@ def _link_bar(link: Tag) -> Tag | None:
 
 
 def _walk(node: Tag, parts: list[str]) -> None:
+    from bs4 import NavigableString, Tag
+
     for child in node.children:
         if isinstance(child, NavigableString):
             if child.__class__ is NavigableString:  # not a comment, doctype or CDATA

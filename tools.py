@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field, ValidationError, create_model
 
 import metrics
 from context import Context
-from knowledge import Retriever
+from rag import Retriever
 from redact import printable
 from text import is_cjk, latest_question
 

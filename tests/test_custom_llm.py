@@ -166,7 +166,7 @@ class Catalogue:
         pass
 
     async def search(self, question: str, limit: int) -> list:
-        from knowledge import Passage
+        from rag import Passage
 
         if "kettle" not in question.lower():
             return []  # nothing relevant: /rag injects nothing

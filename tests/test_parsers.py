@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import agora
 import checker
 import documents
-import knowledge
+import rag
 import redact
 import speech
 import terms
@@ -47,7 +47,7 @@ READERS = {
     "speech.speakable": speech.speakable,
     "terms.question_words": lambda value: terms.question_words(terms.tokens(value)),
     "terms.heard_apart": lambda value: terms.heard_apart(terms.tokens(value)),
-    "knowledge.search_query": lambda value: knowledge.search_query(
+    "rag.search_query": lambda value: rag.search_query(
         [{"role": "user", "content": "x"}, {"role": "user", "content": value}]
     ),
     "agora.as_heard": lambda value: agora.as_heard(

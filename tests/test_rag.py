@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from knowledge import search_query
+from rag import search_query
 from tests.conftest import AUTH, post, sse_events
 
 

@@ -324,9 +324,12 @@ class ScriptedUpstream:
             await send({"type": "http.response.start", "status": 500, "headers": [(b"content-type", b"text/plain")]})
             key = dict(request.get("_headers", {})).get("authorization", "")
             piece = (f"speech failed for {key} " * 3000)[:65536].encode()
-            while self.speech_error_sent < script.speech_error_bytes:
+            gone = asyncio.ensure_future(receive())  # the disconnect, once the server stops reading
+            while self.speech_error_sent < script.speech_error_bytes and not gone.done():
                 await send({"type": "http.response.body", "body": piece, "more_body": True})
                 self.speech_error_sent += len(piece)
+                await asyncio.sleep(0)
+            gone.cancel()
             return await send({"type": "http.response.body", "body": b""})
         if script.speech_status != 200:
             return await self._json(send, script.speech_status, {"error": {"message": "speech failed"}})
