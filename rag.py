@@ -82,9 +82,8 @@ class NoKnowledge:
         return True
 
     async def start(self) -> None:
-        log.warning(
-            "knowledge folder %s holds no documents; /rag answers without passages (add some, restart)", self.folder
-        )
+        why = "holds no documents" if self.folder.is_dir() else "does not exist"
+        log.warning("knowledge folder %s %s; /rag answers without passages (add some, restart)", self.folder, why)
 
     async def search(self, question: str, limit: int) -> list[Passage]:
         return []
