@@ -136,18 +136,21 @@ def coverage(
     for word in words:
         # "de scale" heard in two is as said
         matched = [word.term] + ([joined[word.term]] if word.term in joined else [])
-        holding = _union([postings.holding(term) for term in matched])
+        holding = _held(postings, matched)
         said[holding] += word.weight
         held[holding] += 1
-        central[_union([postings.holding(term, "central") for term in matched])] += 1
-        headed = _union([postings.holding(term, "heading") for term in matched])
+        central[_held(postings, matched, "central")] += 1
+        headed = _held(postings, matched, "heading")
         in_heading[headed] += 1
-        guesses = heard.get(word.term, [])
-        holding_a_guess = _union([postings.holding(term) for term in guesses]) if guesses else holding[:0]
         if chinese:
-            in_kind[_union([holding, holding_a_guess]) if word.chinese else headed] = True
-        # a guess adds to what a passage holds, but is not a second word of its own
-        guessed[np.setdiff1d(holding_a_guess, holding)] += word.weight * HEARD_CREDIT
+            in_kind[holding if word.chinese else headed] = True
+        guesses = heard.get(word.term, [])
+        if guesses:  # a guess adds to what a passage holds, but is not a second word of its own
+            guess = _mask(postings, guesses)
+            if chinese and word.chinese:
+                in_kind[guess] = True
+            guess[holding] = False
+            guessed[guess] += word.weight * HEARD_CREDIT
         for term in matched + guesses:
             if postings.lift(term, everyday(term)) >= TOPICAL_LIFT:
                 topical[postings.holding(term)] = True
@@ -162,9 +165,19 @@ def coverage(
 # ---------------------------------------------------------------------------------------------
 
 
-def _union(positions: list[np.ndarray]) -> np.ndarray:
-    """The chunks in any of these (each sorted and unique, as Postings.holding returns them)."""
-    return positions[0] if len(positions) == 1 else np.unique(np.concatenate(positions))
+def _held(postings: Postings, terms: list[str], only: str = "") -> np.ndarray:
+    """The positions of the chunks holding any of the terms, each once."""
+    if len(terms) == 1:
+        return postings.holding(terms[0], only)
+    return np.flatnonzero(_mask(postings, terms, only))
+
+
+def _mask(postings: Postings, terms: list[str], only: str = "") -> np.ndarray:
+    """Which chunks hold any of the terms, as a mask: linear, where a union of positions would sort."""
+    mask = np.zeros(postings.size, dtype=bool)
+    for term in terms:
+        mask[postings.holding(term, only)] = True
+    return mask
 
 
 def default_index(folder: Path) -> Path:
