@@ -172,7 +172,7 @@ class ScriptedUpstream:
             request["_headers"] = {k.decode(): v.decode() for k, v in scope["headers"]}
             return await self._speech(request, receive, send)
         if scope["path"].endswith("/embeddings"):
-            return await self._embeddings(request, send)
+            return await self._embeddings(request, send, dict(scope["headers"]).get(b"authorization", b"").decode())
         self.requests.append(
             {
                 "path": scope["path"],
@@ -287,13 +287,14 @@ class ScriptedUpstream:
             vector[cls.CONCEPTS.get(word, 3 + zlib.crc32(word.encode()) % 29)] += 1.0
         return vector
 
-    async def _embeddings(self, request: dict[str, Any], send) -> None:
+    async def _embeddings(self, request: dict[str, Any], send, authorization: str = "") -> None:
         texts = request["input"] if isinstance(request["input"], list) else [request["input"]]
         self.embedding_requests.append(texts)
         if self.script.embedding_delay:
             await asyncio.sleep(self.script.embedding_delay)
         if self.script.embedding_status != 200:
-            return await self._json(send, self.script.embedding_status, {"error": {"message": "embeddings down"}})
+            error = {"error": {"message": f"embeddings down for {authorization}"}}  # an echo of our key
+            return await self._json(send, self.script.embedding_status, error)
         await self._json(
             send,
             200,
