@@ -80,7 +80,7 @@ def by_meaning(shop, tmp_path_factory, upstream_server):
 )
 def test_meaning_finds_what_words_miss(by_meaning, question, heading):
     assert headings(by_meaning, question)[:1] == [heading]
-    assert search(by_meaning, question)[0]["similarity"] >= 0.85  # at or near the threshold (0.88)
+    assert search(by_meaning, question)[0]["similarity"] >= 0.825  # the threshold (0.885), or standing out
 
 
 @pytest.mark.parametrize(
