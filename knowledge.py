@@ -80,18 +80,19 @@ PRAGMA user_version = {SCHEMA_VERSION};
 """
 SAME_TEXT_SLACK = 4  # passages read per one returned, so that copies of the same text can be left out
 EMBED_BATCH = 8  # passages embedded at a time: a batch is written before the next one starts
-# The ranking when vectors are there: how far a passage's similarity stands above the knowledge base's
-# (in standard deviations), plus BM25 relative to the question's best, weighted so: meaning leads,
-# and exact words (identifiers, numbers, names) lift a passage among those close in meaning.
-BM25_WEIGHT = 0.5
+# The ranking when vectors are there: cosine similarity, plus this much for the passage BM25 scores
+# best (and its share of that for the others): meaning leads, and exact words (identifiers, numbers,
+# names) lift a passage among those about as close in meaning. Nothing in it depends on the number of
+# chunks, so a two-chunk FAQ ranks as a manual does.
+BM25_WEIGHT = 0.02
 # A passage whose similarity is this much below the threshold still answers when the lexical decision
 # says it holds enough of the question's words: the words support meaning; they never veto it.
 SUPPORT_MARGIN = 0.05
 # A passage that stands out, closer to the question by this much than any other passage, answers down
 # to twice this much below the threshold. In a short FAQ the answer stands out like that (by 0.03 to
-# 0.09 on the tests' shop FAQ); among thousands of passages neither answers nor near misses ever do
-# (bench: none of 240 questions), so the rule means the same for 2 chunks as for 100,000.
-STANDOUT = 0.03
+# 0.09 on the tests' shop FAQ); among thousands of passages almost nothing does (bench: 2 of 240
+# questions, both answered right), so the rule means the same for 2 chunks as for 100,000.
+STANDOUT = 0.025
 
 
 @dataclass
@@ -368,7 +369,7 @@ class KnowledgeBase:
             answers, rank = lexical, scores
         else:
             answers = self._answers(similarity, lexical)
-            rank = _standardized(similarity) + BM25_WEIGHT * scores / max(float(scores.max()), 1e-9)
+            rank = similarity + BM25_WEIGHT * scores / max(float(scores.max()), 1e-9)
         found = np.flatnonzero(answers)
         # A few more than asked: the same text installed twice (a manual page and its alias) is shown once
         best = found[np.argsort(-rank[found], kind="stable")[: limit * SAME_TEXT_SLACK]]
@@ -540,12 +541,6 @@ class KnowledgeBase:
         vectorless[at[inside]] = False
         self._vectors, self._vectorless = vectors, vectorless
         return int(inside.sum())
-
-
-def _standardized(values: np.ndarray) -> np.ndarray:
-    """How far each value stands above the others, in standard deviations."""
-    spread = float(values.std())
-    return (values - float(values.mean())) / (spread if spread > 1e-9 else 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
