@@ -26,7 +26,7 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/mypy
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 $(VENV)/.bench: $(VENV)/.dev bench/requirements-compare.txt
 	$(PY) -m pip install --quiet -r bench/requirements-compare.txt

@@ -34,7 +34,8 @@ IN_FLIGHT = Gauge(
 )
 FIRST_SENTENCE = Histogram(
     "custom_llm_first_sentence_seconds",
-    "From request to the end of the first complete sentence sent (our side of Agora's llm_ttfs).",
+    "From request to the end of the first complete sentence sent (our side of Agora's time to the first "
+    "sentence: the turns API's llm_ttft + llm_ftfs, webhook event 111's llm_ttfs).",
     ["endpoint"],
     buckets=SECONDS,
 )

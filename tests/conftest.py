@@ -250,3 +250,14 @@ def sse_events(response: httpx.Response) -> list[bytes]:
     events = [block for block in response.read().split(b"\n\n") if block]
     assert all(block.startswith(b"data: ") for block in events), events
     return [block[6:] for block in events]
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say loudly what did not run and why (a machine without espeak-ng, Node.js or Chromium skips
+    those tests; .ci/run installs them)."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if skipped:
+        terminalreporter.write_sep("!", f"{len(skipped)} tests did NOT run", yellow=True, bold=True)
+        for report in skipped:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            terminalreporter.write_line(f"NOT RUN  {report.nodeid}: {reason}", yellow=True)

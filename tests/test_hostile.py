@@ -22,7 +22,8 @@ LEAKS = ("Traceback", 'File "', ".py", "/work/", "/usr/", "site-packages", UPSTR
 
 def assert_clean(status: int, content: bytes) -> None:
     text = content.decode("utf-8", "replace")  # /audio/speech answers in raw PCM
-    assert status < 500, text[:500]
+    # A 503 is a clean answer when it says what to do: no voice on this machine (no espeak-ng), or busy.
+    assert status < 500 or (status == 503 and ('"no_voice"' in text or '"overloaded"' in text)), text[:500]
     for leak in LEAKS:
         assert leak not in text, f"{leak!r} leaked: {text[:500]}"
 

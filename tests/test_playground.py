@@ -95,6 +95,19 @@ def test_talk_stop_and_the_next_turn_is_marked_interrupted(page, upstream, tmp_p
     assert page.errors == [] and page.evaluate("window.playground.errors") == []
 
 
+def test_an_upstream_that_knows_only_its_own_models_is_asked_for_the_servers(page, upstream):
+    upstream.script.models = ("gpt-4o-mini",)  # LLM_MODEL's default, as a real upstream knows its models
+    ask(page, "Hello?")
+    page.wait_for_function("!document.querySelector('#send').disabled")
+    assert last_answer(page) == "Hello from the upstream." and upstream.requests[-1]["body"]["model"] == "gpt-4o-mini"
+    assert "model" not in page.evaluate("window.playground.requests[0]")
+    page.fill("#model", "gpt-4o")  # a model picked by the user is sent as picked
+    ask(page, "And now?")
+    page.wait_for_function("window.playground.requests.length === 2 && !document.querySelector('#send').disabled")
+    assert "does not exist" in last_answer(page) + page.inner_text("body")  # the upstream's own words
+    assert all("404" in error for error in page.errors)  # the browser logs the refused request, nothing else
+
+
 def test_rag_shows_the_waiting_phrase_and_the_passages(page, upstream):
     page.select_option("#endpoint", "/rag/chat/completions")
     ask(page, "How do I point the llm url of my agent at the server?")

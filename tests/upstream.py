@@ -48,6 +48,7 @@ class Script:
     # An obedient model: it follows an instruction to end the call wherever it reads one (a passage,
     # a tool result), calling end_call when it is offered.
     obey: bool = False
+    models: tuple[str, ...] | None = None  # the model names it knows; any other gets a 404, as OpenAI's
 
 
 def chunk_event(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -185,6 +186,9 @@ class ScriptedUpstream:
         script = self.script
         if script.fail_times is not None and len(self.requests) > script.fail_times:
             script = Script(turns=script.turns, words=script.words)
+        if script.models is not None and request.get("model") not in script.models:
+            error = {"message": f"The model `{request.get('model')}` does not exist.", "code": "model_not_found"}
+            return await self._json(send, 404, {"error": error})
         if script.status != 200 and script.error_raw is not None:
             await send({"type": "http.response.start", "status": script.status, "headers": []})
             return await send({"type": "http.response.body", "body": script.error_raw})
