@@ -55,7 +55,7 @@ from terms import (
 
 log = logging.getLogger("custom_llm.knowledge")
 
-SCHEMA_VERSION = 5  # bumped when what the index stores changes: an index made by another version is rebuilt
+SCHEMA_VERSION = 6  # bumped when what the index stores changes: an index made by another version is rebuilt
 HEARD_CREDIT = 0.8  # a word matched only as what it may have been misheard for counts this much
 HEARD_MAX = 3  # known words one unknown word may stand for
 PREFIX_MIN = 4  # an unknown word this long may be the start of a known one, cut off
@@ -230,7 +230,12 @@ class KnowledgeBase:
             db = sqlite3.connect(self.index_path, check_same_thread=False, timeout=5)
             version = db.execute("PRAGMA user_version").fetchone()[0]
             tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if tables and version != SCHEMA_VERSION:
+            if tables and version != SCHEMA_VERSION and version >= 5:
+                # Another version's terms: the documents are indexed again, the vectors (hours of work
+                # at 100,000 chunks, kept by content hash and model) are kept.
+                log.warning("knowledge index %s was made by another version; indexing again", self.index_path)
+                db.executescript("DROP TABLE IF EXISTS files; DROP TABLE IF EXISTS chunks;" + SCHEMA)
+            elif tables and version != SCHEMA_VERSION:
                 raise sqlite3.DatabaseError(f"made by another version ({version}, this is {SCHEMA_VERSION})")
             if not tables:  # only a new file is written to: a write tells every other worker to reload
                 db.executescript(SCHEMA)

@@ -76,7 +76,7 @@ STOPWORDS_ZH = frozenset(
     听 说 讲 干得 今天 明天 昨天 早上 上午 下午 晚上 早安 晚安 开心 高兴 难过
     无聊 累 有趣 厉害 笨 快乐 多久 几点 什么时候 一 个 些 下 上 中 里 后 前 时
     时候 干什么 干嘛 怎么办 咋 咋办 咋样 啥 为啥 是否 有没有 能不能 不能 可不可以 要不要 不要
-    种 祝""".split()  # noqa: SIM905 (a word list reads best as words)
+    种 祝 不用 不用了 几号 星期几 周几 几度""".split()  # noqa: SIM905 (a word list reads best as words)
 )
 
 # Phrases whose words all go: they ask how ("how long" asks for a duration, it is not about
