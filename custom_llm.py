@@ -286,7 +286,7 @@ class Settings:
             self.rag_min_similarity,
         )
 
-    def voice(self, llm: LLM, voice: speech.Engine | None) -> speech.Engine | None:
+    def voice(self, llm: LLM, voice: speech.Engine | None) -> speech.Bounded | None:
         """The voice /audio speaks with, within the speech limits: yours, the TTS engine, or in files
         mode espeak-ng where it is installed."""
         voice = voice or self.engine(llm)
@@ -415,16 +415,21 @@ class ChatCompletionRequest(_Open):
 class SpeechRequest(_Open):
     """Agora's custom TTS request (`tts.vendor: "generic_http"`): OpenAI's /audio/speech shape.
 
-    The server speaks with its own voice (TTS_* settings); `model`, `voice`, `speed` and
-    `instruction` are read, and set through those settings instead."""
+    The server's voice says it (TTS_* settings); `voice`, `speed`, `model` and `instructions` (also
+    spelt `instruction`), when given, override the settings for this request, as Agora's
+    custom_metadata.tts_params changes them mid-call. `request_id`, `request_seq_id` and
+    `request_end` come only with Agora's `enable_request_id`."""
 
     input: str = Field(max_length=4096)
-    model: str | None = None
-    voice: str | None = None
-    speed: float | None = None
+    model: str | None = Field(None, max_length=200)
+    voice: str | None = Field(None, max_length=200)
+    speed: float | None = Field(None, gt=0, le=4)
     sample_rate: int = Field(16_000, ge=8_000, le=48_000)
-    response_format: Literal["pcm"] = "pcm"
-    instruction: str | None = None
+    # Required, and pcm only: an OpenAI SDK that asks for its default (mp3) gets a 400 that says so,
+    # not raw PCM it would take for mp3. Agora's generic_http always sends "pcm".
+    response_format: Literal["pcm"]
+    instructions: str | None = Field(None, max_length=4096)
+    instruction: str | None = Field(None, max_length=4096)
     request_id: str | int | None = None
     request_seq_id: int | None = None
     request_end: bool | None = None
@@ -504,7 +509,8 @@ class Service:
     retriever: Retriever
     loop: ToolLoop
     llm: LLM | None = None
-    voice: speech.Engine | None = None
+    given_voice: speech.Engine | None = None  # create_app(voice=...)
+    voice: speech.Bounded | None = None  # the voice in use, within the speech limits (made at start-up)
 
     def upstream(self) -> LLM:
         if not self.settings.upstream_configured or self.llm is None:
@@ -613,7 +619,8 @@ async def audio_speech(http: Request) -> Response:
         )
     context: Context = http.state.context
     context.model, context.turn_id = request.model or "-", str(request.request_id or "-")
-    return BytesStream(speech.pcm_at(svc.voice, request.input, request.sample_rate), "audio/pcm", context)
+    style = speech.Style(request.voice, request.speed, request.model, request.instructions or request.instruction)
+    return BytesStream(speech.pcm_at(svc.voice, request.input, request.sample_rate, style), "audio/pcm", context)
 
 
 @router.get("/knowledge/search")
@@ -669,7 +676,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     svc: Service = app.state.service
     settings = svc.settings
     svc.llm = settings.upstream()
-    svc.voice = settings.voice(svc.llm, svc.voice)
+    svc.voice = settings.voice(svc.llm, svc.given_voice)
     # Indexing runs beside the requests: searches see what is indexed so far, /ready waits for all.
     starting = asyncio.ensure_future(svc.retriever.start())
     if not settings.upstream_configured:
@@ -721,7 +728,7 @@ def create_app(
     app = FastAPI(
         title="Custom LLM server for Agora", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
     )
-    app.state.settings, app.state.service = settings, Service(settings, retriever, loop, voice=voice)
+    app.state.settings, app.state.service = settings, Service(settings, retriever, loop, given_voice=voice)
     app.include_router(router)
     if settings.playground:
         app.add_api_route("/playground", playground, methods=["GET"], include_in_schema=False)

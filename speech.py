@@ -11,6 +11,7 @@ after the whole answer, and sentence n+1 is synthesized while sentence n plays.
 
 import asyncio
 import base64
+import inspect
 import logging
 import math
 import re
@@ -226,9 +227,20 @@ class Pacer:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Style:
+    """How a request asks for its words to be said: Agora's custom TTS fields (which the LLM can change
+    mid-call with custom_metadata.tts_params). What is not given, the settings decide."""
+
+    voice: str | None = None
+    speed: float | None = None
+    model: str | None = None
+    instructions: str | None = None
+
+
 class Engine(Protocol):
     def synthesize(self, text: str) -> AsyncIterator[bytes]:
-        """16 kHz mono s16le PCM of the text, as it is made."""
+        """16 kHz mono s16le PCM of the text, as it is made. An engine may also take `style: Style`."""
         ...
 
 
@@ -243,10 +255,19 @@ class OpenAISpeech:
     voice: str
     rate: int = 24_000  # OpenAI's pcm is 24 kHz
 
-    async def synthesize(self, text: str) -> AsyncIterator[bytes]:
+    async def synthesize(self, text: str, style: Style = Style()) -> AsyncIterator[bytes]:
         url = yarl.URL(self.base_url.rstrip("/") + "/audio/speech")
         headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        body = {"model": self.model, "voice": self.voice, "input": text, "response_format": "pcm"}
+        body: dict[str, Any] = {
+            "model": style.model or self.model,
+            "voice": style.voice or self.voice,
+            "input": text,
+            "response_format": "pcm",
+        }
+        if style.speed is not None:
+            body["speed"] = style.speed
+        if style.instructions:
+            body["instructions"] = style.instructions
         resample, scrub = Resampler(self.rate), Redactor(self.api_key)
         try:
             async with self.session.post(url, json=body, headers=headers, allow_redirects=False) as response:
@@ -271,9 +292,11 @@ class Bounded:
     timeout: float = 10.0
     max_seconds: float = 120.0
 
-    async def synthesize(self, text: str) -> AsyncIterator[bytes]:
+    async def synthesize(self, text: str, style: Style = Style()) -> AsyncIterator[bytes]:
+        styled = "style" in inspect.signature(self.engine.synthesize).parameters  # a voice of yours may not be
         with self.slots.take():
-            pieces, sent = self.engine.synthesize(text), 0
+            pieces = self.engine.synthesize(text, style=style) if styled else self.engine.synthesize(text)  # type: ignore[call-arg]
+            sent = 0
             try:
                 async with asyncio.timeout(self.max_seconds):
                     while True:
@@ -298,11 +321,15 @@ class EspeakSpeech:
     voice: str = "en-us"
     rate: int = 22_050  # what espeak-ng writes
 
-    async def synthesize(self, text: str) -> AsyncIterator[bytes]:
+    async def synthesize(self, text: str, style: Style = Style()) -> AsyncIterator[bytes]:
+        """The text said by espeak-ng; of a request's style only the speed applies (its voice names are
+        another engine's)."""
+        speed = ["-s", str(round(175 * min(max(style.speed, 0.5), 2.5)))] if style.speed else []
         try:
             process = await asyncio.create_subprocess_exec(
                 "espeak-ng",
                 "--stdout",
+                *speed,
                 "-v",
                 self.voice,
                 stdin=asyncio.subprocess.PIPE,
@@ -434,13 +461,13 @@ def local_engine() -> Engine | None:
     return EspeakSpeech() if shutil.which("espeak-ng") else None
 
 
-async def pcm_at(engine: Engine, text: str, rate: int) -> AsyncIterator[bytes]:
+async def pcm_at(engine: Bounded, text: str, rate: int, style: Style = Style()) -> AsyncIterator[bytes]:
     """The text spoken, as raw s16le mono PCM at any rate, as it is made (POST /audio/speech)."""
     if not text.strip():
         return  # Agora may close a sequence with an empty request_end request
     resample = Resampler(SAMPLE_RATE, rate)
     try:
-        async for piece in engine.synthesize(text):
+        async for piece in engine.synthesize(text, style):
             if out := resample(piece):
                 yield out
     except SpeechError as error:

@@ -160,8 +160,22 @@ def test_audio_speech_answers_raw_pcm_at_the_asked_rate(voiced, upstream, rate):
     assert upstream.speech_requests[-1]["input"] == "Hello there, this is the voice."
 
 
+def test_audio_speech_says_it_in_the_style_the_request_asks(voiced, upstream):
+    """Agora's generic_http fields (the LLM may change them mid-call with custom_metadata.tts_params)."""
+    style = {"voice": "nova", "speed": 1.25, "model": "tts-1-hd", "instructions": "Speak warmly."}
+    assert speak(voiced, "Hello there.", **style).status_code == 200
+    sent = upstream.speech_requests[-1]
+    assert {key: sent[key] for key in style} == style
+    speak(voiced, "Hello there.", voice=None, speed=None, model=None, instruction="Speak slowly.")
+    sent = upstream.speech_requests[-1]  # what a request leaves out, the settings decide; the old spelling works
+    assert (sent["voice"], sent["model"], sent["instructions"]) == ("alloy", "gpt-4o-mini-tts", "Speak slowly.")
+    assert "speed" not in sent
+
+
 def test_audio_speech_defaults_to_16_khz_and_accepts_an_empty_closing_request(voiced, upstream):
-    response = httpx.post(voiced.url + "/audio/speech", json={"input": "Hi."}, headers=AUTH, timeout=20)
+    response = httpx.post(
+        voiced.url + "/audio/speech", json={"input": "Hi.", "response_format": "pcm"}, headers=AUTH, timeout=20
+    )
     assert response.status_code == 200 and len(response.content) == len(ScriptedUpstream.speech_pcm("Hi.")) * 2 // 3
     closing = speak(voiced, "", request_end=True)
     assert closing.status_code == 200 and closing.content == b""
@@ -173,6 +187,7 @@ def test_audio_speech_needs_the_key_and_a_valid_body(voiced, upstream):
         ({"input": "Hi", "sample_rate": 100}, "sample_rate"),
         ({"text": "Hi"}, "input"),
         ({"input": "Hi", "response_format": "mp3"}, "response_format"),
+        ({"input": "Hi", "model": "tts-1", "voice": "alloy"}, "response_format"),  # the OpenAI SDK's default: mp3
     ):
         response = httpx.post(voiced.url + "/audio/speech", json=bad, headers=AUTH)
         assert response.status_code == 400 and response.json()["error"]["param"] == param
@@ -181,7 +196,10 @@ def test_audio_speech_needs_the_key_and_a_valid_body(voiced, upstream):
 def test_a_hang_up_stops_the_synthesis(voiced, upstream):
     upstream.script.speech_delay = 0.3
     with httpx.stream(
-        "POST", voiced.url + "/audio/speech", json={"input": "A long sentence. " * 10}, headers=AUTH
+        "POST",
+        voiced.url + "/audio/speech",
+        json={"input": "A long sentence. " * 10, "response_format": "pcm"},
+        headers=AUTH,
     ) as response:
         next(response.iter_bytes())
     assert upstream.speech_disconnected.wait(2), "the speech request kept going after the hang-up"

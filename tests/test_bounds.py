@@ -152,7 +152,10 @@ def test_speech_has_its_own_concurrency_cap(make_server, upstream):
     async def speak_all() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=20, headers=AUTH) as client:
             return await asyncio.gather(
-                *(client.post(server.url + "/audio/speech", json={"input": "x" * 4000}) for _ in range(20))
+                *(
+                    client.post(server.url + "/audio/speech", json={"input": "x" * 4000, "response_format": "pcm"})
+                    for _ in range(20)
+                )
             )
 
     answers = asyncio.run(speak_all())
@@ -166,7 +169,9 @@ def test_a_huge_speech_error_is_read_only_so_far_and_shows_no_key(make_server, u
     server = make_server(audio_source="tts", tts_base_url=f"{upstream_server.url}/v1")
     upstream.script.speech_error_bytes = 50 << 20  # an endless error page that quotes our key
     with caplog.at_level(logging.DEBUG, logger="custom_llm"):
-        response = httpx.post(server.url + "/audio/speech", json={"input": "Hello."}, headers=AUTH, timeout=20)
+        response = httpx.post(
+            server.url + "/audio/speech", json={"input": "Hello.", "response_format": "pcm"}, headers=AUTH, timeout=20
+        )
     assert response.status_code == 502 and error_of(response)["code"] == "speech_failed"
     assert upstream.speech_error_sent < 50 << 20  # the rest was never read
     assert UPSTREAM_KEY not in caplog.text and UPSTREAM_KEY not in response.text
@@ -179,7 +184,9 @@ def test_a_voice_that_never_ends_is_cut_off(make_server, upstream):
                 yield b"\0" * 32_000  # a second of audio, as fast as it can be read
 
     server = make_server(voice=Endless(), tts_max_seconds=2)
-    with httpx.stream("POST", server.url + "/audio/speech", json={"input": "Hi"}, headers=AUTH, timeout=20) as response:
+    with httpx.stream(
+        "POST", server.url + "/audio/speech", json={"input": "Hi", "response_format": "pcm"}, headers=AUTH, timeout=20
+    ) as response:
         received = sum(len(piece) for piece in response.iter_bytes())
     assert received <= 2 * 32_000 + 32_000
 
