@@ -43,6 +43,7 @@ ENGINE_FIELDS = frozenset(
         "subscriber_token",
         "rtm_token",
         "rtm_uid",
+        "output_modalities",  # an agent setting that OpenAI's API would refuse as an unknown argument
     }
 )
 MESSAGE_ENGINE_FIELDS = ("turn_id", "timestamp", "metadata")

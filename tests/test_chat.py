@@ -136,6 +136,7 @@ def test_engine_fields_stay_on_our_side(http, upstream):
         "app_id": "app",
         "rtm_token": "secret-token",
         "subscriber_token": "t",
+        "output_modalities": ["text", "audio"],  # the agent's llm setting, when it reaches params
         "messages": [
             {"role": "system", "content": "Be brief."},
             {
@@ -173,6 +174,7 @@ def test_engine_fields_stay_on_our_side(http, upstream):
         "app_id",
         "rtm_token",
         "subscriber_token",
+        "output_modalities",
     ):
         assert key not in received, key
     assert received["messages"] == [
