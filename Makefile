@@ -36,6 +36,7 @@ bench: $(VENV)/.bench
 	$(PY) bench/bench.py
 	$(PY) bench/voice.py
 	$(PY) bench/retrieval.py
+	$(PY) bench/waiting.py
 	$(PY) bench/capacity.py
 
 bench-knowledge: $(VENV)/.bench

@@ -43,9 +43,9 @@ from answer import ToolLoop, answer, complete
 from context import Context
 from embeddings import BUILTIN, BuiltinModel, Embedder, HostedModel
 from errors import ApiError, bad_request
-from events import Event, Note, Text
+from events import Event, Note
 from outbound import Slots
-from rag import NoKnowledge, Retriever, has_documents, retrieve, waiting_phrase, with_passages
+from rag import NoKnowledge, Retriever, has_documents, retrieve, said_when_late, waiting_phrase, with_passages
 from serving import (
     BearerAuth,
     BytesStream,
@@ -153,6 +153,7 @@ class Settings:
     rag_min_similarity: float | None = setting("RAG_MIN_SIMILARITY", None, float)  # None: the model's own
     waiting_messages_en: tuple[str, ...] = setting("WAITING_MESSAGES_EN", WAITING_PHRASES["en"], _phrases)
     waiting_messages_zh: tuple[str, ...] = setting("WAITING_MESSAGES_ZH", WAITING_PHRASES["zh"], _phrases)
+    waiting_phrase_after_ms: int = setting("WAITING_PHRASE_AFTER_MS", 1000, int)  # 0: always, first
     audio_text_file: Path = setting("AUDIO_TEXT_FILE", HERE / "file.txt", Path)
     audio_pcm_file: Path = setting("AUDIO_PCM_FILE", HERE / "file.pcm", Path)
     audio_head_start_ms: int = setting("AUDIO_HEAD_START_MS", 200, int)
@@ -537,11 +538,16 @@ async def chat_completions(http: Request) -> Response:
     return chat.reply(complete(svc.upstream(), chat.body, svc.loop, chat.context))
 
 
-async def rag_events(svc: Service, chat: Chat) -> AsyncIterator[Event]:
-    settings, body = svc.settings, chat.body
-    # The waiting phrase goes out before any retrieval work, so the line is never silent.
+def rag_events(svc: Service, chat: Chat) -> AsyncIterator[Event]:
+    """The grounded answer, with a waiting phrase first when it is late (WAITING_PHRASE_AFTER_MS)."""
+    settings = svc.settings
     phrases = {"en": settings.waiting_messages_en, "zh": settings.waiting_messages_zh}
-    yield Text(waiting_phrase(phrases, latest_question(body["messages"])))
+    phrase = waiting_phrase(phrases, latest_question(chat.body["messages"]))
+    return said_when_late(grounded_answer(svc, chat), phrase, settings.waiting_phrase_after_ms)
+
+
+async def grounded_answer(svc: Service, chat: Chat) -> AsyncIterator[Event]:
+    settings, body = svc.settings, chat.body
     passages = await retrieve(
         svc.retriever, body["messages"], settings.rag_top_k, settings.rag_deadline_ms, chat.context
     )

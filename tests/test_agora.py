@@ -96,7 +96,8 @@ def field(line: str, name: str) -> str:
     return line.split(f" {name}=")[1].split()[0]
 
 
-def test_each_turn_logs_our_side_of_agoras_turn_metrics(server, upstream, caplog):
+def test_each_turn_logs_our_side_of_agoras_turn_metrics(make_server, upstream, caplog):
+    server = make_server(waiting_phrase_after_ms=0)  # the waiting phrase always first
     upstream.script.words = ["Nine", " to five.", " On Saturdays", " ten to four."]
     upstream.script.delay = 0.02
     before = metric(server, 'custom_llm_first_sentence_seconds_count{endpoint="rag"}')

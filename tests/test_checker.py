@@ -140,7 +140,8 @@ def test_a_hostile_endpoint_cannot_hold_or_fill_the_checker(mode):
         status = checker.run(server.url + "/chat/completions", "k", "m", lines.append, checker.Bounds(1.0, 8.0))
         took = time.monotonic() - started
     assert status == 1 and took < 15, (took, lines)
-    assert endpoint.sent < endpoint.requests * (checker.Bounds().max_body_bytes + (4 << 20))  # read only so far
+    # Read only so far: what was sent is what the checker read plus what sockets buffer (a few MB each).
+    assert endpoint.sent < endpoint.requests * (checker.Bounds().max_body_bytes + (16 << 20))
     failures = [line for line in lines if line.startswith("FAIL")]
     assert failures and all(len(line) > len("FAIL  x: ") + 10 for line in failures)  # each says what it saw
     if mode == "silent":

@@ -109,6 +109,7 @@ def test_an_upstream_that_knows_only_its_own_models_is_asked_for_the_servers(pag
 
 
 def test_rag_shows_the_waiting_phrase_and_the_passages(page, upstream):
+    upstream.script.first_delay = 1.5  # late enough for the waiting phrase (WAITING_PHRASE_AFTER_MS, 1 s)
     page.select_option("#endpoint", "/rag/chat/completions")
     ask(page, "How do I point the llm url of my agent at the server?")
     page.wait_for_function(
