@@ -21,7 +21,7 @@ import orjson
 import metrics
 from context import Context
 from documents import SUFFIXES
-from events import Event, Text, words_of
+from events import Event, Note, Text, words_of
 from text import is_cjk, language, message_text, sentence_end
 from wording import GROUNDING_PROMPT
 
@@ -109,6 +109,7 @@ async def said_when_late(events: AsyncIterator[Event], phrase: str, after_ms: in
     said twice. Until then the events are held: a voice cannot start speaking before a whole
     sentence anyway, so holding them costs the listener nothing."""
     if after_ms <= 0:
+        yield Note("waiting", phrase)
         yield Text(phrase)
         async for event in events:
             yield event
@@ -123,6 +124,7 @@ async def said_when_late(events: AsyncIterator[Event], phrase: str, after_ms: in
             if waiting is not None:
                 done, _ = await asyncio.wait({step}, timeout=max(0.0, deadline - loop.time()))
                 if not done:  # late: the phrase now, then what was held
+                    yield Note("waiting", waiting)  # for a caller that asked for notes (the playground)
                     yield Text(waiting)
                     waiting = None
                     for event in held:

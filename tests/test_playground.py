@@ -134,8 +134,21 @@ def test_audio_answers_play_as_they_arrive_and_stop_silences_them(page, upstream
     ask(page, "Say something")
     page.wait_for_function("window.playground.audioSeconds > 0.5")
     assert "First sentence here." in last_answer(page)
+    page.wait_for_function("document.querySelector('.assistant .text').textContent.length > 60")
     page.click("#stop")
+    received = last_answer(page)  # transcripts arrive ahead of the audio they stand for
     seconds = page.evaluate("window.playground.audioSeconds")
     page.wait_for_timeout(300)
     assert page.evaluate("window.playground.audioSeconds") == seconds  # nothing more arrives after Stop
+    assert "total" in page.inner_text("#timing") and "total: -" not in page.inner_text("#timing")
+    upstream.script.words = ["Sure."]
+    ask(page, "Sorry, go on")
+    page.wait_for_function("window.playground.requests.length === 2 && !document.querySelector('#send').disabled")
+    interrupted = page.evaluate("window.playground.requests[1]")["messages"][1]
+    # The next turn says what was heard, not every transcript received: the audio had not all played.
+    assert (
+        interrupted["metadata"]["interrupted"] is True
+        and interrupted["metadata"]["original"].strip() == received.strip()
+    )
+    assert received.startswith(interrupted["content"].strip()) and len(interrupted["content"]) < len(received)
     assert page.errors == [], json.dumps(page.errors)
