@@ -9,7 +9,6 @@ model asks again once the caller's results are in, and no call is lost or run tw
 
 import asyncio
 import logging
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,8 +19,9 @@ import orjson
 
 from context import Context
 from errors import upstream_error
-from events import Event, Metadata, Note, Relayed, Text, ToolCall, content_of
-from text import language, latest_question
+from events import Event, Metadata, Note, Relayed, ToolCall, content_of
+from lateness import phrase_for, said_when_late
+from text import latest_question
 from tools import ToolRegistry, failure
 from upstream import LLM
 from wording import BRIDGE_PHRASES
@@ -186,9 +186,11 @@ class Turn:
     caller_tools: set[str]
     messages: list[dict[str, Any]]
     hold: bool  # a heard-whole tool is offered: hold word-less leading events until we know
+    offered: list[dict[str, Any]]  # the server's tools, as offered to the model
     held: list[bytes] = field(default_factory=list)
     spoken: bool = False  # words or calls went out: too late for the uninterruptible first chunk
-    bridged: bool = False
+    bridged: bool = False  # the bridge phrase was said
+    bridging: bool = False  # a bridge is waiting for the first sentence after the server's calls
 
     def release(self, payloads: list[bytes]) -> Relayed:
         """Events with words, after whatever was held back before them."""
@@ -204,11 +206,20 @@ async def answer(llm: LLM, body: dict[str, Any], loop: ToolLoop, context: Contex
     once more without server tools so the caller always gets an answer."""
     offered = offered_tools(body, loop.tools)
     hold = any(loop.tools.heard_whole(schema["function"]["name"]) for schema in offered)
-    turn = Turn(caller_tool_names(body), list(body["messages"]), hold)
-    for round_number in range(loop.max_rounds + 1):
-        last = round_number == loop.max_rounds or not offered
+    turn = Turn(caller_tool_names(body), list(body["messages"]), hold, offered)
+    async for event in rounds(llm, body, loop, turn, 0, context):
+        yield event
+
+
+async def rounds(
+    llm: LLM, body: dict[str, Any], loop: ToolLoop, turn: Turn, first: int, context: Context
+) -> AsyncIterator[Event]:
+    """The answer from round `first` on. After a round of the server's calls, the rest of the answer
+    (the calls, then the next rounds) gets the bridge phrase when its first sentence is late."""
+    for round_number in range(first, loop.max_rounds + 1):
+        last = round_number == loop.max_rounds or not turn.offered
         calls, said = Round(turn.caller_tools, loop), []
-        request = body if not offered else with_tools(body, turn.messages, [] if last else offered)
+        request = body if not turn.offered else with_tools(body, turn.messages, [] if last else turn.offered)
         finish = None
         async for event in stream_round(llm, request, calls, turn, context):
             if isinstance(event, Relayed):
@@ -224,8 +235,18 @@ async def answer(llm: LLM, body: dict[str, Any], loop: ToolLoop, context: Contex
             if finish is not None:
                 yield finish
             return
-        async for event in run_round(loop, calls, turn, "".join(batch.text() for batch in said), context):
+        for event in before_calls(loop, calls, turn, "".join(batch.text() for batch in said)):
             yield event
+        rest = after_calls(llm, body, loop, calls, turn, round_number + 1, context)
+        if not (turn.bridged or turn.bridging):  # one phrase an answer, and one timer at a time
+            turn.bridging = True
+            phrase = phrase_for(BRIDGE_PHRASES, latest_question(turn.messages))
+            rest = said_when_late(rest, phrase, loop.bridge_ms, "bridge")
+        async for event in rest:
+            turn.bridging = False  # whatever comes out, the wait for the first sentence is over
+            turn.bridged = turn.bridged or (isinstance(event, Note) and event.kind == "bridge")
+            yield event
+        return
 
 
 async def stream_round(
@@ -255,31 +276,36 @@ async def stream_round(
                 yield turn.release(plain)
 
 
-async def run_round(loop: ToolLoop, calls: Round, turn: Turn, text: str, context: Context) -> AsyncIterator[Event]:
-    """Run the round's server calls (a bridge phrase if they are slow); their results join the history."""
+def before_calls(loop: ToolLoop, calls: Round, turn: Turn, text: str) -> list[Event]:
+    """What goes out before the server's calls run: the uninterruptible mark (it must be the answer's
+    first chunk) and the held events; the round joins the history."""
     server_calls = calls.server_calls()
+    events: list[Event] = []
     if any(loop.tools.heard_whole(call.name) for call in server_calls):
         if turn.spoken:
             log.warning("an answer that must be heard whole had already begun; the engine may let it be cut off")
         else:
-            yield Metadata({"interruptable": False})  # the first chunk, so the engine plays the rest whole
+            events.append(Metadata({"interruptable": False}))
     if turn.held:
-        yield turn.release([])
-    tool_calls = [c.message() for c in server_calls]
-    turn.messages += [{"role": "assistant", "content": text or None, "tool_calls": tool_calls}]
-    results = asyncio.ensure_future(run_calls(loop, server_calls, context))
-    try:
-        if not turn.bridged and not (await asyncio.wait({results}, timeout=loop.bridge_ms / 1000))[0]:
-            turn.bridged = True  # the tools are slow: say something so the line is not silent
-            yield Text(random.choice(BRIDGE_PHRASES[language(latest_question(turn.messages))]) + " ")
-        turn.messages += await results
-        for call, result in zip(server_calls, turn.messages[-len(server_calls) :]):
-            yield Note(
-                "tool",
-                {"name": call.name, "arguments": "".join(call.fragments)[:1000], "result": result["content"][:1000]},
-            )
-    finally:
-        results.cancel()  # a barge-in while tools run cancels them
+        events.append(turn.release([]))
+    turn.messages += [{"role": "assistant", "content": text or None, "tool_calls": [c.message() for c in server_calls]}]
+    return events
+
+
+async def after_calls(
+    llm: LLM, body: dict[str, Any], loop: ToolLoop, calls: Round, turn: Turn, next_round: int, context: Context
+) -> AsyncIterator[Event]:
+    """The server's calls run (a barge-in cancels them), their results joined to the history, then the
+    next rounds."""
+    server_calls = calls.server_calls()
+    results = await run_calls(loop, server_calls, context)
+    turn.messages += results
+    for call, result in zip(server_calls, results):
+        yield Note(
+            "tool", {"name": call.name, "arguments": "".join(call.fragments)[:1000], "result": result["content"][:1000]}
+        )
+    async for event in rounds(llm, body, loop, turn, next_round, context):
+        yield event
 
 
 async def complete(llm: LLM, body: dict[str, Any], loop: ToolLoop, context: Context) -> bytes:

@@ -44,8 +44,9 @@ from context import Context
 from embeddings import BUILTIN, BuiltinModel, Embedder, HostedModel
 from errors import ApiError, bad_request
 from events import Event, Note
+from lateness import phrase_for, said_when_late
 from outbound import Slots
-from rag import NoKnowledge, Retriever, has_documents, retrieve, said_when_late, waiting_phrase, with_passages
+from rag import NoKnowledge, Retriever, has_documents, retrieve, with_passages
 from serving import (
     BearerAuth,
     BytesStream,
@@ -542,8 +543,8 @@ def rag_events(svc: Service, chat: Chat) -> AsyncIterator[Event]:
     """The grounded answer, with a waiting phrase first when it is late (WAITING_PHRASE_AFTER_MS)."""
     settings = svc.settings
     phrases = {"en": settings.waiting_messages_en, "zh": settings.waiting_messages_zh}
-    phrase = waiting_phrase(phrases, latest_question(chat.body["messages"]))
-    return said_when_late(grounded_answer(svc, chat), phrase, settings.waiting_phrase_after_ms)
+    phrase = phrase_for(phrases, latest_question(chat.body["messages"]))
+    return said_when_late(grounded_answer(svc, chat), phrase, settings.waiting_phrase_after_ms, "waiting")
 
 
 async def grounded_answer(svc: Service, chat: Chat) -> AsyncIterator[Event]:

@@ -1,4 +1,4 @@
-"""/rag around any retriever: the interface a knowledge source offers, the waiting phrase, the query
+"""/rag around any retriever: the interface a knowledge source offers, the query
 (with a follow-up's context), the deadline, and the passages handed to the model as data.
 
 Light on purpose: a server whose knowledge folder holds no document imports neither the index
@@ -7,11 +7,9 @@ Light on purpose: a server whose knowledge folder holds no document imports neit
 
 import asyncio
 import logging
-import random
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,8 +19,7 @@ import orjson
 import metrics
 from context import Context
 from documents import SUFFIXES
-from events import Event, Note, Text, words_of
-from text import is_cjk, language, message_text, sentence_end
+from text import is_cjk, message_text
 from wording import GROUNDING_PROMPT
 
 log = logging.getLogger("custom_llm.knowledge")
@@ -100,62 +97,6 @@ def has_documents(folder: Path) -> bool:
         return any(path.suffix.lower() in SUFFIXES for path in folder.rglob("*"))
     except OSError:
         return False
-
-
-async def said_when_late(events: AsyncIterator[Event], phrase: str, after_ms: int) -> AsyncIterator[Event]:
-    """The events, with the phrase before them only when their first sentence is not there within
-    `after_ms` (0: the phrase always comes first). A first sentence that arrives in time goes out at
-    once and no phrase is said; one that is late follows the phrase without a gap, and nothing is
-    said twice. Until then the events are held: a voice cannot start speaking before a whole
-    sentence anyway, so holding them costs the listener nothing."""
-    if after_ms <= 0:
-        yield Note("waiting", phrase)
-        yield Text(phrase)
-        async for event in events:
-            yield event
-        return
-    loop = asyncio.get_running_loop()
-    deadline, said = loop.time() + after_ms / 1000, ""
-    held: list[Event] = []
-    waiting: str | None = phrase
-    step = asyncio.ensure_future(anext(events, None))
-    try:
-        while True:
-            if waiting is not None:
-                done, _ = await asyncio.wait({step}, timeout=max(0.0, deadline - loop.time()))
-                if not done:  # late: the phrase now, then what was held
-                    yield Note("waiting", waiting)  # for a caller that asked for notes (the playground)
-                    yield Text(waiting)
-                    waiting = None
-                    for event in held:
-                        yield event
-                    held = []
-                    continue
-            arrived = await step
-            if arrived is None:
-                break
-            if waiting is None:
-                yield arrived
-            else:
-                held.append(arrived)
-                said += words_of(arrived)
-                if sentence_end(said):  # in time: no phrase
-                    waiting = None
-                    for kept in held:
-                        yield kept
-                    held = []
-            step = asyncio.ensure_future(anext(events, None))
-        for kept in held:  # the answer ended before its first sentence did, in time: no phrase
-            yield kept
-    finally:
-        step.cancel()
-        await asyncio.gather(step, return_exceptions=True)
-
-
-def waiting_phrase(phrases: dict[str, tuple[str, ...]], question: str) -> str:
-    """A waiting phrase in the question's language, ending so the TTS says it as a sentence of its own."""
-    lang = language(question)
-    return random.choice(phrases[lang]) + ("" if lang == "zh" else " ")
 
 
 _FOLLOW_UP = re.compile(

@@ -180,7 +180,25 @@ def test_slow_tools_get_a_bridge_phrase(make_server, upstream):
     upstream.reset()
     upstream.script.turns = [{"calls": [("slow", "{}")]}, ANSWER]
     text = text_of(stream(server, {"messages": [{"role": "user", "content": "现在几点？"}]}))
-    assert text.removesuffix("It is noon.") in ("稍等一下。 ", "马上就好。 ")
+    assert text.removesuffix("It is noon.") in ("稍等一下。", "马上就好。")
+
+
+def test_fast_tools_then_a_slow_answer_get_a_bridge_phrase(make_server, upstream):
+    """The bridge answers the silence, not the tools: it counts until the answer's next sentence."""
+    server = make_server(tool_bridge_ms=300)
+    slow_answer = {**ANSWER, "first_delay": 0.8}
+    upstream.script.turns = [{"calls": [("calculate", '{"expression": "1+1"}')]}, slow_answer]
+    text = text_of(stream(server, {"messages": ASK}))
+    assert text.removesuffix("It is noon.").strip() in ("One moment.", "Just a second.")
+
+
+def test_one_bridge_phrase_an_answer_over_chained_tool_rounds(make_server, upstream):
+    server = make_server(tool_bridge_ms=100)
+    slow = {"calls": [("calculate", '{"expression": "1+1"}')], "first_delay": 0.4}
+    upstream.script.turns = [slow, slow, {**ANSWER, "first_delay": 0.4}]
+    text = text_of(stream(server, {"messages": ASK}))
+    assert text.removesuffix("It is noon.").strip() in ("One moment.", "Just a second.")
+    assert len(upstream.requests) == 3
 
 
 def test_fast_tools_get_no_bridge_phrase(server, upstream):

@@ -7,6 +7,7 @@ HTTP on loopback, exactly as it would to OpenAI or vLLM.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import re
@@ -35,7 +36,8 @@ class Script:
     body: bytes | None = None  # the whole body of a non-streaming answer
     usage: bool = False  # a final usage chunk with choices: []
     # Tool-calling turns: each request takes the next (the last one repeats), e.g.
-    # {"say": ["Let me check. "], "calls": [("calculate", '{"expression": "2+2"}')], "after": ["Done."]}
+    # {"say": ["Let me check. "], "calls": [("calculate", '{"expression": "2+2"}')], "after": ["Done."]};
+    # "first_delay" in a turn holds that turn's first event back (a slow round).
     turns: list[dict[str, Any]] = field(default_factory=list)
     speech_status: int = 200  # the speech endpoint's answer
     speech_fail_after: int | None = None  # the speech endpoint breaks off after this many requests' audio began
@@ -225,6 +227,8 @@ class ScriptedUpstream:
                 },
             )
         self.active += 1
+        if turn and "first_delay" in turn:
+            script = dataclasses.replace(script, first_delay=turn["first_delay"])
         try:
             await self._race_disconnect(receive, self._stream(send, script, self.turn_events(turn) if turn else None))
         finally:
