@@ -1,6 +1,6 @@
 """Agora's engine as this server meets it: the fields it adds to a request (kept from the upstream),
 the history as the user heard it, the first chunk that makes an answer uninterruptible, and the
-REST API call that ends the call (the `end_call` tool).
+REST API call that ends the call (the `end_call` tool), with Basic or token authentication.
 """
 
 import asyncio
@@ -8,6 +8,7 @@ import base64
 import logging
 import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -88,9 +89,11 @@ def _openai_image_part(part: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 RUNNING = 2  # the agent state "RUNNING" in Agora's list-agents call
+PUBLISHER = 1  # the RTC role a REST token is signed for, as Agora's Conversational AI SDK signs it
 # Agora's ids are letters, digits, "_" and "-"; a channel name is at most 64 of these characters.
 AGENT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 CHANNEL = re.compile(r"[A-Za-z0-9 !#$%&()+\-:;<=.>?@\[\]^_{|}~,]{1,64}")
+UID = re.compile(r"[A-Za-z0-9 !#$%&()+\-:;<=.>?@\[\]^_{|}~,]{1,255}")  # a number, or a string uid
 # List agents finds only agents started in the last 2 hours unless told otherwise; a call lasts at
 # most as long as its RTC token, 24 hours.
 LIST_WINDOW_SECONDS = 24 * 3600
@@ -103,17 +106,47 @@ MAX_ANSWER_WAIT_SECONDS = 120.0  # the answer with the goodbye has this long to 
 
 
 @dataclass(frozen=True)
+class BasicAuth:
+    """Agora's REST credentials: the customer id and secret (HTTP Basic)."""
+
+    customer_id: str
+    customer_secret: str
+
+    def header(self, app_id: str, channel: str, agent_uid: str) -> str:
+        return "Basic " + base64.b64encode(f"{self.customer_id}:{self.customer_secret}".encode()).decode()
+
+
+@dataclass(frozen=True)
+class TokenAuth:
+    """Agora's production REST authentication: an RTC+RTM token (AccessToken2) signed with the App
+    Certificate for the agent's channel and uid, made by Agora's own token builder. Each hang-up
+    gets a fresh token that expires in `lifetime` seconds."""
+
+    certificate: str
+    lifetime: int = 600
+
+    def header(self, app_id: str, channel: str, agent_uid: str) -> str:
+        with warnings.catch_warnings():  # the package's __init__ imports its deprecated builders too
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from agoraiotools import RtcTokenBuilder2
+        token = RtcTokenBuilder2.build_token_with_rtm(
+            app_id, self.certificate, channel, agent_uid, PUBLISHER, self.lifetime, self.lifetime
+        )
+        return f"agora token={token}"
+
+
+@dataclass(frozen=True)
 class AgoraREST:
-    """Agora's Conversational AI REST API with the project's credentials (HTTP Basic auth).
+    """Agora's Conversational AI REST API with the project's credentials.
 
     Every URL is built from AGORA_API_BASE and ids that are checked to be Agora's ids and quoted as
     one path segment, redirects are not followed, and bodies are read only so far: the project's
     credentials go nowhere else, whatever a caller puts in its ids."""
 
     app_id: str
-    customer_id: str
-    customer_secret: str
+    auth: BasicAuth | TokenAuth
     base_url: str = "https://api.agora.io/api/conversational-ai-agent"
+    agent_uid: str = "0"  # the join body's agent_rtc_uid, for a token; a request's agent_uid wins
 
     def url(self, *segments: str) -> yarl.URL:
         base = yarl.URL(self.base_url.rstrip("/"))
@@ -124,16 +157,19 @@ class AgoraREST:
             raise ValueError("a REST call would leave AGORA_API_BASE")
         return url
 
-    async def stop_agent(self, channel: str | None, agent_id: str | None) -> str:
+    async def stop_agent(self, channel: str | None, agent_id: str | None, agent_uid: str | None = None) -> str:
         """Stop the agent running in the channel (the one named, when an id is given); what happened,
         for the log. An id is only trusted once Agora lists it as running in the request's channel."""
         if not channel or not CHANNEL.fullmatch(channel):
             return "no valid channel in the request (put it in llm.params): nothing to stop"
         if agent_id is not None and not AGENT_ID.fullmatch(agent_id):
             return "the request's agent_id is not an Agora id: nothing stopped"
-        credentials = base64.b64encode(f"{self.customer_id}:{self.customer_secret}".encode()).decode()
+        agent_uid = agent_uid or self.agent_uid
+        if not UID.fullmatch(agent_uid):
+            return "the request's agent_uid is not an Agora uid: nothing stopped"
+        authorization = self.auth.header(self.app_id, channel, agent_uid)
         async with aiohttp.ClientSession(
-            headers={"authorization": f"Basic {credentials}"}, timeout=REST_TIMEOUT, cookie_jar=aiohttp.DummyCookieJar()
+            headers={"authorization": authorization}, timeout=REST_TIMEOUT, cookie_jar=aiohttp.DummyCookieJar()
         ) as session:
             query = {
                 "channel": channel,
@@ -191,29 +227,30 @@ class Hangups:
         self.rest, self.grace_seconds, self.graceful, self.limit = rest, grace_seconds, graceful, limit
         self.pending: dict[str, asyncio.Task[None]] = {}
 
-    def schedule(self, channel: str | None, agent_id: str | None, goodbye: str, answered: asyncio.Event) -> str:
-        """Stop the agent once the goodbye has been heard; what was done, for the model."""
-        key = channel or ""
+    def schedule(self, context: Context, goodbye: str) -> str:
+        """Stop the request's agent once the goodbye has been heard; what was done, for the model."""
+        key = context.channel or ""
         if key in self.pending:
             return "the call is already ending"
         if len(self.pending) >= self.limit:
             log.warning("end_call: %d hang-ups are pending already; this one is not scheduled", self.limit)
             return "the call cannot be ended now"
-        task = asyncio.get_running_loop().create_task(self._hang_up(channel, agent_id, goodbye, answered))
+        task = asyncio.get_running_loop().create_task(self._hang_up(context, goodbye))
         self.pending[key] = task
         task.add_done_callback(lambda _: self.pending.pop(key, None))
         return "the call ends after the goodbye"
 
-    async def _hang_up(self, channel: str | None, agent_id: str | None, goodbye: str, answered: asyncio.Event) -> None:
+    async def _hang_up(self, context: Context, goodbye: str) -> None:
         try:
             async with asyncio.timeout(MAX_ANSWER_WAIT_SECONDS):
-                await answered.wait()  # the whole goodbye has been sent to the engine
+                await context.answered.wait()  # the whole goodbye has been sent to the engine
         except TimeoutError:
             pass
         # With graceful leave, Agora waits for the agent to finish speaking; else, an estimate.
         await asyncio.sleep(0 if self.graceful else speaking_seconds(goodbye) + self.grace_seconds)
         try:
-            log.info("end_call: %s", printable(await self.rest.stop_agent(channel, agent_id), 200))
+            done = await self.rest.stop_agent(context.channel, context.agent_id, context.agent_uid)
+            log.info("end_call: %s", printable(done, 200))
         except (aiohttp.ClientError, TimeoutError, ValueError) as error:
             log.warning("end_call: Agora's REST API could not be reached (%s)", type(error).__name__)
 
@@ -229,7 +266,7 @@ def end_call_tool(hangups: Hangups) -> Callable[..., Any]:
         if context.call_ended:  # one per answer, however often the model asks
             return {"status": "the call is already ending", "say": goodbye}
         context.call_ended = True
-        status = hangups.schedule(context.channel, context.agent_id, goodbye, context.answered)
+        status = hangups.schedule(context, goodbye)
         return {"status": status, "say": goodbye, "instruction": "Say exactly the goodbye now, nothing else."}
 
     return end_call

@@ -44,6 +44,11 @@ class Context:
         value = self.engine.get("agent_id")
         return value if isinstance(value, str) else None
 
+    @property
+    def agent_uid(self) -> str | None:
+        value = self.engine.get("agent_uid")  # a number or a string uid; Agora's sample sends it as text
+        return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+
     def since_start_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
 

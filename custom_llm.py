@@ -22,6 +22,7 @@ import dataclasses
 import gc
 import logging
 import os
+import re
 import secrets
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,7 +39,7 @@ from starlette.responses import Response
 
 import metrics
 import speech
-from agora import AGENT_ID, ENGINE_FIELDS, AgoraREST, Hangups, end_call_tool, for_upstream
+from agora import AGENT_ID, ENGINE_FIELDS, UID, AgoraREST, BasicAuth, Hangups, TokenAuth, end_call_tool, for_upstream
 from answer import ToolLoop, answer, complete
 from context import Context
 from embeddings import BUILTIN, BuiltinModel, Embedder, HostedModel
@@ -175,6 +176,8 @@ class Settings:
     agora_app_id: str = setting("AGORA_APP_ID", "")
     agora_customer_id: str = setting("AGORA_CUSTOMER_ID", "")
     agora_customer_secret: str = setting("AGORA_CUSTOMER_SECRET", "")
+    agora_app_certificate: str = setting("AGORA_APP_CERTIFICATE", "")
+    agora_agent_uid: str = setting("AGORA_AGENT_UID", "0")
     agora_api_base: str = setting("AGORA_API_BASE", "https://api.agora.io/api/conversational-ai-agent")
     agora_hangup_grace_ms: int = setting("AGORA_HANGUP_GRACE_MS", 1500, int)
     agora_graceful_leave: bool = setting("AGORA_GRACEFUL_LEAVE", False, _bool)
@@ -198,6 +201,12 @@ class Settings:
                 raise ValueError(f"{spec.metadata['env']} must not be negative, not {value}")
         if self.agora_app_id and not AGENT_ID.fullmatch(self.agora_app_id):
             raise ValueError("AGORA_APP_ID is not an Agora App ID (letters and digits)")
+        if self.agora_app_certificate and not all(
+            re.fullmatch(r"[0-9a-fA-F]{32}", value) for value in (self.agora_app_id, self.agora_app_certificate)
+        ):  # Agora's token builder signs only these; anything else would be an empty token
+            raise ValueError("token authentication needs AGORA_APP_ID and AGORA_APP_CERTIFICATE of 32 hex digits")
+        if not UID.fullmatch(self.agora_agent_uid):
+            raise ValueError("AGORA_AGENT_UID is not an Agora uid")
         if self.rag_min_coverage > 1:
             raise ValueError(f"RAG_MIN_COVERAGE is a share from 0 to 1, not {self.rag_min_coverage}")
         if self.rag_min_similarity is not None and not -1 <= self.rag_min_similarity <= 1:
@@ -247,13 +256,27 @@ class Settings:
         """The server's tools: the given or sample ones, as SERVER_TOOLS selects, and end_call when
         Agora's REST credentials are set."""
         registry = (tools or sample_tools(retriever)).select(self.server_tools)
-        if self.agora_app_id and self.agora_customer_id and self.agora_customer_secret:
-            rest = AgoraREST(self.agora_app_id, self.agora_customer_id, self.agora_customer_secret, self.agora_api_base)
+        rest = self.agora_rest()
+        if rest is not None:
             hangups = Hangups(
                 rest, self.agora_hangup_grace_ms / 1000, self.agora_graceful_leave, self.agora_max_pending_hangups
             )
             registry.add(end_call_tool(hangups), name="end_call", heard_whole=True, destructive=FAREWELLS)
         return registry
+
+    def agora_rest(self) -> AgoraREST | None:
+        """Agora's REST API with a token signed by the App Certificate (Agora's production method),
+        else with the customer id and secret; None without credentials."""
+        auth: TokenAuth | BasicAuth
+        if self.agora_app_certificate:
+            auth = TokenAuth(self.agora_app_certificate)
+        elif self.agora_customer_id and self.agora_customer_secret:
+            auth = BasicAuth(self.agora_customer_id, self.agora_customer_secret)
+        else:
+            return None
+        if not self.agora_app_id:
+            return None
+        return AgoraREST(self.agora_app_id, auth, self.agora_api_base, self.agora_agent_uid)
 
     def knowledge(self) -> Retriever:
         """The default retriever: the index of KNOWLEDGE_DIR, or nothing at all for a folder with no

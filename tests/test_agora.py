@@ -4,10 +4,14 @@ the voice as Agora's custom TTS (POST /audio/speech), and ending the call throug
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 import logging
 import re
+import struct
 import time
+import zlib
+from hashlib import sha256
 
 import httpx
 import pytest
@@ -256,14 +260,14 @@ def agora():
 
 
 def hanging_up(make_server, agora, upstream, goodbye: str = "Goodbye!", calls: int = 1, **settings):
-    settings = {"agora_hangup_grace_ms": 0, **settings}
-    server = make_server(
-        agora_app_id="app-1",
-        agora_customer_id="cust",
-        agora_customer_secret="secret",
-        agora_api_base=agora.url,
+    settings = {
+        "agora_hangup_grace_ms": 0,
+        "agora_app_id": "app-1",
+        "agora_customer_id": "cust",
+        "agora_customer_secret": "secret",
         **settings,
-    )
+    }
+    server = make_server(agora_api_base=agora.url, **settings)
     call = ("end_call", json.dumps({"goodbye": goodbye, "reason": "The user said bye."}))
     upstream.script.turns = [{"calls": [call] * calls}, {"say": [goodbye]}]
     return server
@@ -325,6 +329,88 @@ def test_the_hang_up_waits_for_the_goodbye_to_be_sent(make_server, agora, upstre
     assert agora.paths() == [LIST, LEAVE]
 
 
+APP_ID, CERTIFICATE = "0123456789abcdef0123456789abcdef", "fedcba9876543210fedcba9876543210"
+
+
+def token_claims(authorization: str, certificate: str = CERTIFICATE) -> dict:
+    """What Agora checks in `agora token=<AccessToken2>`, read by this test on its own: the signature
+    (HMAC-SHA256 under a key derived from the certificate, the issue time and the salt), the app id,
+    and the RTC service's channel and uid."""
+    assert authorization.startswith("agora token=007")
+    raw = zlib.decompress(base64.b64decode(authorization.removeprefix("agora token=007")))
+
+    def string(at: int) -> tuple[bytes, int]:
+        (size,) = struct.unpack_from("<H", raw, at)
+        return raw[at + 2 : at + 2 + size], at + 2 + size
+
+    signature, start = string(0)
+    app_id, at = string(start)
+    issued, expire, salt, services = struct.unpack_from("<IIIH", raw, at)
+    key = hmac.new(struct.pack("<I", issued), certificate.encode(), sha256).digest()
+    key = hmac.new(struct.pack("<I", salt), key, sha256).digest()
+    valid = hmac.compare_digest(signature, hmac.new(key, raw[start:], sha256).digest())
+    service, privileges = struct.unpack_from("<HH", raw, at + 14)
+    channel, at = string(at + 18 + 6 * privileges)
+    uid, _ = string(at)
+    return {
+        "valid": valid,
+        "app_id": app_id.decode(),
+        "service": service,
+        "services": services,
+        "channel": channel.decode(),
+        "uid": uid.decode(),
+        "expire": expire,
+    }
+
+
+def test_token_authentication_signs_for_the_agents_channel_and_uid(make_server, agora, upstream, caplog):
+    """Agora's production REST auth: with AGORA_APP_CERTIFICATE, each call carries an RTC+RTM token
+    for the request's channel and agent uid (AGORA_AGENT_UID, or the engine's agent_uid)."""
+    server = hanging_up(make_server, agora, upstream, agora_app_id=APP_ID, agora_app_certificate=CERTIFICATE)
+    with caplog.at_level(logging.INFO, logger="custom_llm"):
+        post(server, bye(agent_uid=1001)).read()
+        wait_for(lambda: "end_call: agent agent-42 stopped" in caplog.text)
+    assert [path.replace(APP_ID, "app-1") for _, path in agora.paths()] == [LIST[1], LEAVE[1]]
+    for _, _, authorization in agora.calls:
+        claims = token_claims(authorization)
+        assert claims == {
+            "valid": True,
+            "app_id": APP_ID,
+            "service": 1,
+            "services": 2,
+            "channel": "room-1",
+            "uid": "1001",
+            "expire": 600,
+        }
+        assert not token_claims(authorization, "0" * 32)["valid"]  # the certificate signs it
+    assert CERTIFICATE not in caplog.text and "token=" not in caplog.text
+    agora.calls.clear()
+    upstream.reset()
+    upstream.script.turns = [
+        {"calls": [("end_call", json.dumps({"goodbye": "Bye!", "reason": "bye"}))]},
+        {"say": ["Bye!"]},
+    ]
+    post(server, bye(channel="room-2")).read()
+    wait_for(lambda: len(agora.calls) == 1)
+    assert token_claims(agora.calls[0][2])["channel"] == "room-2" and token_claims(agora.calls[0][2])["uid"] == "0"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"agora_app_id": "app-1", "agora_app_certificate": CERTIFICATE},  # the builder signs only hex ids
+        {"agora_app_id": APP_ID, "agora_app_certificate": "not-a-certificate"},
+        {"agora_app_id": APP_ID, "agora_agent_uid": "../x\n"},
+    ],
+)
+def test_token_settings_that_cannot_sign_are_refused_at_start(settings):
+    from custom_llm import Settings
+
+    with pytest.raises(ValueError) as refused:
+        Settings(**settings)
+    assert CERTIFICATE not in str(refused.value)
+
+
 def test_an_agent_id_from_llm_params_is_stopped_when_it_runs_in_the_channel(make_server, agora, upstream):
     server = hanging_up(make_server, agora, upstream)
     post(server, bye(agent_id="agent-42")).read()
@@ -346,6 +432,19 @@ def test_a_callers_agent_id_cannot_steer_the_credentials(make_server, agora, ups
     assert all(path.startswith("/v2/projects/app-1/agents?") for _, path in agora.paths())
     assert "not stopped" in caplog.text or "not an Agora id" in caplog.text
     assert all("\n" not in record.getMessage() for record in caplog.records)  # no forged log line
+
+
+@pytest.mark.parametrize("agent_uid", ["1001\nforged", "x" * 300, ""])
+def test_a_callers_agent_uid_that_is_not_a_uid_signs_nothing(make_server, agora, upstream, caplog, agent_uid):
+    server = hanging_up(make_server, agora, upstream, agora_app_id=APP_ID, agora_app_certificate=CERTIFICATE)
+    with caplog.at_level(logging.INFO, logger="custom_llm"):
+        post(server, bye(agent_uid=agent_uid)).read()
+        wait_for(lambda: "end_call:" in caplog.text)
+    if agent_uid:
+        assert agora.calls == [] and "not an Agora uid: nothing stopped" in caplog.text
+    else:  # an empty uid is no uid: AGORA_AGENT_UID signs
+        wait_for(lambda: len(agora.calls) == 2)
+        assert token_claims(agora.calls[0][2])["uid"] == "0"
 
 
 def test_a_call_without_a_channel_stops_nothing(make_server, agora, upstream, caplog):
