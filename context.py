@@ -20,10 +20,12 @@ class Context:
 
     request_id: str
     started: float = field(default_factory=time.perf_counter)
+    agent: str = "-"  # the agent (profile) the caller's key selects
     model: str = "-"
     turn_id: str = "-"
     engine: dict[str, Any] = field(default_factory=dict)  # the engine's own fields: channel, agent_id...
     messages: list[dict[str, Any]] = field(default_factory=list)  # the conversation as the caller sent it
+    variables: dict[str, str] = field(default_factory=dict)  # llm.params.variables: the call's own values
     upstream: str = "-"  # which upstream served: primary or fallback
     cancelled: bool = False  # the caller hung up mid-answer (a barge-in)
     call_ended: bool = False  # end_call ran in this answer: once is enough

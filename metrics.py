@@ -18,16 +18,24 @@ from prometheus_client import (
 )
 
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-ENDPOINTS = {"/chat/completions": "chat", "/rag/chat/completions": "rag", "/audio/chat/completions": "audio"}
 
+# Requests are labelled by endpoint (the route table's labels) and agent (a profile's name, or "-").
 REQUESTS = Counter(
-    "custom_llm_requests_total", "Requests answered, by endpoint and HTTP status.", ["endpoint", "status"]
+    "custom_llm_requests_total",
+    "Requests answered, by endpoint, HTTP status and agent.",
+    ["endpoint", "status", "agent"],
 )
 FIRST_BYTE = Histogram(
-    "custom_llm_time_to_first_byte_seconds", "From request to the first byte sent back.", ["endpoint"], buckets=SECONDS
+    "custom_llm_time_to_first_byte_seconds",
+    "From request to the first byte sent back.",
+    ["endpoint", "agent"],
+    buckets=SECONDS,
 )
 DURATION = Histogram(
-    "custom_llm_request_duration_seconds", "From request to the last byte sent back.", ["endpoint"], buckets=SECONDS
+    "custom_llm_request_duration_seconds",
+    "From request to the last byte sent back.",
+    ["endpoint", "agent"],
+    buckets=SECONDS,
 )
 IN_FLIGHT = Gauge(
     "custom_llm_in_flight_requests", "Requests being answered now.", ["endpoint"], multiprocess_mode="livesum"
@@ -36,10 +44,10 @@ FIRST_SENTENCE = Histogram(
     "custom_llm_first_sentence_seconds",
     "From request to the end of the first complete sentence sent (our side of Agora's time to the first "
     "sentence: the turns API's llm_ttft + llm_ftfs, webhook event 111's llm_ttfs).",
-    ["endpoint"],
+    ["endpoint", "agent"],
     buckets=SECONDS,
 )
-CANCELLED = Counter("custom_llm_cancelled_total", "Requests the caller hung up on (barge-in).", ["endpoint"])
+CANCELLED = Counter("custom_llm_cancelled_total", "Requests the caller hung up on (barge-in).", ["endpoint", "agent"])
 UPSTREAM_FIRST_EVENT = Histogram(
     "custom_llm_upstream_first_event_seconds",
     "From calling an upstream LLM to its first event.",
@@ -85,11 +93,6 @@ ERROR_CODES = frozenset(
 def error_code(code: str | None) -> str:
     """A bounded label for an upstream error code."""
     return code if code in ERROR_CODES else "other"
-
-
-def endpoint(path: str) -> str:
-    """A bounded label for a path, so unknown paths cannot blow up the series count."""
-    return ENDPOINTS.get(path, "other")
 
 
 def render() -> bytes:

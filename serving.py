@@ -10,7 +10,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import orjson
@@ -318,17 +318,20 @@ class JSONReply(CancelOnDisconnect):
 
 class BearerAuth:
     """Rejects a request without a valid `Authorization: Bearer <key>` before it reaches any endpoint,
-    and holds each key to MAX_STREAMS_PER_KEY requests at once."""
+    notes the agent the key selects in the request's context, and holds each key to its agent's
+    MAX_STREAMS_PER_KEY requests at once. The keys are read per request: a reload changes them."""
 
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...], max_per_key: int, public: frozenset[str]):
-        self.app = app
-        self.keys = [key.encode() for key in keys]
-        self.max_per_key = max_per_key
-        self.in_flight = [0] * len(keys)
-        self.public = public
+    def __init__(self, app: ASGIApp, keyring: Callable[[], Sequence[tuple[bytes, str, int]]], public: frozenset[str]):
+        self.app, self.keyring, self.public = app, keyring, public
+        self.in_flight: dict[bytes, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in self.public:
+        keys = self.keyring()  # (key, agent, requests it may have in flight: 0 for any)
+        if scope["type"] != "http" or scope["path"] in self.public:
+            return await self.app(scope, receive, send)
+        context: Context = scope["state"]["context"]
+        if not keys:  # ALLOW_UNAUTHENTICATED, and no key set: the one agent
+            context.agent = "default"
             return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
@@ -343,31 +346,34 @@ class BearerAuth:
                 ),
                 close=True,
             )
-        token, match = token.strip(), -1
-        for n, key in enumerate(self.keys):  # every key compared, in constant time
-            if hmac.compare_digest(token, key):
-                match = n
-        if match < 0:
+        token, match = token.strip(), None
+        for key in keys:  # every key compared, in constant time
+            if hmac.compare_digest(token, key[0]):
+                match = key
+        if match is None:
             return await send_error(
                 send, ApiError(401, "Invalid API key.", "authentication_error", "invalid_api_key"), close=True
             )
-        if self.max_per_key and self.in_flight[match] >= self.max_per_key:
+        secret, context.agent, limit = match
+        if limit and self.in_flight.get(secret, 0) >= limit:
             return await send_error(
                 send,
                 ApiError(
                     429,
-                    f"This key already has {self.max_per_key} requests in flight.",
+                    f"This key already has {limit} requests in flight.",
                     "rate_limit_error",
                     "too_many_concurrent_requests",
                     headers={"retry-after": "1"},
                 ),
                 close=True,
             )
-        self.in_flight[match] += 1
+        self.in_flight[secret] = self.in_flight.get(secret, 0) + 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_flight[match] -= 1
+            self.in_flight[secret] -= 1
+            if not self.in_flight[secret]:
+                del self.in_flight[secret]  # keys come and go with reloads
 
 
 class RequestLog:
@@ -375,8 +381,9 @@ class RequestLog:
 
     Message contents are never logged here, and every caller-controlled value is made printable."""
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, labels: dict[str, str]):
         self.app = app
+        self.labels = labels  # path: metrics label; any other path is "other", so series stay bounded
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -384,7 +391,7 @@ class RequestLog:
         request = Context(uuid.uuid4().hex[:16])
         scope.setdefault("state", {})["context"] = request  # the route reads it as http.state.context
         token = log_as(request.request_id)
-        endpoint = metrics.endpoint(scope["path"])
+        endpoint = self.labels.get(scope["path"], "other")
         metrics.IN_FLIGHT.labels(endpoint).inc()
         started = request.started
         status, first_byte, chunks = 0, 0.0, 0
@@ -408,22 +415,24 @@ class RequestLog:
             ended = time.perf_counter()
             request.answered.set()
             metrics.IN_FLIGHT.labels(endpoint).dec()
-            metrics.REQUESTS.labels(endpoint, str(status or 499)).inc()
-            metrics.DURATION.labels(endpoint).observe(ended - started)
+            agent = request.agent  # a profile's name (operator-chosen), or "-" before a key was accepted
+            metrics.REQUESTS.labels(endpoint, str(status or 499), agent).inc()
+            metrics.DURATION.labels(endpoint, agent).observe(ended - started)
             if first_byte:
-                metrics.FIRST_BYTE.labels(endpoint).observe(first_byte - started)
+                metrics.FIRST_BYTE.labels(endpoint, agent).observe(first_byte - started)
             if request.cancelled:
-                metrics.CANCELLED.labels(endpoint).inc()
+                metrics.CANCELLED.labels(endpoint, agent).inc()
             if request.first_sentence_ms is not None:
-                metrics.FIRST_SENTENCE.labels(endpoint).observe(request.first_sentence_ms / 1000)
+                metrics.FIRST_SENTENCE.labels(endpoint, agent).observe(request.first_sentence_ms / 1000)
 
             def ms(t: float) -> str:
                 return f"{(t - started) * 1000:.1f}" if t else "-"
 
             log.info(
-                "request path=%s status=%s model=%s turn=%s upstream=%s ttfb_ms=%s total_ms=%s chunks=%d cancelled=%s "
-                "retrieval_ms=%s tools_ms=%s upstream_ttfb_ms=%s first_sentence_ms=%s",
-                *(printable(scope["path"]), status or "-", printable(request.model), printable(request.turn_id)),
+                "request path=%s agent=%s status=%s model=%s turn=%s upstream=%s ttfb_ms=%s total_ms=%s chunks=%d "
+                "cancelled=%s retrieval_ms=%s tools_ms=%s upstream_ttfb_ms=%s first_sentence_ms=%s",
+                *(printable(scope["path"]), request.agent, status or "-", printable(request.model)),
+                printable(request.turn_id),
                 *(request.upstream, ms(first_byte), ms(ended), chunks, str(request.cancelled).lower()),
                 *(_ms(request.retrieval_ms), _ms(request.tools_ms), _ms(request.upstream_ttfb_ms)),
                 _ms(request.first_sentence_ms),

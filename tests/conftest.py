@@ -86,14 +86,15 @@ class ServerThread:
         while not self.server.started:
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.01)
-        service = getattr(getattr(self.server.config.app, "state", None), "service", None)
-        while service is not None and not service.retriever.ready:  # the index builds in the background
-            assert time.monotonic() < deadline, "the knowledge base was not indexed"
-            time.sleep(0.01)
-        embedding = getattr(getattr(service, "retriever", None), "embedding", None)
-        while embedding is not None and not embedding.done():  # and so do its vectors, when it has a model
-            assert time.monotonic() < deadline + 120, "the knowledge base was not embedded"
-            time.sleep(0.01)
+        agents = getattr(getattr(self.server.config.app, "state", None), "agents", None)
+        for knowledge in agents.knowledge.values() if agents is not None else ():
+            while not knowledge.retriever.ready:  # the index builds in the background
+                assert time.monotonic() < deadline, "the knowledge base was not indexed"
+                time.sleep(0.01)
+            embedding = getattr(knowledge.retriever, "embedding", None)
+            while embedding is not None and not embedding.done():  # and so do its vectors, with a model
+                assert time.monotonic() < deadline + 120, "the knowledge base was not embedded"
+                time.sleep(0.01)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -209,11 +210,17 @@ def error_of(response: httpx.Response) -> dict:
     return body["error"]
 
 
-def metric(server: ServerThread, series: str) -> float:
-    """One series' value from /metrics (0 when absent). One process serves every test server, so
-    tests compare values before and after."""
-    for line in httpx.get(server.url + "/metrics", headers=AUTH).text.splitlines():
-        if line.startswith(series + " "):
+def metric(server: ServerThread, series: str, key: str = API_KEY) -> float:
+    """One series' value from /metrics (0 when absent), its labels in any order. One process serves
+    every test server, so tests compare values before and after."""
+
+    def parts(line: str) -> tuple[str, frozenset[str]]:
+        name, _, labels = line.partition("{")
+        return name, frozenset(labels.rstrip("}").split(",")) if labels else frozenset()
+
+    wanted = parts(series)
+    for line in httpx.get(server.url + "/metrics", headers={"authorization": f"Bearer {key}"}).text.splitlines():
+        if not line.startswith("#") and parts(line.rsplit(" ", 1)[0]) == wanted:
             return float(line.split()[-1])
     return 0.0
 

@@ -104,7 +104,7 @@ def test_each_turn_logs_our_side_of_agoras_turn_metrics(make_server, upstream, c
     server = make_server(waiting_phrase_after_ms=0)  # the waiting phrase always first
     upstream.script.words = ["Nine", " to five.", " On Saturdays", " ten to four."]
     upstream.script.delay = 0.02
-    before = metric(server, 'custom_llm_first_sentence_seconds_count{endpoint="rag"}')
+    before = metric(server, 'custom_llm_first_sentence_seconds_count{endpoint="rag",agent="default"}')
     with caplog.at_level(logging.INFO, logger="custom_llm"):
         response = post(server, agora_history(HEARD, ORIGINAL, "When do you open?"), "/rag/chat/completions")
         line = logged(caplog, response.headers["x-request-id"])
@@ -115,7 +115,7 @@ def test_each_turn_logs_our_side_of_agoras_turn_metrics(make_server, upstream, c
     assert 0 <= retrieval < total and 0 < ttfb < total and 0 < first < total
     # The waiting phrase is the first sentence heard on /rag: it leaves before retrieval ends.
     assert first <= retrieval + 5
-    assert metric(server, 'custom_llm_first_sentence_seconds_count{endpoint="rag"}') == before + 1
+    assert metric(server, 'custom_llm_first_sentence_seconds_count{endpoint="rag",agent="default"}') == before + 1
 
 
 def test_the_first_sentence_ends_at_chinese_punctuation_and_tools_are_timed(server, upstream, caplog):

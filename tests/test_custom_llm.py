@@ -115,7 +115,7 @@ def test_two_workers_with_no_key_configured_share_one_key_and_log_every_request(
             with httpx.Client() as client:
                 assert client.post(server.url + "/chat/completions", json=ASK, headers=headers).status_code == 200
         text = httpx.get(server.url + "/metrics", headers=headers).text
-        assert 'custom_llm_requests_total{endpoint="chat",status="200"} 20.0' in text
+        assert 'custom_llm_requests_total{agent="default",endpoint="chat",status="200"} 20.0' in text
         logged = server.wait_for_lines("request path=/chat/completions", 20)
         assert len(logged) == 20 and all(LOG_LINE.match(line) for line in logged), logged
     finally:

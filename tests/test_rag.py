@@ -57,7 +57,7 @@ def test_a_late_answer_gets_the_waiting_phrase_first_then_the_answer(make_server
 
 def test_the_phrase_can_always_come_first_before_retrieval_finishes(make_server, upstream):
     server = make_server(waiting_phrase_after_ms=0)  # the always-on behaviour
-    knowledge = server.server.config.app.state.service.retriever.base
+    knowledge = server.server.config.app.state.agents.get("default").retriever.base
     knowledge._lock.acquire()  # retrieval cannot finish while the test holds the index
     try:
         with stream(server, "What is the audio format?") as response:
@@ -164,7 +164,7 @@ def test_http_search_returns_the_same_hits(server):
 
 def test_rag_answers_without_passages_past_the_deadline(make_server, upstream, caplog):
     server = make_server(rag_deadline_ms=50)
-    kb = server.server.config.app.state.service.retriever.base
+    kb = server.server.config.app.state.agents.get("default").retriever.base
     kb._lock.acquire()  # a search that cannot finish in time
     try:
         with caplog.at_level(logging.WARNING, logger="custom_llm"):

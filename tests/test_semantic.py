@@ -146,7 +146,7 @@ def test_words_answer_while_the_vectors_are_made(upstream_server, upstream, shop
     server = ServerThread(create_app(settings), watched=True)
     server.thread.start()
     try:
-        service = server.server.config.app.state.service
+        service = server.server.config.app.state.agents.get("default")
         while not (server.server.started and service.retriever.ready):  # the words are indexed...
             time.sleep(0.01)
         assert not service.retriever.embedding.done()  # ...the vectors are still being made...

@@ -191,7 +191,9 @@ def test_one_log_line_per_request_without_message_contents(client, upstream, cap
 
 def test_metrics_count_requests_and_need_the_key(make_server, upstream):
     server = make_server()
-    ok, bad = (f'custom_llm_requests_total{{endpoint="chat",status="{status}"}}' for status in (200, 400))
+    ok, bad = (
+        f'custom_llm_requests_total{{endpoint="chat",status="{status}",agent="default"}}' for status in (200, 400)
+    )
     before = metric(server, ok), metric(server, bad)
     for _ in range(3):
         post(server, ASK).read()
@@ -349,9 +351,9 @@ def test_shutdown_before_the_first_event_is_a_503_in_openais_shape(make_server, 
 
 def test_an_error_before_the_first_byte_is_no_barge_in(make_server, upstream):
     server = make_server()
-    before = metric(server, 'custom_llm_cancelled_total{endpoint="chat"}')
+    before = metric(server, 'custom_llm_cancelled_total{endpoint="chat",agent="default"}')
     upstream.script.status = 500
     for _ in range(3):
         assert post(server, ASK).status_code == 502
     time.sleep(0.1)
-    assert metric(server, 'custom_llm_cancelled_total{endpoint="chat"}') == before
+    assert metric(server, 'custom_llm_cancelled_total{endpoint="chat",agent="default"}') == before

@@ -140,6 +140,10 @@ def test_the_fallback_serves_when_the_primary_fails_twice(make_server, upstream,
     assert len(upstream.requests) == 2 and len(fallback.requests) == 1
     assert fallback.requests[0]["body"]["model"] == "backup-model"
     assert fallback.requests[0]["headers"]["authorization"] == "Bearer fallback-key"
+    for _ in range(100):  # the request's log line is written once the response has been sent
+        if "upstream=fallback" in caplog.text:
+            break
+        time.sleep(0.02)
     assert "upstream=fallback" in caplog.text
     assert metric(server, "custom_llm_fallbacks_total") == before[0] + 1
     assert metric(server, errors) == before[1] + 2

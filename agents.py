@@ -1,0 +1,245 @@
+"""The agents this server serves: one Service per profile (its upstream, knowledge, tools and voice),
+chosen by the caller's key, started and stopped with the app, and replaced when AGENTS_FILE changes.
+
+A reload applies to new requests. A request holds the Service it started with, so streams in flight
+finish on the old profile; a replaced Service is closed once the longest stream it could carry has
+ended. A file that cannot be used keeps the profiles that are running, and the log says why.
+"""
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import speech
+from answer import ToolLoop
+from errors import ApiError
+from profiles import Profile, ProfileError, read_profiles, single
+from rag import Retriever
+from settings import Settings
+from tools import ToolRegistry
+from upstream import LLM
+
+log = logging.getLogger("custom_llm.agents")
+
+
+@dataclass
+class Service:
+    """What one agent's requests share: made from its profile, opened at start."""
+
+    profile: Profile
+    retriever: Retriever
+    loop: ToolLoop
+    given_voice: speech.Engine | None = None  # create_app(voice=...)
+    llm: LLM | None = None
+    voice: speech.Bounded | None = None  # the voice in use, within the speech limits (made at start)
+
+    @property
+    def name(self) -> str:
+        return self.profile.name
+
+    @property
+    def settings(self) -> Settings:
+        return self.profile.settings
+
+    def upstream(self) -> LLM:
+        if not self.settings.upstream_configured or self.llm is None:
+            raise ApiError(
+                503,
+                "No upstream LLM is configured: set LLM_API_KEY (and LLM_BASE_URL for a provider other than OpenAI).",
+                "server_error",
+                "no_upstream",
+            )
+        return self.llm
+
+    async def start(self) -> None:
+        settings = self.settings
+        self.llm = settings.upstream()
+        self.voice = settings.voice(self.llm, self.given_voice)
+        if self.given_voice is not None and settings.audio_source == "files":
+            log.warning(
+                "agent %s: the voice given to create_app speaks broadcasts and /audio/speech; /audio answers "
+                "play the recorded files until AUDIO_SOURCE=tts",
+                self.name,
+            )
+        if not settings.upstream_configured:
+            log.warning(
+                "agent %s has no upstream LLM: set LLM_API_KEY (or LLM_BASE_URL for a keyless local model); "
+                "until then its chat endpoints answer 503, while /audio broadcasts and recorded answers work",
+                self.name,
+            )
+        elif not await self.llm.primary.probe():
+            log.warning("agent %s: the upstream LLM at %s does not answer yet", self.name, settings.llm_base_url)
+
+    async def aclose(self) -> None:
+        if self.llm is not None:
+            await self.llm.aclose()
+
+
+def knowledge_key(settings: Settings) -> tuple[object, ...]:
+    """What makes a knowledge base: agents that agree on all of it share one (one index, one indexer)."""
+    return (
+        settings.knowledge_dir.resolve(), settings.knowledge_index, settings.rag_min_coverage,
+        settings.knowledge_max_file_bytes, settings.knowledge_pdf_seconds, settings.embedding_model,
+        settings.embedding_base_url or settings.llm_base_url, settings.embedding_api_key or settings.llm_api_key,
+        settings.embedding_threads, settings.rag_min_similarity,
+    )  # fmt: skip
+
+
+@dataclass
+class Knowledge:
+    """A knowledge base some agents share, and its indexing, which runs beside the requests."""
+
+    retriever: Retriever
+    indexing: asyncio.Future[None] | None = None
+
+    def start(self) -> None:
+        self.indexing = asyncio.ensure_future(self.retriever.start())
+
+    async def aclose(self) -> None:
+        await self.retriever.aclose()  # stops indexing between two files: a shutdown never waits for it
+        if self.indexing is not None:
+            self.indexing.cancel()
+            await asyncio.gather(self.indexing, return_exceptions=True)
+
+
+class Key(NamedTuple):
+    """A caller key, the agent it selects, and how many requests it may have in flight (0: any)."""
+
+    secret: bytes
+    agent: str
+    max_in_flight: int
+
+
+@dataclass
+class Agents:
+    """The running agents by name, the keys that select them, and the reloads of AGENTS_FILE."""
+
+    settings: Settings  # the server's own: what a profile leaves out
+    tools: ToolRegistry | None = None
+    retriever: Retriever | None = None
+    voice: speech.Engine | None = None
+    services: dict[str, Service] = field(default_factory=dict)
+    knowledge: dict[tuple[object, ...], Knowledge] = field(default_factory=dict)
+    keys: list[Key] = field(default_factory=list)
+    _watching: asyncio.Task[None] | None = None
+    _retiring: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.services = {name: self.service(p) for name, p in self.profiles().items()}  # raises if unusable
+        self.keys = self.keyring()
+
+    def profiles(self) -> dict[str, Profile]:
+        if self.settings.agents_file is None:
+            return single(self.settings)
+        return read_profiles(self.settings.agents_file, self.settings)
+
+    def service(self, profile: Profile) -> Service:
+        """The agent of a profile, with the knowledge base it shares with agents that agree on it."""
+        settings = profile.settings
+        key = ("given",) if self.retriever is not None else knowledge_key(settings)
+        if key not in self.knowledge:
+            self.knowledge[key] = Knowledge(self.retriever or settings.knowledge())
+        retriever = self.knowledge[key].retriever
+        registry = settings.tools(retriever, self.tools)
+        loop = ToolLoop(
+            registry, settings.tool_max_rounds, settings.tool_bridge_ms, settings.tool_max_calls,
+            settings.tool_max_argument_bytes,
+        )  # fmt: skip
+        return Service(profile, retriever, loop, self.voice)
+
+    def keyring(self) -> list[Key]:
+        return [
+            Key(key.encode(), name, svc.settings.max_streams_per_key)
+            for name, svc in self.services.items()
+            for key in svc.profile.keys
+        ]
+
+    def get(self, name: str) -> Service | None:
+        return self.services.get(name)
+
+    @property
+    def ready(self) -> bool:
+        return all(knowledge.retriever.ready for knowledge in self.knowledge.values())
+
+    async def start(self) -> None:
+        for knowledge in self.knowledge.values():
+            knowledge.start()
+        await asyncio.gather(*(svc.start() for svc in self.services.values()))
+        if self.settings.agents_file is None:
+            return
+        try:  # the main thread only; an app embedded elsewhere reloads by watching the file
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        except (ValueError, RuntimeError, NotImplementedError):
+            pass
+        if self.settings.agents_watch_seconds > 0:
+            self._watching = asyncio.ensure_future(self.watch())
+
+    async def aclose(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+        for task in self._retiring:
+            task.cancel()
+        closing = [*(svc.aclose() for svc in self.services.values()), *(k.aclose() for k in self.knowledge.values())]
+        await asyncio.gather(*closing, *self._retiring, return_exceptions=True)
+
+    async def watch(self) -> None:
+        """Reload when the file's size or time of change moves."""
+        path = self.settings.agents_file
+        assert path is not None
+        seen = _stamp(path)
+        while True:
+            await asyncio.sleep(self.settings.agents_watch_seconds)
+            stamp = _stamp(path)
+            if stamp != seen:
+                seen = stamp
+                await self.reload()
+
+    async def reload(self) -> bool:
+        """Read the file again; the new profiles serve new requests. False if the file cannot be used."""
+        try:
+            profiles = self.profiles()
+        except (ProfileError, ValueError) as error:
+            log.error("AGENTS_FILE not reloaded, the running agents stay: %s", error)
+            return False
+        kept = {name: svc for name, svc in self.services.items() if profiles.get(name) == svc.profile}
+        known = dict(self.knowledge)
+        try:
+            fresh = {name: self.service(p) for name, p in profiles.items() if name not in kept}
+        except ValueError as error:
+            self.knowledge = known  # what the failed profiles made is dropped unstarted
+            log.error("AGENTS_FILE not reloaded, the running agents stay: %s", error)
+            return False
+        for key in self.knowledge.keys() - known.keys():
+            self.knowledge[key].start()
+        await asyncio.gather(*(svc.start() for svc in fresh.values()))
+        # What a reload replaces is closed once the longest stream that could use it has ended.
+        drain = max(svc.settings.llm_max_stream_seconds for svc in self.services.values()) + 5
+        retired: list[Service | Knowledge] = [svc for name, svc in self.services.items() if name not in kept]
+        self.services = {**kept, **fresh}
+        used = {id(svc.retriever) for svc in self.services.values()}
+        in_use = {key for key, k in self.knowledge.items() if id(k.retriever) in used}
+        retired += [k for key, k in self.knowledge.items() if key not in in_use]
+        self.knowledge = {key: k for key, k in self.knowledge.items() if key in in_use}
+        self.keys = self.keyring()
+        for old in retired:
+            task = asyncio.ensure_future(self._retire(old, drain))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        log.info("AGENTS_FILE reloaded: %d agents, %d changed", len(self.services), len(fresh))
+        return True
+
+    @staticmethod
+    async def _retire(old: Service | Knowledge, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        await old.aclose()
+
+
+def _stamp(path: os.PathLike[str]) -> tuple[float, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_mtime, status.st_size
