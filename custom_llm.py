@@ -505,7 +505,7 @@ def serve(settings: Settings) -> None:
 
     import uvicorn
 
-    if not settings.api_keys and not settings.allow_unauthenticated:
+    if not settings.api_keys and not settings.allow_unauthenticated and settings.agents_file is None:
         key = secrets.token_urlsafe(24)
         # Made once, before any worker starts, and printed once, on purpose: a server is never open
         # by accident, and the developer needs this value for the agent's llm.api_key.

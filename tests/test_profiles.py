@@ -266,6 +266,7 @@ def test_sighup_reloads_the_agents_of_a_running_server(upstream_server, upstream
             time.sleep(0.05)
         assert ask(started, "key-a", {}).status_code == 401
         assert started.process.poll() is None
+        assert not any("CUSTOM_LLM_API_KEY is not set" in line for line in started.lines)  # the file's keys only
     finally:
         started.stop()
 

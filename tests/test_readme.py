@@ -75,3 +75,14 @@ def test_the_custom_llm_commands(server, upstream, tmp_path):
     for command in commands:
         done = run(command, server, KNOWLEDGE_INDEX=str(tmp_path / "index.sqlite3"))
         assert done.returncode == 0 and said[command.split()[2]] in done.stdout, (command, done.stdout, done.stderr)
+
+
+def test_every_test_the_threat_model_names_exists():
+    """SECURITY.md names the test that holds each line; a renamed test must not leave a claim unheld."""
+    named, file = [], None
+    for path, name in re.findall(r"`(test_\w+\.py)?::(test_\w+)`", (ROOT / "SECURITY.md").read_text()):
+        file = path or file
+        named.append((file, name))
+    assert len(named) > 20
+    for file, name in named:
+        assert re.search(rf"^(async )?def {name}\(", (ROOT / "tests" / file).read_text(), re.M), f"{file}::{name}"
