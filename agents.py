@@ -21,6 +21,7 @@ from rag import Retriever
 from settings import Settings
 from tools import ToolRegistry
 from upstream import LLM
+from wording import Wording
 
 log = logging.getLogger("custom_llm.agents")
 
@@ -32,6 +33,7 @@ class Service:
     profile: Profile
     retriever: Retriever
     loop: ToolLoop
+    wording: Wording
     given_voice: speech.Engine | None = None  # create_app(voice=...)
     llm: LLM | None = None
     voice: speech.Bounded | None = None  # the voice in use, within the speech limits (made at start)
@@ -121,6 +123,7 @@ class Agents:
     tools: ToolRegistry | None = None
     retriever: Retriever | None = None
     voice: speech.Engine | None = None
+    wording: Wording = field(default_factory=Wording)
     services: dict[str, Service] = field(default_factory=dict)
     knowledge: dict[tuple[object, ...], Knowledge] = field(default_factory=dict)
     keys: list[Key] = field(default_factory=list)
@@ -143,12 +146,13 @@ class Agents:
         if key not in self.knowledge:
             self.knowledge[key] = Knowledge(self.retriever or settings.knowledge())
         retriever = self.knowledge[key].retriever
-        registry = settings.tools(retriever, self.tools)
+        wording = settings.wording(self.wording)
+        registry = settings.tools(retriever, self.tools, wording)
         loop = ToolLoop(
             registry, settings.tool_max_rounds, settings.tool_bridge_ms, settings.tool_max_calls,
-            settings.tool_max_argument_bytes,
+            settings.tool_max_argument_bytes, wording.bridge,
         )  # fmt: skip
-        return Service(profile, retriever, loop, self.voice)
+        return Service(profile, retriever, loop, wording, self.voice)
 
     def keyring(self) -> list[Key]:
         return [

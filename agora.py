@@ -9,7 +9,7 @@ import logging
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -51,7 +51,9 @@ ENGINE_FIELDS = frozenset(
 MESSAGE_ENGINE_FIELDS = ("turn_id", "timestamp", "metadata")
 
 
-def for_upstream(body: dict[str, Any], model: str, stream: bool, strip: frozenset[str]) -> dict[str, Any]:
+def for_upstream(
+    body: dict[str, Any], model: str, stream: bool, strip: frozenset[str], marks: Mapping[str, str] = INTERRUPTED_MARK
+) -> dict[str, Any]:
     """The body for the upstream: the caller's own, minus the engine's fields, plus defaults.
 
     Every other key, known to OpenAI or not (vLLM's top_k, Ollama's options...), is forwarded."""
@@ -59,11 +61,11 @@ def for_upstream(body: dict[str, Any], model: str, stream: bool, strip: frozense
     forwarded = {key: value for key, value in body.items() if key not in dropped}
     forwarded["model"] = body.get("model") or model
     forwarded["stream"] = stream
-    forwarded["messages"] = [as_heard(message) for message in body["messages"]]
+    forwarded["messages"] = [as_heard(message, marks) for message in body["messages"]]
     return forwarded
 
 
-def as_heard(message: dict[str, Any]) -> dict[str, Any]:
+def as_heard(message: dict[str, Any], marks: Mapping[str, str] = INTERRUPTED_MARK) -> dict[str, Any]:
     """One message for the upstream: without the engine's fields, images in OpenAI's shape, and an
     interrupted answer cut where the user stopped it, with the mark that says so."""
     metadata = message.get("metadata")
@@ -74,7 +76,8 @@ def as_heard(message: dict[str, Any]) -> dict[str, Any]:
         return message
     if message.get("role") == "assistant" and isinstance(message.get("content") or "", str):
         heard = message.get("content") or ""
-        message["content"] = heard.rstrip() + INTERRUPTED_MARK[language(heard + str(metadata.get("original", "")))]
+        lang = language(heard + str(metadata.get("original", "")))
+        message["content"] = heard.rstrip() + ("" if lang == "zh" else " ") + marks[lang].strip()
     return message
 
 

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ class ToolLoop:
     bridge_ms: int = 1000
     max_calls: int = 16  # per round: an upstream asking for thousands gets the first ones
     max_argument_bytes: int = 64 * 1024
+    bridge: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: BRIDGE_PHRASES)
 
 
 @dataclass
@@ -240,7 +241,7 @@ async def rounds(
         rest = after_calls(llm, body, loop, calls, turn, round_number + 1, context)
         if not (turn.bridged or turn.bridging):  # one phrase an answer, and one timer at a time
             turn.bridging = True
-            phrase = phrase_for(BRIDGE_PHRASES, latest_question(turn.messages))
+            phrase = phrase_for(loop.bridge, latest_question(turn.messages))
             rest = said_when_late(rest, phrase, loop.bridge_ms, "bridge")
         async for event in rest:
             turn.bridging = False  # whatever comes out, the wait for the first sentence is over

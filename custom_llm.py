@@ -62,6 +62,7 @@ from serving import (
 from settings import HERE, Settings
 from text import latest_question, message_text
 from tools import ToolRegistry
+from wording import Wording
 
 __version__ = "0.2.0"
 
@@ -237,7 +238,7 @@ async def read_chat(http: Request, svc: Service) -> Chat:
     stream = wants_stream(request, http.headers.get("accept", ""))
     notes = http.headers.get("x-custom-llm-notes") == "1"
     context.variables = variables_of(body.get("variables"))
-    forwarded = for_upstream(body, settings.llm_model, stream, settings.strip_fields)
+    forwarded = for_upstream(body, settings.llm_model, stream, settings.strip_fields, svc.wording.interrupted_mark)
     if svc.profile.system_prompt:  # the agent's own prompt, before the caller's system messages
         prompt = {"role": "system", "content": filled(svc.profile.system_prompt, context.variables)}
         forwarded["messages"] = [prompt, *forwarded["messages"]]
@@ -283,10 +284,8 @@ async def chat_completions(http: Request) -> Response:
 
 def rag_events(svc: Service, chat: Chat) -> AsyncIterator[Event]:
     """The grounded answer, with a waiting phrase first when it is late (WAITING_PHRASE_AFTER_MS)."""
-    settings = svc.settings
-    phrases = {"en": settings.waiting_messages_en, "zh": settings.waiting_messages_zh}
-    phrase = phrase_for(phrases, latest_question(chat.body["messages"]))
-    return said_when_late(grounded_answer(svc, chat), phrase, settings.waiting_phrase_after_ms, "waiting")
+    phrase = phrase_for(svc.wording.waiting, latest_question(chat.body["messages"]))
+    return said_when_late(grounded_answer(svc, chat), phrase, svc.settings.waiting_phrase_after_ms, "waiting")
 
 
 async def grounded_answer(svc: Service, chat: Chat) -> AsyncIterator[Event]:
@@ -295,7 +294,7 @@ async def grounded_answer(svc: Service, chat: Chat) -> AsyncIterator[Event]:
         svc.retriever, body["messages"], settings.rag_top_k, settings.rag_deadline_ms, chat.context
     )
     yield Note("passages", [{"citation": p.citation(), "text": p.text, "score": round(p.score, 4)} for p in passages])
-    grounded = {**body, "messages": with_passages(body["messages"], passages)}
+    grounded = {**body, "messages": with_passages(body["messages"], passages, svc.wording.grounding_prompt)}
     async for event in answer(svc.upstream(), grounded, svc.loop, chat.context):
         yield event
 
@@ -310,7 +309,7 @@ async def rag_chat_completions(http: Request) -> Response:
     passages = await retrieve(
         svc.retriever, chat.body["messages"], svc.settings.rag_top_k, svc.settings.rag_deadline_ms, chat.context
     )
-    grounded = {**chat.body, "messages": with_passages(chat.body["messages"], passages)}
+    grounded = {**chat.body, "messages": with_passages(chat.body["messages"], passages, svc.wording.grounding_prompt)}
     return chat.reply(complete(llm, grounded, svc.loop, chat.context))
 
 
@@ -459,9 +458,10 @@ def create_app(
     tools: ToolRegistry | None = None,
     retriever: Retriever | None = None,
     voice: speech.Engine | None = None,
+    wording: Wording | None = None,
 ) -> FastAPI:
-    """The ASGI app. Pass your own tools, retriever or voice to change what the server does, knows and
-    sounds like (for every agent, when AGENTS_FILE names several)."""
+    """The ASGI app. Pass your own tools, retriever, voice or wording to change what the server does,
+    knows, sounds like and says (for every agent, when AGENTS_FILE names several)."""
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
     GuardedHttpTools.configure(
@@ -472,7 +472,9 @@ def create_app(
             "set CUSTOM_LLM_API_KEY (the key callers send), or ALLOW_UNAUTHENTICATED=true for local "
             "experiments; `python3 custom_llm.py` makes a key for you"
         )
-    agents = Agents(settings, tools, retriever, voice)  # AGENTS_FILE's profiles, or one agent from the settings
+    agents = Agents(
+        settings, tools, retriever, voice, wording or Wording()
+    )  # AGENTS_FILE's profiles, or one agent from the settings
     if not agents.keys:
         log.warning("ALLOW_UNAUTHENTICATED is set: anyone who can reach this server can use it")
     app = FastAPI(

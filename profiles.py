@@ -101,7 +101,7 @@ def _profile(name: str, table: dict[str, Any], base: Settings, text: str, where:
         elif key == "system_prompt":
             prompt = _text(value, at, "\n")
         elif key.upper() in known and key == key.lower():
-            values[key.upper()] = _text(value, at, "|" if key.startswith("waiting_messages") else ",")
+            values[key.upper()] = _text(value, at, "|" if "_messages_" in key else ",")  # phrases may hold commas
         else:
             why = "is a server-wide setting" if key.upper() in SERVER_WIDE else "is not a setting"
             raise ProfileError(f"{at}: {why}")

@@ -132,7 +132,9 @@ async def retrieve(
         context.retrieval_ms = (time.perf_counter() - started) * 1000
 
 
-def with_passages(messages: list[dict[str, Any]], passages: list[Passage]) -> list[dict[str, Any]]:
+def with_passages(
+    messages: list[dict[str, Any]], passages: list[Passage], prompt: str = GROUNDING_PROMPT
+) -> list[dict[str, Any]]:
     """The messages with the passages as quoted data: the grounding prompt after the caller's own
     system messages, and the passages as the result of a search_knowledge call the server made for
     the latest question (the lowest trust a model gives a message: data, not orders)."""
@@ -156,5 +158,5 @@ def with_passages(messages: list[dict[str, Any]], passages: list[Passage]) -> li
     }
     result = {"role": "tool", "tool_call_id": call_id, "content": orjson.dumps(found).decode()}
     lead = next((i for i, m in enumerate(messages) if m.get("role") not in ("system", "developer")), len(messages))
-    prompt = {"role": "system", "content": GROUNDING_PROMPT}
-    return [*messages[:lead], prompt, *messages[lead:], search, result]
+    grounding = {"role": "system", "content": prompt}
+    return [*messages[:lead], grounding, *messages[lead:], search, result]

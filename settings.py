@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -22,7 +22,7 @@ from outbound import Slots
 from rag import NoKnowledge, Retriever, has_documents
 from tools import ToolRegistry, sample_tools
 from upstream import LLM, Endpoint, Limits
-from wording import FAREWELLS, WAITING_PHRASES
+from wording import Wording
 
 if TYPE_CHECKING:  # imported where it is made: a server with no documents never loads it
     from knowledge import Knowledge
@@ -118,8 +118,14 @@ class Settings:
     embedding_api_key: str = setting("EMBEDDING_API_KEY", "")  # empty: LLM_API_KEY
     embedding_threads: int = setting("EMBEDDING_THREADS", 1, int)
     rag_min_similarity: float | None = setting("RAG_MIN_SIMILARITY", None, float)  # None: the model's own
-    waiting_messages_en: tuple[str, ...] = setting("WAITING_MESSAGES_EN", WAITING_PHRASES["en"], _phrases)
-    waiting_messages_zh: tuple[str, ...] = setting("WAITING_MESSAGES_ZH", WAITING_PHRASES["zh"], _phrases)
+    # The server's words (wording.py); None: what create_app(wording=...) or wording.py says.
+    waiting_messages_en: tuple[str, ...] | None = setting("WAITING_MESSAGES_EN", None, _phrases)
+    waiting_messages_zh: tuple[str, ...] | None = setting("WAITING_MESSAGES_ZH", None, _phrases)
+    bridge_messages_en: tuple[str, ...] | None = setting("BRIDGE_MESSAGES_EN", None, _phrases)
+    bridge_messages_zh: tuple[str, ...] | None = setting("BRIDGE_MESSAGES_ZH", None, _phrases)
+    interrupted_mark_en: str | None = setting("INTERRUPTED_MARK_EN", None)
+    interrupted_mark_zh: str | None = setting("INTERRUPTED_MARK_ZH", None)
+    grounding_prompt: str | None = setting("GROUNDING_PROMPT", None)
     waiting_phrase_after_ms: int = setting("WAITING_PHRASE_AFTER_MS", 1000, int)  # 0: always, first
     audio_text_file: Path = setting("AUDIO_TEXT_FILE", HERE / "file.txt", Path)
     audio_pcm_file: Path = setting("AUDIO_PCM_FILE", HERE / "file.pcm", Path)
@@ -215,16 +221,30 @@ class Settings:
             ),
         )
 
-    def tools(self, retriever: Retriever, tools: ToolRegistry | None) -> ToolRegistry:
+    def wording(self, base: Wording) -> Wording:
+        """The base wording (create_app's, or wording.py's) with what these settings change."""
+
+        def by_language(given: Mapping[str, Any], en: Any, zh: Any) -> dict[str, Any]:
+            return {"en": given["en"] if en is None else en, "zh": given["zh"] if zh is None else zh}
+
+        return dataclasses.replace(
+            base,
+            waiting=by_language(base.waiting, self.waiting_messages_en, self.waiting_messages_zh),
+            bridge=by_language(base.bridge, self.bridge_messages_en, self.bridge_messages_zh),
+            interrupted_mark=by_language(base.interrupted_mark, self.interrupted_mark_en, self.interrupted_mark_zh),
+            grounding_prompt=self.grounding_prompt or base.grounding_prompt,
+        )
+
+    def tools(self, retriever: Retriever, tools: ToolRegistry | None, wording: Wording) -> ToolRegistry:
         """The server's tools: the given or sample ones, as SERVER_TOOLS selects, and end_call when
-        Agora's REST credentials are set."""
+        Agora's REST credentials are set (it runs when the user's words hold one of the farewells)."""
         registry = (tools or sample_tools(retriever)).select(self.server_tools)
         rest = self.agora_rest()
         if rest is not None:
             hangups = Hangups(
                 rest, self.agora_hangup_grace_ms / 1000, self.agora_graceful_leave, self.agora_max_pending_hangups
             )
-            registry.add(end_call_tool(hangups), name="end_call", heard_whole=True, destructive=FAREWELLS)
+            registry.add(end_call_tool(hangups), name="end_call", heard_whole=True, destructive=wording.farewells)
         return registry
 
     def agora_rest(self) -> AgoraREST | None:

@@ -6,7 +6,13 @@ change the words here, and nowhere else.
 - INTERRUPTED_MARK: put where the user barged in, inside the answer they did not hear whole.
 - GROUNDING_PROMPT: tells the model how to use the passages found for a question.
 - FAREWELLS: what a user says to end a call; end_call runs only when their latest words hold one.
+
+`Wording` gathers them; pass one to `create_app(wording=...)`, and the settings (WAITING_MESSAGES_*,
+BRIDGE_MESSAGES_*, INTERRUPTED_MARK_*, GROUNDING_PROMPT), per agent too, change any of it.
 """
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 WAITING_PHRASES = {
     "en": ("Let me check that for you.", "One moment, let me look that up.", "Good question, let me find out."),
@@ -18,7 +24,7 @@ BRIDGE_PHRASES = {"en": ("One moment.", "Just a second."), "zh": ("稍等一下�
 # The words before the mark are all the user heard. (The engine sends the full text as
 # metadata.original; it is never sent on, because the user did not hear it.)
 INTERRUPTED_MARK = {
-    "en": " [The user interrupted this answer here and did not hear the rest.]",
+    "en": "[The user interrupted this answer here and did not hear the rest.]",
     "zh": "【用户在这里打断了这条回答，没有听到后面的内容。】",
 }
 
@@ -79,3 +85,14 @@ FAREWELLS = (
     "下次再聊",
     "回头见",
 )
+
+
+@dataclass(frozen=True)
+class Wording:
+    """Everything the server says or tells the model, by language ("en", "zh") where it speaks it."""
+
+    waiting: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: WAITING_PHRASES)
+    bridge: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: BRIDGE_PHRASES)
+    interrupted_mark: Mapping[str, str] = field(default_factory=lambda: INTERRUPTED_MARK)
+    grounding_prompt: str = GROUNDING_PROMPT
+    farewells: tuple[str, ...] = FAREWELLS

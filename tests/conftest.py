@@ -145,8 +145,8 @@ def make_server(upstream_server):
     """Start a server with some settings changed, or other tools: make_server(rag_top_k=1, tools=registry)."""
     started = []
 
-    def make(tools=None, config=None, retriever=None, voice=None, **overrides) -> ServerThread:
-        app = create_app(settings_for(upstream_server, **overrides), tools, retriever, voice)
+    def make(tools=None, config=None, retriever=None, voice=None, wording=None, **overrides) -> ServerThread:
+        app = create_app(settings_for(upstream_server, **overrides), tools, retriever, voice, wording)
         server = ServerThread(app, watched=True, **{"http": GuardedHttpTools, **(config or {})}).__enter__()
         started.append(server)
         return server

@@ -192,6 +192,19 @@ def test_fast_tools_then_a_slow_answer_get_a_bridge_phrase(make_server, upstream
     assert text.removesuffix("It is noon.").strip() in ("One moment.", "Just a second.")
 
 
+def test_the_bridge_phrases_can_be_changed_in_code_and_in_the_settings(make_server, upstream):
+    from wording import Wording
+
+    wording = Wording(bridge={"en": ("Hang tight.",), "zh": ("等等。",)})
+    for server, said in (
+        (make_server(tool_bridge_ms=0, wording=wording), "Hang tight."),
+        (make_server(tool_bridge_ms=0, wording=wording, bridge_messages_en=("Bear with me.",)), "Bear with me."),
+    ):
+        upstream.reset()
+        upstream.script.turns = [{"calls": [("calculate", '{"expression": "1+1"}')]}, ANSWER]
+        assert text_of(stream(server, {"messages": ASK})) == f"{said} It is noon."
+
+
 def test_one_bridge_phrase_an_answer_over_chained_tool_rounds(make_server, upstream):
     server = make_server(tool_bridge_ms=100)
     slow = {"calls": [("calculate", '{"expression": "1+1"}')], "first_delay": 0.4}

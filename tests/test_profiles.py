@@ -60,6 +60,10 @@ server_tools = "none"
 audio_source = "tts"
 tts_base_url = "{other_url}/v1"
 tts_voice = "support-voice"
+grounding_prompt = "Answer from the refund notes below."
+interrupted_mark_en = "[cut off here]"
+waiting_messages_en = ["Hold on, checking."]
+waiting_phrase_after_ms = 0
 {extra}"""
     )
     return path
@@ -141,6 +145,26 @@ def test_a_key_in_no_profile_gets_401(two_agents, upstream, key):
     assert upstream.requests == []
 
 
+def test_each_agent_says_its_own_words(two_agents, upstream, fallback):
+    """The wording (wording.py) can be changed per agent: waiting phrase, grounding prompt, the mark."""
+    question = {"role": "user", "content": "When are refunds paid back?"}
+    search(two_agents, SUPPORT, "when are refunds paid back")  # indexed
+    events = sse_events(ask(two_agents, SUPPORT, {"messages": [question]}, "/rag/chat/completions"))
+    assert text_of(events).startswith("Hold on, checking.")
+    assert {"role": "system", "content": "Answer from the refund notes below."} in fallback.requests[-1]["body"][
+        "messages"
+    ]
+    heard = {
+        "role": "assistant",
+        "content": "Refunds are",
+        "metadata": {"interrupted": True, "original": "Refunds are paid."},
+    }
+    ask(two_agents, SUPPORT, {"messages": [question, heard, question]}).read()
+    assert fallback.requests[-1]["body"]["messages"][1]["content"] == "Refunds are [cut off here]"
+    ask(two_agents, SALES, {"messages": [question, heard, question]}).read()
+    assert "interrupted this answer" in upstream.requests[-1]["body"]["messages"][2]["content"]  # sales: the default
+
+
 def test_each_agent_searches_only_its_own_knowledge(two_agents, upstream, fallback):
     assert any("bicycles" in text for text in search(two_agents, SALES, "do you sell mountain bicycles"))
     assert any("Refunds" in text for text in search(two_agents, SUPPORT, "when are refunds paid back"))
@@ -191,13 +215,13 @@ def test_variables_that_are_not_names_and_values_are_refused(two_agents, upstrea
 @pytest.mark.parametrize(
     ("extra", "said"),
     [
-        ("llm_modle = 'x'", "line 29, llm_modle: is not a setting"),
-        ("port = 9000", "line 29, port: is a server-wide setting"),
+        ("llm_modle = 'x'", "line 33, llm_modle: is not a setting"),
+        ("port = 9000", "line 33, port: is a server-wide setting"),
         ("tts_api_key = 'env:NOT_SET_ANYWHERE'", "the environment variable NOT_SET_ANYWHERE is not set"),
         ("[agents.copy]\napi_keys = ['sales-key-1']", "[agents.copy]: a caller key of [agents.sales] is used again"),
         ("[agents.nokey]\nllm_model = 'x'", "[agents.nokey]: api_keys is missing"),
         ("[agents.bad]\napi_keys = ['k']\nrag_top_k = 'many'", "RAG_TOP_K='many' is not valid"),
-        ("tts_model = \nllm_model = 'x'", "agents.toml: Invalid value (at line 29"),
+        ("tts_model = \nllm_model = 'x'", "agents.toml: Invalid value (at line 33"),
     ],
 )
 def test_a_file_that_cannot_be_used_is_refused_at_start_and_says_where(
