@@ -239,8 +239,12 @@ class Style:
 
 
 class Engine(Protocol):
+    """A voice. It declares the rate it speaks at in `rate` (16 kHz when it has none), and its audio is
+    resampled once, to what the caller asked for."""
+
     def synthesize(self, text: str) -> AsyncIterator[bytes]:
-        """16 kHz mono s16le PCM of the text, as it is made. An engine may also take `style: Style`."""
+        """Mono s16le PCM of the text at the engine's rate, as it is made. An engine may also take
+        `style: Style`."""
         ...
 
 
@@ -268,17 +272,16 @@ class OpenAISpeech:
             body["speed"] = style.speed
         if style.instructions:
             body["instructions"] = style.instructions
-        resample, scrub = Resampler(self.rate), Redactor(self.api_key)
+        scrub = Redactor(self.api_key)
         try:
             async with self.session.post(url, json=body, headers=headers, allow_redirects=False) as response:
                 if response.status >= 400:  # only the start of an error is read: it may be huge, or echo our key
                     _, said = scrub.json_message(await read_start(response, 4096))
                     raise SpeechError(f"speech endpoint answered {response.status}: {printable(said, 200)}")
                 async for piece in response.content.iter_any():
-                    yield resample(piece)
+                    yield piece
         except (TimeoutError, aiohttp.ClientError) as error:
             raise SpeechError(f"speech endpoint failed: {type(error).__name__}: {scrub(str(error))[:200]}") from None
-        yield resample(b"", last=True)
 
 
 @dataclass
@@ -292,22 +295,27 @@ class Bounded:
     timeout: float = 10.0
     max_seconds: float = 120.0
 
-    async def synthesize(self, text: str, style: Style = Style()) -> AsyncIterator[bytes]:
+    async def synthesize(self, text: str, style: Style = Style(), rate: int = SAMPLE_RATE) -> AsyncIterator[bytes]:
+        """The text spoken at `rate`: resampled once, from the rate the engine declares."""
         styled = "style" in inspect.signature(self.engine.synthesize).parameters  # a voice of yours may not be
+        source = getattr(self.engine, "rate", SAMPLE_RATE)
         with self.slots.take():
             pieces = self.engine.synthesize(text, style=style) if styled else self.engine.synthesize(text)  # type: ignore[call-arg]
-            sent = 0
+            sent, resample = 0, Resampler(source, rate)
             try:
                 async with asyncio.timeout(self.max_seconds):
                     while True:
                         async with asyncio.timeout(self.timeout):
                             piece = await anext(pieces, None)
                         if piece is None:
+                            if out := resample(b"", last=True):
+                                yield out
                             return
                         sent += len(piece)
-                        if sent > self.max_seconds * SAMPLE_RATE * 2:
+                        if sent > self.max_seconds * source * 2:
                             raise SpeechError(f"more than {self.max_seconds:g} s of audio (TTS_MAX_SECONDS)")
-                        yield piece
+                        if out := resample(piece):
+                            yield out
             except TimeoutError:
                 raise SpeechError(f"no audio within {self.timeout:g} s, or past {self.max_seconds:g} s") from None
             finally:
@@ -338,7 +346,7 @@ class EspeakSpeech:
             )
         except OSError as error:
             raise SpeechError(f"espeak-ng cannot run: {error}") from None
-        resample, header = Resampler(self.rate), b""
+        header = b""
         assert process.stdin is not None and process.stdout is not None
         try:
             process.stdin.write(text.encode())  # on stdin, so no text is ever read as an option
@@ -346,10 +354,9 @@ class EspeakSpeech:
             while piece := await process.stdout.read(8192):
                 if len(header) < 44:  # the WAV header
                     header, piece = (header + piece)[:44], (header + piece)[44:]
-                yield resample(piece)
+                yield piece
             if await process.wait() != 0:
                 raise SpeechError(f"espeak-ng exited with {process.returncode}")
-            yield resample(b"", last=True)
         finally:
             if process.returncode is None:
                 process.kill()  # a barge-in: stop speaking at once
@@ -465,16 +472,12 @@ async def pcm_at(engine: Bounded, text: str, rate: int, style: Style = Style()) 
     """The text spoken, as raw s16le mono PCM at any rate, as it is made (POST /audio/speech)."""
     if not text.strip():
         return  # Agora may close a sequence with an empty request_end request
-    resample = Resampler(SAMPLE_RATE, rate)
     try:
-        async for piece in engine.synthesize(text, style):
-            if out := resample(piece):
-                yield out
+        async for piece in engine.synthesize(text, style, rate):
+            yield piece
     except SpeechError as error:
         log.warning("speech failed: %s", printable(error, 200))
         raise upstream_error(502, "The speech service failed.", "speech_failed") from None
-    if out := resample(b"", last=True):
-        yield out
 
 
 # ---------------------------------------------------------------------------------------------

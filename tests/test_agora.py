@@ -16,7 +16,7 @@ from hashlib import sha256
 import httpx
 import pytest
 
-from tests.conftest import AUTH, ServerThread, metric, post, sse_events, text_of
+from tests.conftest import AUTH, ServerThread, dominant_frequency, metric, post, sse_events, text_of
 from tests.upstream import ScriptedUpstream
 
 HEARD = "The opening hours are nine to five on "
@@ -163,6 +163,15 @@ def test_audio_speech_answers_raw_pcm_at_the_asked_rate(voiced, upstream, rate):
     seconds = len(ScriptedUpstream.speech_pcm("Hello there, this is the voice.")) / 2 / ScriptedUpstream.SPEECH_RATE
     assert abs(len(response.content) / 2 / rate - seconds) < 0.02
     assert upstream.speech_requests[-1]["input"] == "Hello there, this is the voice."
+
+
+def test_audio_speech_is_resampled_once_from_the_voices_own_rate(voiced, upstream):
+    """A 10 kHz sound from a 24 kHz voice, asked for at 48 kHz, keeps its 10 kHz: the audio does not
+    pass through 16 kHz (whose ceiling is 8 kHz) on its way."""
+    upstream.script.speech_tone = 10_000
+    response = speak(voiced, "A high whistle for the test.", sample_rate=48_000)
+    assert response.status_code == 200
+    assert abs(dominant_frequency(response.content, 48_000) - 10_000) < 50
 
 
 def test_audio_speech_says_it_in_the_style_the_request_asks(voiced, upstream):

@@ -42,6 +42,7 @@ class Script:
     speech_status: int = 200  # the speech endpoint's answer
     speech_fail_after: int | None = None  # the speech endpoint breaks off after this many requests' audio began
     speech_delay: float = 0.0  # seconds between 100 ms pieces of speech
+    speech_tone: float = 440.0  # the pitch of the scripted voice (Hz)
     embedding_status: int = 200
     embedding_delay: float = 0.0
     fail_times: int | None = None  # only the first N requests get `status` (or the first delay); then all is well
@@ -318,11 +319,11 @@ class ScriptedUpstream:
     SPEECH_RATE = 24_000
 
     @classmethod
-    def speech_pcm(cls, text: str) -> bytes:
-        """What the scripted voice says for a text: a 440 Hz tone, 30 ms per character, at 24 kHz."""
+    def speech_pcm(cls, text: str, tone: float = 440.0) -> bytes:
+        """What the scripted voice says for a text: a tone (440 Hz), 30 ms per character, at 24 kHz."""
         samples = int(cls.SPEECH_RATE * max(0.1, 0.03 * len(text)))
         return b"".join(
-            int(8000 * math.sin(2 * math.pi * 440 * n / cls.SPEECH_RATE)).to_bytes(2, "little", signed=True)
+            int(8000 * math.sin(2 * math.pi * tone * n / cls.SPEECH_RATE)).to_bytes(2, "little", signed=True)
             for n in range(samples)
         )
 
@@ -342,7 +343,7 @@ class ScriptedUpstream:
             return await send({"type": "http.response.body", "body": b""})
         if script.speech_status != 200:
             return await self._json(send, script.speech_status, {"error": {"message": "speech failed"}})
-        pcm = self.speech_pcm(request["input"])
+        pcm = self.speech_pcm(request["input"], script.speech_tone)
 
         async def play() -> None:
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"audio/pcm")]})
