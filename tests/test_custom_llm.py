@@ -215,7 +215,7 @@ def test_a_tool_of_your_own(make_server, upstream):
 
 
 class Beeper:
-    """A voice of one's own: any object with synthesize(text) yielding 16 kHz mono s16le PCM."""
+    """A voice of one's own: any object with synthesize(text) yielding mono s16le PCM (16 kHz unless it declares a rate)."""
 
     def __init__(self) -> None:
         self.said: list[str] = []
@@ -234,6 +234,18 @@ def test_a_voice_of_your_own(make_server, upstream):
     assert voice.said == ["Two words.", "Three more words."] and audio["transcript"] == "Two words. Three more words."
     # Five words, 100 ms each at 16 kHz; each sentence's last 40 ms frame is padded with silence.
     assert 5 * 3200 <= len(base64.b64decode(audio["data"])) < 5 * 3200 + 2 * 1280
+
+
+def test_a_voice_declares_its_rate_and_files_mode_says_what_it_speaks(make_server, upstream, caplog):
+    class SlowBeeper(Beeper):
+        rate = 8000  # the same bytes now last twice as long: 200 ms a word
+
+    with caplog.at_level(logging.WARNING, logger="custom_llm"):
+        server = make_server(voice=SlowBeeper())  # AUDIO_SOURCE=files, the default
+    assert "/audio answers play the recorded files until AUDIO_SOURCE=tts" in caplog.text
+    body = {"input": "One two three.", "response_format": "pcm", "sample_rate": 16000}
+    spoken = httpx.post(server.url + "/audio/speech", json=body, headers=AUTH, timeout=10)
+    assert spoken.status_code == 200 and abs(len(spoken.content) / 2 / 16000 - 0.6) < 0.01
 
 
 def test_start_up_says_what_is_missing(make_server, upstream, tmp_path, caplog):
