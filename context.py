@@ -1,10 +1,12 @@
-"""What one request is about, handed explicitly to whatever serves it: who is calling, the engine's
-fields (turn, channel, agent), and what the request log reports (timings, which upstream served).
+"""What one request is about, handed explicitly to whatever serves it: who is calling (the agent
+their key selects), the engine's fields (turn, channel, agent id), the call's variables, and what
+the request log reports (timings, which upstream served).
 
-The request log makes a Context when the request arrives; the route fills in what the body says and
-passes it down to the answer loop, the upstream client, retrieval and the tools. A tool that declares
-a parameter of type Context receives it. Nothing reads it from a global, except the log formatter,
-which stamps each log line with the request id (logging offers no other way in).
+serving.WithContext makes a Context when the request arrives; the auth notes the caller's agent, the
+route fills in what the body says and passes it down to the answer loop, the upstream client,
+retrieval and the tools. A tool that declares a parameter of type Context receives it. The request
+log reads it at the end. Nothing reads it from a global, except the log formatter, which stamps each
+log line with the request id (logging offers no other way in).
 """
 
 import asyncio

@@ -53,6 +53,7 @@ from serving import (
     GuardedHttpTools,
     JSONReply,
     RequestLog,
+    WithContext,
     add_error_handlers,
     configure_logging,
     openapi_with,
@@ -494,6 +495,7 @@ def create_app(
     app.openapi = lambda: openapi_with(app, ChatCompletionRequest, SpeechRequest)  # type: ignore[method-assign]
     app.add_middleware(BearerAuth, keyring=lambda: agents.keys, public=frozenset(r.path for r in ROUTES if r.public))
     app.add_middleware(RequestLog, labels={route.path: route.label for route in ROUTES})
+    app.add_middleware(WithContext)  # the outermost: every other layer reads the request's context
     return app
 
 

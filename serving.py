@@ -376,6 +376,26 @@ class BearerAuth:
                 del self.in_flight[secret]  # keys come and go with reloads
 
 
+class WithContext:
+    """Makes each request's Context as it arrives, before anything else sees the request: the auth
+    fills in the caller's agent, the route what the body says, and the request log reads it."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        context = Context(uuid.uuid4().hex[:16])
+        scope.setdefault("state", {})["context"] = context  # the route reads it as http.state.context
+        token = log_as(context.request_id)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            context.answered.set()  # a hang-up waiting for this answer may go now
+            stop_logging_as(token)
+
+
 class RequestLog:
     """One log line and the metrics per request, and its id in `x-request-id`.
 
@@ -388,9 +408,7 @@ class RequestLog:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        request = Context(uuid.uuid4().hex[:16])
-        scope.setdefault("state", {})["context"] = request  # the route reads it as http.state.context
-        token = log_as(request.request_id)
+        request: Context = scope["state"]["context"]
         endpoint = self.labels.get(scope["path"], "other")
         metrics.IN_FLIGHT.labels(endpoint).inc()
         started = request.started
@@ -413,7 +431,6 @@ class RequestLog:
             raise
         finally:
             ended = time.perf_counter()
-            request.answered.set()
             metrics.IN_FLIGHT.labels(endpoint).dec()
             agent = request.agent  # a profile's name (operator-chosen), or "-" before a key was accepted
             metrics.REQUESTS.labels(endpoint, str(status or 499), agent).inc()
@@ -437,7 +454,6 @@ class RequestLog:
                 *(_ms(request.retrieval_ms), _ms(request.tools_ms), _ms(request.upstream_ttfb_ms)),
                 _ms(request.first_sentence_ms),
             )
-            stop_logging_as(token)
 
 
 def _ms(value: float | None) -> str:
