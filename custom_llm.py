@@ -318,6 +318,7 @@ def audio_events(svc: Service, chat: Chat) -> AsyncIterator[Event]:
     """Where an audio answer comes from: a broadcast is said as written; a request for the model's
     own audio is converted; in files mode the recording plays; otherwise the model's answer is spoken."""
     settings, messages = svc.settings, chat.body["messages"]
+    voice = svc.voice.speaking_for(chat.context) if svc.voice else None
     # Paced at real time when streaming; a non-streaming answer is wanted all at once.
     head_start = settings.audio_head_start_ms if chat.stream else None
     if chat.request.messages[-1].role == "assistant":
@@ -331,17 +332,14 @@ def audio_events(svc: Service, chat: Chat) -> AsyncIterator[Event]:
                 f"messages.{len(messages) - 1}.content",
             )
         return speech.spoken_answer(
-            speech.one(broadcast),
-            svc.voice,
-            head_start,
-            "espeak-ng is not installed (files mode says broadcasts with it)",
+            speech.one(broadcast), voice, head_start, "espeak-ng is not installed (files mode says broadcasts with it)"
         )
     streaming = {**chat.body, "stream": True}
     if "audio" in (chat.request.modalities or []):
-        return speech.converted_answer(answer(svc.upstream(), streaming, svc.loop, chat.context), svc.voice, head_start)
+        return speech.converted_answer(answer(svc.upstream(), streaming, svc.loop, chat.context), voice, head_start)
     if settings.audio_source == "files":
         return speech.file_answer(settings.audio_text_file, settings.audio_pcm_file, head_start)
-    return speech.spoken_answer(answer(svc.upstream(), streaming, svc.loop, chat.context), svc.voice, head_start)
+    return speech.spoken_answer(answer(svc.upstream(), streaming, svc.loop, chat.context), voice, head_start)
 
 
 async def audio_chat_completions(http: Request) -> Response:
@@ -368,7 +366,8 @@ async def audio_speech(http: Request) -> Response:
     context: Context = http.state.context
     context.model, context.turn_id = request.model or "-", str(request.request_id or "-")
     style = speech.Style(request.voice, request.speed, request.model, request.instructions or request.instruction)
-    return BytesStream(speech.pcm_at(svc.voice, request.input, request.sample_rate, style), "audio/pcm", context)
+    voice = svc.voice.speaking_for(context)
+    return BytesStream(speech.pcm_at(voice, request.input, request.sample_rate, style), "audio/pcm", context)
 
 
 async def knowledge_search(http: Request, q: str, limit: int = 5) -> dict[str, Any]:

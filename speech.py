@@ -11,6 +11,7 @@ after the whole answer, and sentence n+1 is synthesized while sentence n plays.
 
 import asyncio
 import base64
+import dataclasses
 import inspect
 import logging
 import math
@@ -29,6 +30,7 @@ import orjson
 import soxr
 import yarl
 
+from context import Context
 from errors import ApiError, upstream_error
 from events import Audio, End, Event, Relayed, Text, ToolCall, completion_id, merge_tool_calls, words_of
 from outbound import Slots, read_start
@@ -294,13 +296,22 @@ class Bounded:
     slots: Slots
     timeout: float = 10.0
     max_seconds: float = 120.0
+    context: Context | None = None  # the request being answered, for an engine that asks for it
+
+    def speaking_for(self, context: Context) -> "Bounded":
+        """This voice for one request: an engine whose synthesize() takes `context` gets it (the
+        caller's agent, the call's variables, the channel), within the same limits."""
+        return dataclasses.replace(self, context=context)
 
     async def synthesize(self, text: str, style: Style = Style(), rate: int = SAMPLE_RATE) -> AsyncIterator[bytes]:
         """The text spoken at `rate`: resampled once, from the rate the engine declares."""
-        styled = "style" in inspect.signature(self.engine.synthesize).parameters  # a voice of yours may not be
+        accepts = inspect.signature(self.engine.synthesize).parameters  # a voice of yours may take neither
+        extra: dict[str, Any] = {"style": style} if "style" in accepts else {}
+        if "context" in accepts:
+            extra["context"] = self.context
         source = getattr(self.engine, "rate", SAMPLE_RATE)
         with self.slots.take():
-            pieces = self.engine.synthesize(text, style=style) if styled else self.engine.synthesize(text)  # type: ignore[call-arg]
+            pieces = self.engine.synthesize(text, **extra)
             sent, resample = 0, Resampler(source, rate)
             try:
                 async with asyncio.timeout(self.max_seconds):

@@ -236,6 +236,22 @@ def test_a_voice_of_your_own(make_server, upstream):
     assert 5 * 3200 <= len(base64.b64decode(audio["data"])) < 5 * 3200 + 2 * 1280
 
 
+def test_a_voice_that_asks_for_the_request_gets_it(make_server, upstream):
+    class Personal(Beeper):
+        async def synthesize(self, text: str, context):  # the caller's agent, the call's variables
+            self.said.append(f"{context.agent}:{context.variables.get('name')}:{text}")
+            yield b"\x10\x00" * 1600
+
+    voice = Personal()
+    server = make_server(audio_source="tts", voice=voice)
+    upstream.script.words = ["Hello there."]
+    body = {"messages": [{"role": "user", "content": "Hi"}], "variables": {"name": "Ann"}}
+    assert post(server, body, "/audio/chat/completions").status_code == 200
+    speech = {"input": "Bye now.", "response_format": "pcm", "sample_rate": 16000}
+    assert httpx.post(server.url + "/audio/speech", json=speech, headers=AUTH, timeout=10).status_code == 200
+    assert voice.said == ["default:Ann:Hello there.", "default:None:Bye now."]
+
+
 def test_a_voice_declares_its_rate_and_files_mode_says_what_it_speaks(make_server, upstream, caplog):
     class SlowBeeper(Beeper):
         rate = 8000  # the same bytes now last twice as long: 200 ms a word
