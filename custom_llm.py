@@ -7,11 +7,11 @@ OpenAI does, streaming over server-sent events:
     /rag/chat/completions    a waiting phrase first, then an answer grounded in ./knowledge
     /audio/chat/completions  a transcript and 16 kHz mono PCM for a custom voice
 
-Read top to bottom: the request models, the routes, the app, the entry point. The settings are in
-settings.py. Each capability lives in a module of its own, named for it: upstream.py (the LLM client),
-serving.py (errors, SSE, auth, the request log), answer.py (the tool loop), events.py (what an
-answer is made of), knowledge.py (retrieval and /rag), tools.py, speech.py (the voice), text.py,
-metrics.py.
+Read top to bottom: the request models, the routes (each declared once, in ROUTES), the app, the
+entry point. Each capability lives in a module of its own, named for it: settings.py (every setting),
+agents.py and profiles.py (the agents a key selects), upstream.py (the LLM client), serving.py (HTTP:
+SSE, auth, the request log), answer.py (the tool loop), events.py (what an answer is made of), rag.py
+and knowledge.py (retrieval), tools.py, speech.py (the voice), wording.py (every phrase), metrics.py.
 """
 
 from __future__ import annotations
