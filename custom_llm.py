@@ -44,7 +44,7 @@ from context import Context
 from errors import ApiError, bad_request
 from events import Event, Note
 from lateness import phrase_for, said_when_late
-from profiles import filled, variables_of
+from profiles import filled, read_profiles, variables_of
 from rag import Retriever, retrieve, with_passages
 from serving import (
     BearerAuth,
@@ -525,6 +525,8 @@ def serve(settings: Settings) -> None:
     )
     if settings.workers <= 1:
         return uvicorn.run(create_app(settings), **options)
+    if settings.agents_file is not None:  # each worker reads it again; a file that cannot be used stops here
+        read_profiles(settings.agents_file, settings)
     # Worker processes read their settings anew from the environment, the key above included,
     # and share a folder for their metrics.
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="custom-llm-metrics-"))
@@ -576,7 +578,11 @@ def main(argv: list[str]) -> int:
     configure_logging(settings.log_level)
     if args.command in ("index", "search"):
         return knowledge_command(args, settings)
-    serve(settings)
+    try:
+        serve(settings)
+    except ValueError as error:  # a setting or AGENTS_FILE that cannot be used: said once, no traceback
+        print(f"custom_llm.py: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

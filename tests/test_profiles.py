@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -317,3 +318,22 @@ def test_the_readmes_agents_file_reads_as_written(tmp_path, monkeypatch):
     assert support.settings.llm_base_url == "http://localhost:11434/v1" and support.settings.llm_api_key == "x"
     assert sales.settings.agora_rest() is not None and support.settings.agora_rest() is None
     assert support.settings.waiting_messages_en == ("One moment.", "Let me check.")
+
+
+def test_a_bad_file_stops_the_server_with_one_line_not_a_traceback(tmp_path):
+    import subprocess
+
+    path = tmp_path / "agents.toml"
+    path.write_text('[agents.a]\napi_keys = ["k"]\nllm_modle = "x"\n')
+    root = Path(__file__).resolve().parent.parent
+    for workers in ("1", "2"):
+        done = subprocess.run(
+            [sys.executable, "custom_llm.py"],
+            cwd=root,
+            env={**os.environ, "AGENTS_FILE": str(path), "WORKERS": workers, "PORT": "1"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert "agents.toml, [agents.a] line 3, llm_modle: is not a setting" in done.stderr
