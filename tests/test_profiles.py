@@ -337,3 +337,24 @@ def test_a_bad_file_stops_the_server_with_one_line_not_a_traceback(tmp_path):
         )
         assert done.returncode == 2 and "Traceback" not in done.stderr
         assert "agents.toml, [agents.a] line 3, llm_modle: is not a setting" in done.stderr
+
+
+def test_a_reload_that_names_a_new_folder_indexes_it_and_retires_the_old_one(make_server, upstream_server, tmp_path):
+    for name, text in (("old", "# Opening hours\n\nWe open at nine."), ("new", "# Parking\n\nPark behind the bakery.")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "faq.md").write_text(text)
+
+    def write(folder: str) -> None:
+        (tmp_path / "agents.toml").write_text(
+            f'[agents.a]\napi_keys = ["key-a"]\nllm_base_url = "{upstream_server.url}/v1"\n'
+            f'knowledge_dir = "{tmp_path / folder}"\nknowledge_index = "{tmp_path / folder}.sqlite3"\n'
+        )
+
+    write("old")
+    server = make_server(agents_file=tmp_path / "agents.toml", agents_watch_seconds=0.05)
+    agents = server.server.config.app.state.agents
+    assert search(server, "key-a", "when do you open") and len(agents.knowledge) == 1
+    old = next(iter(agents.knowledge.values()))
+    write("new")
+    assert any("Park behind" in text for text in search(server, "key-a", "where can I park"))
+    assert list(agents.knowledge.values()) != [old] and len(agents.knowledge) == 1  # the old one is retired
