@@ -16,7 +16,7 @@ from typing import NamedTuple
 import speech
 from answer import ToolLoop
 from errors import ApiError
-from profiles import Profile, ProfileError, read_profiles, single
+from profiles import Profile, read_profiles, single
 from rag import Retriever
 from settings import Settings
 from tools import ToolRegistry
@@ -129,23 +129,26 @@ class Agents:
     keys: list[Key] = field(default_factory=list)
     _watching: asyncio.Task[None] | None = None
     _retiring: set[asyncio.Task[None]] = field(default_factory=set)
+    _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
-        self.services = {name: self.service(p) for name, p in self.profiles().items()}  # raises if unusable
-        self.keys = self.keyring()
+        knowledge: dict[tuple[object, ...], Knowledge] = {}
+        self.services = {name: self.service(p, knowledge) for name, p in self.profiles().items()}  # or raises
+        self.knowledge, self.keys = knowledge, self.keyring()
 
     def profiles(self) -> dict[str, Profile]:
         if self.settings.agents_file is None:
             return single(self.settings)
         return read_profiles(self.settings.agents_file, self.settings)
 
-    def service(self, profile: Profile) -> Service:
-        """The agent of a profile, with the knowledge base it shares with agents that agree on it."""
+    def service(self, profile: Profile, knowledge: dict[tuple[object, ...], Knowledge]) -> Service:
+        """The agent of a profile, with the knowledge base (found in, or added to, `knowledge`) that it
+        shares with the agents that agree on it."""
         settings = profile.settings
         key = ("given",) if self.retriever is not None else knowledge_key(settings)
-        if key not in self.knowledge:
-            self.knowledge[key] = Knowledge(self.retriever or settings.knowledge())
-        retriever = self.knowledge[key].retriever
+        if key not in knowledge:
+            knowledge[key] = Knowledge(self.retriever or settings.knowledge())
+        retriever = knowledge[key].retriever
         wording = settings.wording(self.wording)
         registry = settings.tools(retriever, self.tools, wording)
         loop = ToolLoop(
@@ -203,30 +206,30 @@ class Agents:
 
     async def reload(self) -> bool:
         """Read the file again; the new profiles serve new requests. False if the file cannot be used."""
-        try:
-            profiles = self.profiles()
-        except (ProfileError, ValueError) as error:
+        async with self._reloading:  # a SIGHUP and a change seen at once make one reload after another
+            return await self._reload()
+
+    async def _reload(self) -> bool:
+        knowledge = dict(self.knowledge)
+        try:  # in a thread: a first knowledge base imports its dictionaries, which takes seconds
+            profiles = await asyncio.to_thread(self.profiles)
+            kept = {name: svc for name, svc in self.services.items() if profiles.get(name) == svc.profile}
+            fresh = await asyncio.to_thread(
+                lambda: {name: self.service(p, knowledge) for name, p in profiles.items() if name not in kept}
+            )
+        except ValueError as error:  # ProfileError, or a setting a profile's value makes unusable
             log.error("AGENTS_FILE not reloaded, the running agents stay: %s", error)
             return False
-        kept = {name: svc for name, svc in self.services.items() if profiles.get(name) == svc.profile}
-        known = dict(self.knowledge)
-        try:
-            fresh = {name: self.service(p) for name, p in profiles.items() if name not in kept}
-        except ValueError as error:
-            self.knowledge = known  # what the failed profiles made is dropped unstarted
-            log.error("AGENTS_FILE not reloaded, the running agents stay: %s", error)
-            return False
-        for key in self.knowledge.keys() - known.keys():
-            self.knowledge[key].start()
+        for key in knowledge.keys() - self.knowledge.keys():
+            knowledge[key].start()
         await asyncio.gather(*(svc.start() for svc in fresh.values()))
         # What a reload replaces is closed once the longest stream that could use it has ended.
         drain = max(svc.settings.llm_max_stream_seconds for svc in self.services.values()) + 5
         retired: list[Service | Knowledge] = [svc for name, svc in self.services.items() if name not in kept]
         self.services = {**kept, **fresh}
         used = {id(svc.retriever) for svc in self.services.values()}
-        in_use = {key for key, k in self.knowledge.items() if id(k.retriever) in used}
-        retired += [k for key, k in self.knowledge.items() if key not in in_use]
-        self.knowledge = {key: k for key, k in self.knowledge.items() if key in in_use}
+        retired += [k for k in knowledge.values() if id(k.retriever) not in used]
+        self.knowledge = {key: k for key, k in knowledge.items() if id(k.retriever) in used}
         self.keys = self.keyring()
         for old in retired:
             task = asyncio.ensure_future(self._retire(old, drain))
