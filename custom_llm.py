@@ -534,7 +534,14 @@ def serve(settings: Settings) -> None:
 
 
 def knowledge_command(args: argparse.Namespace, settings: Settings) -> int:
-    """`index [DIR]` and `search QUESTION`: the knowledge base from a terminal, with the server's settings."""
+    """`index [DIR]` and `search QUESTION`: the knowledge base from a terminal, with the server's
+    settings, or an agent's (`--agent NAME`, from AGENTS_FILE)."""
+    if args.agent:
+        agents = read_profiles(settings.agents_file, settings) if settings.agents_file else {}
+        if args.agent not in agents:
+            print(f"custom_llm.py: no agent {args.agent!r} in AGENTS_FILE", file=sys.stderr)
+            return 2
+        settings = agents[args.agent].settings
     if args.folder:
         settings = dataclasses.replace(settings, knowledge_dir=Path(args.folder))
     if args.index_file:
@@ -558,6 +565,7 @@ def main(argv: list[str]) -> int:
     search.add_argument("--limit", type=int, default=5)
     for command in (index, search):
         command.add_argument("--index-file", help="the SQLite index (default: KNOWLEDGE_INDEX, or .index/)")
+        command.add_argument("--agent", help="an agent of AGENTS_FILE: its knowledge settings")
     check = commands.add_parser("check", help="check any custom LLM URL against what Agora's engine sends and expects")
     check.add_argument("url", help="e.g. http://localhost:8000/rag/chat/completions")
     check.add_argument("--key", default="", help="the Bearer key the endpoint expects (none: an open endpoint)")
@@ -576,9 +584,9 @@ def main(argv: list[str]) -> int:
         print(f"custom_llm.py: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    if args.command in ("index", "search"):
-        return knowledge_command(args, settings)
     try:
+        if args.command in ("index", "search"):
+            return knowledge_command(args, settings)
         serve(settings)
     except ValueError as error:  # a setting or AGENTS_FILE that cannot be used: said once, no traceback
         print(f"custom_llm.py: {error}", file=sys.stderr)

@@ -358,3 +358,27 @@ def test_a_reload_that_names_a_new_folder_indexes_it_and_retires_the_old_one(mak
     write("new")
     assert any("Park behind" in text for text in search(server, "key-a", "where can I park"))
     assert list(agents.knowledge.values()) != [old] and len(agents.knowledge) == 1  # the old one is retired
+
+
+def test_the_command_line_searches_an_agents_knowledge(tmp_path):
+    import subprocess
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "faq.md").write_text("# Parking\n\nPark behind the bakery, in the yard.\n")
+    path = tmp_path / "agents.toml"
+    path.write_text(
+        f'[agents.shop]\napi_keys = ["k"]\nknowledge_dir = "{tmp_path / "docs"}"\n'
+        f'knowledge_index = "{tmp_path / "shop.sqlite3"}"\nembedding_model = "none"\n'
+    )
+    root = Path(__file__).resolve().parent.parent
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "AGENTS_FILE": str(path)}
+        return subprocess.run(
+            [sys.executable, "custom_llm.py", *args], cwd=root, env=env, capture_output=True, text=True, timeout=60
+        )
+
+    found = run("search", "where can I park?", "--agent", "shop")
+    assert found.returncode == 0 and "faq.md › Parking" in found.stdout
+    missing = run("search", "where can I park?", "--agent", "nobody")
+    assert missing.returncode == 2 and "no agent 'nobody' in AGENTS_FILE" in missing.stderr
