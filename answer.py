@@ -286,7 +286,7 @@ def before_calls(loop: ToolLoop, calls: Round, turn: Turn, text: str) -> list[Ev
         if turn.spoken:
             log.warning("an answer that must be heard whole had already begun; the engine may let it be cut off")
         else:
-            events.append(Metadata({"interruptable": False}))
+            events.append(Metadata({"interruptable": False}))  # the first chunk: the engine plays the rest whole
     if turn.held:
         events.append(turn.release([]))
     turn.messages += [{"role": "assistant", "content": text or None, "tool_calls": [c.message() for c in server_calls]}]

@@ -246,7 +246,8 @@ class Engine(Protocol):
 
     def synthesize(self, text: str) -> AsyncIterator[bytes]:
         """Mono s16le PCM of the text at the engine's rate, as it is made. An engine may also take
-        `style: Style`."""
+        `style: Style` (the request's voice, speed, model, instructions) and `context: Context` (the
+        request: the caller's agent, the call's variables)."""
         ...
 
 
@@ -397,6 +398,12 @@ async def _fill(engine: Engine, text: str, queue: asyncio.Queue) -> None:
         await queue.put(error)
 
 
+def subtitles_from_here(error: Exception, where: str) -> bool:
+    """Say in the log why the rest of an answer goes out as subtitles; True: the voice is broken."""
+    log.warning("speech failed %s (%s); the rest goes out as subtitles", where, printable(error, 200))
+    return True
+
+
 async def speak(texts: AsyncIterator[str], engine: Engine, head_start_ms: int | None) -> AsyncIterator[Said]:
     """The spoken answer, paced at real time.
 
@@ -431,20 +438,14 @@ async def speak(texts: AsyncIterator[str], engine: Engine, head_start_ms: int | 
             if isinstance(frame, Exception):
                 if not spoken:
                     raise SpeechError(str(frame)) from frame
-                log.warning(
-                    "speech failed after audio began (%s); the rest goes out as subtitles", printable(frame, 200)
-                )
-                broken = True
+                broken = subtitles_from_here(frame, "after audio began")
             if broken:  # a subtitle: the transcript, and no audio for it
                 task.cancel()
                 frame = None
             yield Said(transcript=text)
             while frame is not None:
                 if isinstance(frame, Exception):
-                    log.warning(
-                        "speech failed mid-sentence (%s); the rest goes out as subtitles", printable(frame, 200)
-                    )
-                    broken = True
+                    broken = subtitles_from_here(frame, "mid-sentence")
                     break
                 await pacer.wait()
                 yield Said(audio=frame)
