@@ -91,7 +91,7 @@ def knowledge_key(settings: Settings) -> tuple[object, ...]:
 
 
 @dataclass
-class Knowledge:
+class SharedRetriever:
     """A knowledge base some agents share, and its indexing, which runs beside the requests."""
 
     retriever: Retriever
@@ -125,14 +125,14 @@ class Agents:
     voice: speech.Engine | None = None
     wording: Wording = field(default_factory=Wording)
     services: dict[str, Service] = field(default_factory=dict)
-    knowledge: dict[tuple[object, ...], Knowledge] = field(default_factory=dict)
+    knowledge: dict[tuple[object, ...], SharedRetriever] = field(default_factory=dict)
     keys: list[Key] = field(default_factory=list)
     _watching: asyncio.Task[None] | None = None
     _retiring: set[asyncio.Task[None]] = field(default_factory=set)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
-        knowledge: dict[tuple[object, ...], Knowledge] = {}
+        knowledge: dict[tuple[object, ...], SharedRetriever] = {}
         self.services = {name: self.service(p, knowledge) for name, p in self.profiles().items()}  # or raises
         self.knowledge, self.keys = knowledge, self.keyring()
 
@@ -141,13 +141,13 @@ class Agents:
             return single(self.settings)
         return read_profiles(self.settings.agents_file, self.settings)
 
-    def service(self, profile: Profile, knowledge: dict[tuple[object, ...], Knowledge]) -> Service:
+    def service(self, profile: Profile, knowledge: dict[tuple[object, ...], SharedRetriever]) -> Service:
         """The agent of a profile, with the knowledge base (found in, or added to, `knowledge`) that it
         shares with the agents that agree on it."""
         settings = profile.settings
         key = ("given",) if self.retriever is not None else knowledge_key(settings)
         if key not in knowledge:
-            knowledge[key] = Knowledge(self.retriever or settings.knowledge())
+            knowledge[key] = SharedRetriever(self.retriever or settings.knowledge())
         retriever = knowledge[key].retriever
         wording = settings.wording(self.wording)
         registry = settings.tools(retriever, self.tools, wording)
@@ -225,7 +225,7 @@ class Agents:
         await asyncio.gather(*(svc.start() for svc in fresh.values()))
         # What a reload replaces is closed once the longest stream that could use it has ended.
         drain = max(svc.settings.llm_max_stream_seconds for svc in self.services.values()) + 5
-        retired: list[Service | Knowledge] = [svc for name, svc in self.services.items() if name not in kept]
+        retired: list[Service | SharedRetriever] = [svc for name, svc in self.services.items() if name not in kept]
         self.services = {**kept, **fresh}
         used = {id(svc.retriever) for svc in self.services.values()}
         retired += [k for k in knowledge.values() if id(k.retriever) not in used]
@@ -239,7 +239,7 @@ class Agents:
         return True
 
     @staticmethod
-    async def _retire(old: Service | Knowledge, seconds: float) -> None:
+    async def _retire(old: Service | SharedRetriever, seconds: float) -> None:
         await asyncio.sleep(seconds)
         await old.aclose()
 

@@ -45,7 +45,7 @@ from errors import ApiError, bad_request
 from events import Event, Note
 from lateness import phrase_for, said_when_late
 from profiles import filled, read_profiles, variables_of
-from rag import Retriever, retrieve, with_passages
+from rag import Passage, Retriever, retrieve, with_passages
 from serving import (
     BearerAuth,
     BytesStream,
@@ -289,14 +289,19 @@ def rag_events(svc: Service, chat: Chat) -> AsyncIterator[Event]:
     return said_when_late(grounded_answer(svc, chat), phrase, svc.settings.waiting_phrase_after_ms, "waiting")
 
 
-async def grounded_answer(svc: Service, chat: Chat) -> AsyncIterator[Event]:
+async def grounded(svc: Service, chat: Chat) -> tuple[dict[str, Any], list[Passage]]:
+    """The request with the passages retrieved for its question, as data for the model; and the passages."""
     settings, body = svc.settings, chat.body
     passages = await retrieve(
         svc.retriever, body["messages"], settings.rag_top_k, settings.rag_deadline_ms, chat.context
     )
+    return {**body, "messages": with_passages(body["messages"], passages, svc.wording.grounding_prompt)}, passages
+
+
+async def grounded_answer(svc: Service, chat: Chat) -> AsyncIterator[Event]:
+    body, passages = await grounded(svc, chat)
     yield Note("passages", [{"citation": p.citation(), "text": p.text, "score": round(p.score, 4)} for p in passages])
-    grounded = {**body, "messages": with_passages(body["messages"], passages, svc.wording.grounding_prompt)}
-    async for event in answer(svc.upstream(), grounded, svc.loop, chat.context):
+    async for event in answer(svc.upstream(), body, svc.loop, chat.context):
         yield event
 
 
@@ -307,11 +312,8 @@ async def rag_chat_completions(http: Request) -> Response:
     llm = svc.upstream()
     if chat.stream:
         return chat.events(rag_events(svc, chat))
-    passages = await retrieve(
-        svc.retriever, chat.body["messages"], svc.settings.rag_top_k, svc.settings.rag_deadline_ms, chat.context
-    )
-    grounded = {**chat.body, "messages": with_passages(chat.body["messages"], passages, svc.wording.grounding_prompt)}
-    return chat.reply(complete(llm, grounded, svc.loop, chat.context))
+    body, _ = await grounded(svc, chat)
+    return chat.reply(complete(llm, body, svc.loop, chat.context))
 
 
 def audio_events(svc: Service, chat: Chat) -> AsyncIterator[Event]:
