@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from errors import bad_request
-from settings import Settings
+from settings import Settings, parsed
 
 log = logging.getLogger("custom_llm.profiles")
 
@@ -97,7 +97,7 @@ def _profile(name: str, table: dict[str, Any], base: Settings, text: str, where:
     for key, value in table.items():
         at = f"{where} line {_line_of(text, name, key)}, {key}"
         if key == "api_keys":
-            keys = tuple(_words(_text(value, at, ",")))
+            keys = parsed({"CUSTOM_LLM_API_KEY": _text(value, at, ",")})["api_keys"]  # spelled as that one is
         elif key == "system_prompt":
             prompt = _text(value, at, "\n")
         elif key.upper() in known and key == key.lower():
@@ -134,10 +134,6 @@ def _resolved(value: str, at: str) -> str:
     if name not in os.environ:
         raise ProfileError(f"{at}: the environment variable {name} is not set")
     return os.environ[name]
-
-
-def _words(value: str) -> list[str]:
-    return [word.strip() for word in value.split(",") if word.strip()]
 
 
 def _line_of(text: str, table: str, key: str) -> int | str:
