@@ -40,7 +40,7 @@ TIMEOUT = aiohttp.ClientTimeout(total=30, connect=3)
 class Embedder(Protocol):
     identity: str  # the model and its version, as the index records it
     min_similarity: float | None  # set by RAG_MIN_SIMILARITY
-    calibrated: bool  # without it, whether each knowledge base calibrates its own (calibration.py)
+    calibrated: bool  # with no min_similarity, each knowledge base calibrates its threshold (calibration.py)
 
     async def passages(self, texts: list[str]) -> np.ndarray:
         """Unit vectors for passages, one row each."""

@@ -1,6 +1,5 @@
-"""The knowledge base behind /rag: a persistent SQLite index of a folder of documents, its
-search, and the /rag helpers around it (the waiting phrase, the follow-up query, the deadline,
-the grounding prompt), behind a small `Retriever` interface you can replace.
+"""The knowledge base behind /rag: a persistent SQLite index of a folder of documents and its
+search, the default `Retriever` (rag.py holds what /rag does around any retriever).
 
 - Documents (read by documents.py): .md, .txt, .html and .pdf, found recursively, cut along their
   own headings and paragraphs into chunks of bounded size with a little overlap; every chunk keeps
@@ -18,8 +17,9 @@ the grounding prompt), behind a small `Retriever` interface you can replace.
 - Words may be misheard or spelt apart: two neighbouring words also match the one word they make
   ("shut down" → shutdown, 日 至 → 日志), and a word the index does not know also matches known
   words that sound the same (jason → json, 全线 → 权限), for less credit than the word itself.
-- Hybrid search, with an OpenAI-compatible /embeddings endpoint: BM25 and the embeddings'
-  ranking fused by reciprocal rank.
+- Meaning, once the vectors are made (embeddings.py: the built-in model, or a hosted one): a passage
+  answers when its similarity to the question reaches the knowledge base's threshold (calibration.py),
+  or comes close to it with the words' support; similarity ranks, and BM25 lifts exact words.
 """
 
 import asyncio
@@ -360,7 +360,7 @@ class KnowledgeBase:
 
         Without a question vector (lexical mode, or while the vectors are being made), the lexical
         decision picks and BM25 ranks. With one, meaning leads: a passage answers when its cosine
-        similarity reaches the model's threshold, or comes close to it (SUPPORT_MARGIN) and holds enough
+        similarity reaches the threshold (calibration.py), or comes close to it (SUPPORT_MARGIN) and holds enough
         of the question's words; they are ranked by similarity and BM25 together (BM25_WEIGHT)."""
         said = tokens(question)
         words = question_words(said)
