@@ -92,8 +92,13 @@ SUPPORT_MARGIN = 0.05
 # A passage that stands out, closer to the question by this much than any other passage, answers down
 # to twice this much below the threshold. In a short FAQ the answer stands out like that (by 0.03 to
 # 0.09 on the tests' shop FAQ); among thousands of passages almost nothing does (bench: 1 of 240
-# answerable questions, none of 68 unanswerable), so the rule means the same for 2 chunks as for 100,000.
+# answerable questions, none of 68 unanswerable), so the rule means the same for 8 chunks as for 100,000.
 STANDOUT = 0.025
+# Standing out means something only among enough passages: ahead of one or two others is chance. With
+# fewer others than this, the allowance below the threshold shrinks in proportion, to none for a
+# knowledge base of one passage (bench: FAQs of 1 to 3 of bench/tiny's answers gave a passage to one
+# in five unrelated questions with the full allowance).
+STANDOUT_AMONG = 7
 
 
 @dataclass
@@ -400,7 +405,8 @@ class KnowledgeBase:
         answers = (similarity >= threshold) | (close & lexical) | (self._vectorless & lexical)
         best = float(similarity.max())
         others = similarity[similarity < best - 1e-6]  # copies of the best text share its vector
-        if best >= threshold - 2 * STANDOUT and (not others.size or best - float(others.max()) >= STANDOUT):
+        allowance = 2 * STANDOUT * min(others.size, STANDOUT_AMONG) / STANDOUT_AMONG
+        if others.size and best >= threshold - allowance and best - float(others.max()) >= STANDOUT:
             answers |= similarity >= best - 1e-6
         return answers
 

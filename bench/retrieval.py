@@ -13,7 +13,7 @@ tantivy on the same chunks:
   meaning alone have no relevance decision: they return passages for every question);
 - calibration: one threshold, and a margin over each knowledge base's background (calibration.py),
   each chosen on one corpus and used on the other;
-- the tiny corpus (bench/tiny: two short FAQ files), and small talk beyond the bench
+- the tiny corpus (bench/tiny: two short FAQ files), FAQs of 1 to 3 of its answers, and small talk beyond the bench
   (bench/small-talk.txt) on the manuals, the tiny corpus and git's manual;
 - cost at about 1,000, 10,000 and 100,000 chunks, each in a process of its own on one core:
   memory, indexing, and search latency by words and by meaning (the question's embedding included).
@@ -22,6 +22,7 @@ The vectors are kept in bench/.cache between runs: the first run embeds about 6,
 """
 
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -200,6 +201,72 @@ def tiny(model: BuiltinModel, rows: list[str]) -> None:
         ]
 
 
+def tiny_faqs(model: BuiltinModel, rows: list[str]) -> None:
+    """FAQs of one, two and three of bench/tiny's answers, every such choice: what a knowledge base of a
+    few passages answers, and what it gives to the questions it cannot answer."""
+    sections = []  # (file, its title, one "## question" and its answer)
+    for path in sorted((ROOT / "bench" / "tiny").glob("*.md")):
+        title, *parts = path.read_text().split("\n## ")
+        sections += [(path.name, title, part) for part in parts]
+    questions, vectors = QUESTIONS["tiny"], {}  # every question embedded once, for all the FAQs
+    probes = np.stack([asyncio.run(model.query(probe)) for probe in calibration.PROBES])
+    rows += [
+        "",
+        "FAQs made of 1, 2 or 3 of bench/tiny's 8 answers (every choice), by default: questions whose answer "
+        "is in the FAQ that find it; and the questions that get a passage though they cannot be answered there "
+        "(about an answer left out, bench/tiny's unanswerable ones, bench/small-talk.txt):",
+        "",
+        "| answers | FAQs | answered | about an answer left out | unanswerable | small talk |",
+        "|---|---|---|---|---|---|",
+    ]
+    for size in (1, 2, 3):
+        counts: dict[str, list[int]] = {kind: [0, 0] for kind in ("answered", "left out", "unanswerable", "small talk")}
+        chosen_faqs = list(itertools.combinations(sections, size))
+        for chosen in chosen_faqs:
+            folder = Path(tempfile.mkdtemp(prefix="faq-"))
+            for name in dict.fromkeys(file for file, _, _ in chosen):
+                title = next(title for file, title, _ in chosen if file == name)
+                (folder / name).write_text("\n## ".join([title] + [part for file, _, part in chosen if file == name]))
+            kb = KnowledgeBase(folder, folder / "index.sqlite3")
+            kb.index()
+            borrow_vectors(kb, model)
+            kb.probes = probes
+            kb.load_vectors()
+            server = Server(kb, model)
+            server.vectors = vectors
+            held = [(file, part.split("\n")[0]) for file, _, part in chosen]
+            for q in questions["answerable"]:
+                here = any(found(hit, label) for hit in held for label in q["answer"])
+                passages = server.default(q["q"], 3)
+                kind, hit = (
+                    ("answered", rank(passages, q["answer"]) is not None) if here else ("left out", bool(passages))
+                )
+                counts[kind][0] += hit
+                counts[kind][1] += 1
+            for kind, asked in (
+                ("unanswerable", [q["q"] for q in questions["unanswerable"]]),
+                ("small talk", SMALL_TALK),
+            ):
+                counts[kind][0] += sum(bool(server.default(question, 3)) for question in asked)
+                counts[kind][1] += len(asked)
+        rows.append(
+            f"| {size} | {len(chosen_faqs)} | "
+            + " | ".join(f"{got} of {out_of} ({got / out_of:.0%})" for got, out_of in counts.values())
+            + " |"
+        )
+
+
+def borrow_vectors(kb: KnowledgeBase, model: BuiltinModel) -> None:
+    """The vectors the benchmark's cached indexes hold, for a knowledge base made of the same texts."""
+    kb.use_model(model.identity, None)
+    with kb._lock:
+        for cached in CACHE.glob("*.sqlite3"):
+            kb._db.execute("ATTACH DATABASE ? AS cached", (str(cached),))
+            kb._db.execute("INSERT OR IGNORE INTO embeddings SELECT * FROM cached.embeddings")
+            kb._db.commit()
+            kb._db.execute("DETACH DATABASE cached")
+
+
 def small_talk(manuals: Server, model: BuiltinModel, rows: list[str]) -> None:
     folder = Path(tempfile.mkdtemp(prefix="small-talk-"))
     servers = {
@@ -305,13 +372,7 @@ def scale_one(root: Path) -> None:
     report = kb.index()
     index_seconds = time.perf_counter() - started
     model = BuiltinModel(threads=1)
-    kb.use_model(model.identity, model.min_similarity)
-    with kb._lock:
-        for cached in CACHE.glob("*.sqlite3"):
-            kb._db.execute("ATTACH DATABASE ? AS cached", (str(cached),))
-            kb._db.execute("INSERT OR IGNORE INTO embeddings SELECT * FROM cached.embeddings")
-            kb._db.commit()
-            kb._db.execute("DETACH DATABASE cached")
+    borrow_vectors(kb, model)
     handle = model._handle("query")
     kb.probes = np.stack([handle.query(probe) for probe in calibration.PROBES])
     kb.load_vectors()
@@ -347,6 +408,7 @@ def main() -> None:
     quality("Help centre (LibreOffice, English and Chinese)", help_server, HELP, rows)
     transfer({"manuals": manual_server, "help centre": help_server}, {"manuals": QUESTIONS, "help centre": HELP}, rows)
     tiny(model, rows)
+    tiny_faqs(model, rows)
     small_talk(manual_server, model, rows)
     scale(manuals, help_centre, rows)
     table = "\n".join(rows) + "\n"

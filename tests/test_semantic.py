@@ -226,3 +226,21 @@ def test_each_knowledge_base_calibrates_its_threshold(by_meaning, shop, tmp_path
     base = fixed.server.config.app.state.agents.get("default").retriever.base
     assert base.min_similarity == 0.95 and base.probes is None
     assert search(fixed, "can you fix my bike?") == []  # 0.95: nothing this shop says is that close
+
+
+def test_one_passage_does_not_stand_out_from_nothing(make_server, tmp_path):
+    """With one passage there is nothing to stand out from: it answers only above the threshold (or
+    near it with the question's words). A question about the same shop that it does not answer, at
+    0.84, got it before."""
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "faq.md").write_text(
+        "# Harbor Street Bakery\n\n## Do you deliver?\n"
+        "We deliver within five kilometres for orders over 30 dollars. Delivery costs 4 dollars.\n"
+    )
+    server = make_server(
+        knowledge_dir=folder, knowledge_index=str(tmp_path / "one.sqlite3"), embedding_model="multilingual-e5-small"
+    )
+    assert headings(server, "how much is delivery?") == ["Do you deliver?"]
+    for question in ("are you hiring bakers?", "what's the weather like today?", "今天股市怎么样？"):
+        assert search(server, question) == [], question
