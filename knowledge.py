@@ -90,15 +90,18 @@ BM25_WEIGHT = 0.02
 # says it holds enough of the question's words: the words support meaning; they never veto it.
 SUPPORT_MARGIN = 0.05
 # A passage that stands out, closer to the question by this much than any other passage, answers down
-# to twice this much below the threshold. In a short FAQ the answer stands out like that (by 0.03 to
-# 0.09 on the tests' shop FAQ); among thousands of passages almost nothing does (bench: 1 of 240
-# answerable questions, none of 68 unanswerable), so the rule means the same for 8 chunks as for 100,000.
+# to twice this much below the threshold: in a short FAQ an answer in everyday words stands out like
+# that (by 0.03 to 0.09 on the tests' shop FAQ) while its similarity stays under the threshold.
 STANDOUT = 0.025
 # Standing out means something only among enough passages: ahead of one or two others is chance. With
-# fewer others than this, the allowance below the threshold shrinks in proportion, to none for a
-# knowledge base of one passage (bench: FAQs of 1 to 3 of bench/tiny's answers gave a passage to one
-# in five unrelated questions with the full allowance).
+# fewer others than this, the allowance shrinks in proportion, to none for a knowledge base of one
+# passage (bench: FAQs of 1 to 3 of bench/tiny's answers gave a passage to one question in eight they
+# could not answer with the full allowance).
 STANDOUT_AMONG = 7
+# Among this many other passages or more, what stands out below the threshold is a short passage near
+# anything conversational (the help centre's "Tip of the Day › OK" for "goodbye, have a nice day"),
+# not an answer (bench: none of the 240 answerable questions), so the rule stops.
+STANDOUT_UNTIL = 1000
 
 
 @dataclass
@@ -405,8 +408,9 @@ class KnowledgeBase:
         answers = (similarity >= threshold) | (close & lexical) | (self._vectorless & lexical)
         best = float(similarity.max())
         others = similarity[similarity < best - 1e-6]  # copies of the best text share its vector
-        allowance = 2 * STANDOUT * min(others.size, STANDOUT_AMONG) / STANDOUT_AMONG
-        if others.size and best >= threshold - allowance and best - float(others.max()) >= STANDOUT:
+        among = others.size if others.size < STANDOUT_UNTIL else 0
+        allowance = 2 * STANDOUT * min(among, STANDOUT_AMONG) / STANDOUT_AMONG
+        if allowance and best >= threshold - allowance and best - float(others.max()) >= STANDOUT:
             answers |= similarity >= best - 1e-6
         return answers
 

@@ -267,10 +267,11 @@ def borrow_vectors(kb: KnowledgeBase, model: BuiltinModel) -> None:
             kb._db.execute("DETACH DATABASE cached")
 
 
-def small_talk(manuals: Server, model: BuiltinModel, rows: list[str]) -> None:
+def small_talk(manuals: Server, help_centre: Server, model: BuiltinModel, rows: list[str]) -> None:
     folder = Path(tempfile.mkdtemp(prefix="small-talk-"))
     servers = {
         "the manuals": manuals,
+        "the help centre": help_centre,
         "the tiny corpus": Server(embedded("tiny", ROOT / "bench" / "tiny", model, rows), model),
         "git's manual (words alone)": Server(
             KnowledgeBase(corpora.git_manual(folder / "git"), folder / "git.db"), model
@@ -409,7 +410,7 @@ def main() -> None:
     transfer({"manuals": manual_server, "help centre": help_server}, {"manuals": QUESTIONS, "help centre": HELP}, rows)
     tiny(model, rows)
     tiny_faqs(model, rows)
-    small_talk(manual_server, model, rows)
+    small_talk(manual_server, help_server, model, rows)
     scale(manuals, help_centre, rows)
     table = "\n".join(rows) + "\n"
     save("knowledge.md", table)

@@ -550,3 +550,27 @@ when many members are read, and Python closes it when the ZipFile is closed.
     assert top(kb, "zipfile怎么解压？") == "zipfile.md › zipfile: work with ZIP archives › Extracting an archive"
     # Python and "excellent" (stemmed like Excel) are in the Performance section, by chance
     assert kb.search("怎么用Python读取Excel表格？", 3) == []
+
+
+@pytest.mark.parametrize(
+    "passages, below, answers",
+    [
+        (1, 0.01, False),  # one passage: nothing to stand out from, so only the threshold counts
+        (3, 0.01, True),  # two others: a little allowance
+        (3, 0.03, False),
+        (8, 0.03, True),  # seven others: the whole allowance (0.05)
+        (8, 0.06, False),
+        (999, 0.03, True),
+        (1001, 0.03, False),  # among a thousand, what stands out is no answer
+    ],
+)
+def test_standing_out_counts_among_enough_passages(tmp_path, passages, below, answers):
+    import numpy as np
+
+    import knowledge
+
+    kb = KnowledgeBase(tmp_path / "nothing", tmp_path / "i.sqlite3")
+    kb.min_similarity, kb._vectorless = 0.87, np.zeros(passages, dtype=bool)
+    similarity = np.full(passages, 0.87 - below - knowledge.STANDOUT - 0.01)  # the others, well behind
+    similarity[0] = 0.87 - below
+    assert kb._answers(similarity, np.zeros(passages, dtype=bool))[0] == answers
