@@ -220,7 +220,7 @@ class KnowledgeBase:
         self.min_coverage = min_coverage
         self.min_similarity: float | None = None  # set with use_model(), or calibrated with the vectors
         self._fixed_similarity: float | None = None  # RAG_MIN_SIMILARITY, when set
-        self.probes: np.ndarray | None = None  # vectors of calibration.PROBES: the threshold is calibrated
+        self.probes: dict[str, np.ndarray] | None = None  # calibration.embedded(): the threshold is calibrated
         self._lock = threading.Lock()
         self._db = self._open()
         self.loaded = False
@@ -604,7 +604,7 @@ class Knowledge:
                 vectors = await self.embedder.passages([text for _, text in batch])
                 await asyncio.to_thread(self.base.store_vectors, [hash for hash, _ in batch], vectors)
             if self.embedder.calibrated and self.embedder.min_similarity is None and self.base.probes is None:
-                self.base.probes = np.stack([await self.embedder.query(probe) for probe in calibration.PROBES])
+                self.base.probes = await calibration.embedded(self.embedder)
         except EmbeddingError as error:
             log.warning("embedding the knowledge base failed (%s); searching by words", printable(error, 200))
             return 0

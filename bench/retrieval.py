@@ -43,6 +43,7 @@ from bench import pct, save  # noqa: E402
 from embeddings import BuiltinModel  # noqa: E402
 from knowledge import Knowledge, KnowledgeBase  # noqa: E402
 from rag import search_query  # noqa: E402
+from text import is_cjk  # noqa: E402
 
 QUESTIONS = json.loads((ROOT / "bench" / "retrieval-questions.json").read_text())
 HELP = json.loads((ROOT / "bench" / "help-questions.json").read_text())
@@ -183,6 +184,47 @@ def quality(name: str, server: Server, questions: dict, rows: list[str]) -> None
         )
 
 
+def halves(manuals: Path, help_centre: Path, model: BuiltinModel, rows: list[str]) -> None:
+    """Each language's half of each corpus as a knowledge base of its own, asked in its language: the
+    calibrated threshold against the one threshold of 2026-12-05 (0.885)."""
+    probes = asyncio.run(calibration.embedded(model))
+    rows += [
+        "",
+        "Each language's half alone, asked in its language (R@5; unanswerable and small-talk questions that "
+        "get a passage), calibrated and with the one threshold of 2026-12-05 (0.885):",
+        "",
+        "| knowledge base | chunks | calibrated threshold | calibrated | 0.885 |",
+        "|---|---|---|---|---|",
+    ]
+    vectors: dict[str, np.ndarray] = {}
+    for name, corpus, half, questions in (
+        ("manuals, English", manuals, "en", QUESTIONS),
+        ("manuals, Chinese", manuals, "zh", QUESTIONS),
+        ("help centre, English", help_centre, "en-US", HELP),
+        ("help centre, Chinese", help_centre, "zh-CN", HELP),
+    ):
+        root = Path(tempfile.mkdtemp(prefix="half-"))
+        shutil.copytree(corpus / half, root / half)
+        server = borrowed(root, root.parent / f"{root.name}.sqlite3", model, probes, vectors)
+        kb = server.kb
+        chinese = half.startswith("zh")
+        answerable = [
+            (q["q"], [label for label in q["answer"] if label.startswith(half + "/")])
+            for q in questions["answerable"]
+            if (q["lang"] == "zh") == chinese and any(label.startswith(half + "/") for label in q["answer"])
+        ]
+        unanswerable = [q["q"] for q in questions["unanswerable"] if is_cjk(q["q"]) == chinese]
+        chat = [phrase for phrase in SMALL_TALK if is_cjk(phrase) == chinese]
+        calibrated, cells = kb.min_similarity, []
+        for threshold in (calibrated, 0.885):
+            kb.min_similarity = threshold
+            r5 = np.mean([rank(server.default(q, K), labels) is not None for q, labels in answerable])
+            wrong = sum(bool(server.default(q, K)) for q in unanswerable)
+            chatted = sum(bool(server.default(q, K)) for q in chat)
+            cells.append(f"{r5:.2f}; {wrong} of {len(unanswerable)}; {chatted} of {len(chat)}")
+        rows.append(f"| {name} | {kb.chunks:,} | {calibrated:.3f} | " + " | ".join(cells) + " |")
+
+
 def tiny(model: BuiltinModel, rows: list[str]) -> None:
     kb = embedded("tiny", ROOT / "bench" / "tiny", model, rows)
     server = Server(kb, model)
@@ -209,7 +251,7 @@ def tiny_faqs(model: BuiltinModel, rows: list[str]) -> None:
         title, *parts = path.read_text().split("\n## ")
         sections += [(path.name, title, part) for part in parts]
     questions, vectors = QUESTIONS["tiny"], {}  # every question embedded once, for all the FAQs
-    probes = np.stack([asyncio.run(model.query(probe)) for probe in calibration.PROBES])
+    probes = asyncio.run(calibration.embedded(model))
     rows += [
         "",
         "FAQs made of 1, 2 or 3 of bench/tiny's 8 answers (every choice), by default: questions whose answer "
@@ -227,13 +269,7 @@ def tiny_faqs(model: BuiltinModel, rows: list[str]) -> None:
             for name in dict.fromkeys(file for file, _, _ in chosen):
                 title = next(title for file, title, _ in chosen if file == name)
                 (folder / name).write_text("\n## ".join([title] + [part for file, _, part in chosen if file == name]))
-            kb = KnowledgeBase(folder, folder / "index.sqlite3")
-            kb.index()
-            borrow_vectors(kb, model)
-            kb.probes = probes
-            kb.load_vectors()
-            server = Server(kb, model)
-            server.vectors = vectors
+            server = borrowed(folder, folder / "index.sqlite3", model, probes, vectors)
             held = [(file, part.split("\n")[0]) for file, _, part in chosen]
             for q in questions["answerable"]:
                 here = any(found(hit, label) for hit in held for label in q["answer"])
@@ -254,6 +290,19 @@ def tiny_faqs(model: BuiltinModel, rows: list[str]) -> None:
             + " | ".join(f"{got} of {out_of} ({got / out_of:.0%})" for got, out_of in counts.values())
             + " |"
         )
+
+
+def borrowed(folder: Path, index: Path, model: BuiltinModel, probes: dict, vectors: dict) -> Server:
+    """A knowledge base of texts the benchmark has vectors for, indexed and calibrated; vectors: the
+    questions' vectors, shared with other servers."""
+    kb = KnowledgeBase(folder, index)
+    kb.index()
+    borrow_vectors(kb, model)
+    kb.probes = probes
+    kb.load_vectors()
+    server = Server(kb, model)
+    server.vectors = vectors
+    return server
 
 
 def borrow_vectors(kb: KnowledgeBase, model: BuiltinModel) -> None:
@@ -374,8 +423,8 @@ def scale_one(root: Path) -> None:
     index_seconds = time.perf_counter() - started
     model = BuiltinModel(threads=1)
     borrow_vectors(kb, model)
+    kb.probes = asyncio.run(calibration.embedded(model))
     handle = model._handle("query")
-    kb.probes = np.stack([handle.query(probe) for probe in calibration.PROBES])
     kb.load_vectors()
     rate = _embedding_rate(model, kb)
     questions = [q["q"] for q in QUESTIONS["answerable"] + QUESTIONS["unanswerable"] + HELP["answerable"]]
@@ -408,6 +457,7 @@ def main() -> None:
     quality("Manuals (Requests, GNU diffutils, Chinese manual pages)", manual_server, QUESTIONS, rows)
     quality("Help centre (LibreOffice, English and Chinese)", help_server, HELP, rows)
     transfer({"manuals": manual_server, "help centre": help_server}, {"manuals": QUESTIONS, "help centre": HELP}, rows)
+    halves(manuals, help_centre, model, rows)
     tiny(model, rows)
     tiny_faqs(model, rows)
     small_talk(manual_server, help_server, model, rows)

@@ -195,25 +195,38 @@ def passages_at(similarities: list[float], probes: np.ndarray) -> np.ndarray:
 def test_the_threshold_is_the_background_plus_a_margin_within_bounds():
     import calibration
 
-    probes = np.eye(9, 32, dtype=np.float32)
+    probes = {"en": np.eye(9, 32, dtype=np.float32)}
+    en = probes["en"]
     near = [0.79, 0.80, 0.81, 0.82, 0.83, 0.84, 0.85, 0.86, 0.87]
-    assert calibration.threshold(passages_at(near, probes), probes) == pytest.approx(0.83 + calibration.MARGIN)
-    higher = passages_at([s + 0.02 for s in near], probes)  # passages that come closer to everything
+    assert calibration.threshold(passages_at(near, en), probes) == pytest.approx(0.83 + calibration.MARGIN)
+    higher = passages_at([s + 0.02 for s in near], en)  # passages that come closer to everything
     assert calibration.threshold(higher, probes) == pytest.approx(0.85 + calibration.MARGIN)
     # a few probes the knowledge base does answer (a cookery FAQ and the soup question) do not move it
-    touched = passages_at([*near[:6], 1.0, 1.0, 1.0], probes)
-    assert calibration.background(touched, probes) == pytest.approx(0.83)
-    assert calibration.threshold(passages_at([0.5] * 9, probes), probes) == calibration.FLOOR
-    assert calibration.threshold(passages_at([0.99] * 9, probes), probes) == calibration.CEILING
-    many = np.concatenate([passages_at([0.5] * 9, probes)] * 2000 + [passages_at(near, probes)])  # past one block
+    assert calibration.background(passages_at([*near[:6], 1.0, 1.0, 1.0], en), probes) == pytest.approx(0.83)
+    assert calibration.threshold(passages_at([0.5] * 9, en), probes) == calibration.FLOOR
+    assert calibration.threshold(passages_at([0.99] * 9, en), probes) == calibration.CEILING
+    many = np.concatenate([passages_at([0.5] * 9, en)] * 2000 + [passages_at(near, en)])  # past one block
     assert calibration.background(many, probes) == pytest.approx(0.83)
+
+
+def test_the_background_is_in_the_language_that_comes_nearer():
+    """Probes in a language the knowledge base is not written in are far from all of it: they do not
+    pull its background down."""
+    import calibration
+
+    both = {"en": np.eye(9, 64, dtype=np.float32), "zh": np.eye(9, 64, 27, dtype=np.float32)}
+    english = passages_at([0.84] * 9, both["en"])  # near the English probes, orthogonal to the Chinese
+    assert calibration.background(english, both) == pytest.approx(0.84)
 
 
 def test_each_knowledge_base_calibrates_its_threshold(by_meaning, shop, tmp_path, make_server):
     import calibration
 
     base = by_meaning.server.config.app.state.agents.get("default").retriever.base
-    assert base.probes is not None and base.probes.shape == (len(calibration.PROBES), base._vectors.shape[1])
+    assert base.probes is not None
+    assert {lang: len(vectors) for lang, vectors in base.probes.items()} == {
+        lang: len(asked) for lang, asked in calibration.PROBES.items()
+    }
     background = calibration.background(base._vectors, base.probes)
     assert 0.7 < background < calibration.FLOOR - calibration.MARGIN  # five answers: little comes near anything
     assert base.min_similarity == calibration.FLOOR
