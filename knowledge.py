@@ -587,10 +587,16 @@ class Knowledge:
         """Index the folder (only what changed): searchable by words from then on. Then make the vectors
         of new texts in the background; search uses meaning once they are all there."""
         await asyncio.to_thread(self.base.index)
-        if self.embedder is not None and self.base.chunks:
-            self.base.use_model(self.embedder.identity, self.embedder.min_similarity)
+        if self.use_model():
             self.embedding = asyncio.ensure_future(self.embed())
         self.started = True
+
+    def use_model(self) -> bool:
+        """Point the index at the embedding model's vectors, when there is one and something to embed."""
+        if self.embedder is None or not self.base.chunks:
+            return False
+        self.base.use_model(self.embedder.identity, self.embedder.min_similarity)
+        return True
 
     async def embed(self) -> int:
         """Embed every text that has no vector, a batch at a time; then search by meaning. How many were new."""
@@ -648,9 +654,8 @@ async def index_command(knowledge: Knowledge) -> int:
     )
     for skipped in report.skipped:
         print(f"  skipped {skipped}")
-    if knowledge.embedder is not None and base.chunks:
-        base.use_model(knowledge.embedder.identity, knowledge.embedder.min_similarity)
-        print(f"{await knowledge.embed()} passages embedded ({knowledge.embedder.identity})")
+    if knowledge.use_model():
+        print(f"{await knowledge.embed()} passages embedded ({base.embedded})")
     await knowledge.aclose()
     return 0
 

@@ -30,7 +30,7 @@ class Passage:
     text: str
     source: str  # file path relative to the knowledge folder
     heading: str  # "Title › Section", where the passage sits in its document
-    score: float  # BM25 (or the fused score in hybrid search), higher is better
+    score: float  # BM25 for the question's words, higher is better (meaning ranks by similarity first)
     rowid: int = 0
     coverage: float = 1.0  # the share of the question's information it holds (0 to 1)
     similarity: float | None = None  # cosine similarity to the question, when searched by meaning

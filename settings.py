@@ -117,7 +117,8 @@ class Settings:
     embedding_base_url: str = setting("EMBEDDING_BASE_URL", "")  # empty: the built-in model, or LLM_BASE_URL
     embedding_api_key: str = setting("EMBEDDING_API_KEY", "")  # empty: LLM_API_KEY
     embedding_threads: int = setting("EMBEDDING_THREADS", 1, int)
-    rag_min_similarity: float | None = setting("RAG_MIN_SIMILARITY", None, float)  # None: the model's own
+    # None: the built-in model's is calibrated for each knowledge base (calibration.py), a hosted one's none
+    rag_min_similarity: float | None = setting("RAG_MIN_SIMILARITY", None, float)
     # The server's words (wording.py); None: what create_app(wording=...) or wording.py says.
     waiting_messages_en: tuple[str, ...] | None = setting("WAITING_MESSAGES_EN", None, _phrases)
     waiting_messages_zh: tuple[str, ...] | None = setting("WAITING_MESSAGES_ZH", None, _phrases)
