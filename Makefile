@@ -1,15 +1,17 @@
-# make run: start the server from a fresh clone (installs only what running needs);
-# make test: lint, type-check and the whole suite; make bench: latency, voice, retrieval and capacity;
-# make soak: thousands of streams with faults and hang-ups.
+# make run: start the server from a fresh clone (installs the package and what running needs);
+# make test: lint, type-check and the fast tests (under three minutes); make test-all: every test,
+# the slow ones too (subprocess servers, fuzzing, the browser, the Node clients), what CI runs;
+# make bench: latency, voice, retrieval and capacity, written to docs/benchmarks.md; make soak.
 VENV := .venv
 PY := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest -q -ra --durations=15 -n 2
 
-.PHONY: run test lint bench bench-knowledge soak clean
+.PHONY: run test test-all lint bench bench-knowledge soak clean
 
-$(VENV)/.run: requirements.txt constraints.txt
+$(VENV)/.run: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -r requirements.txt
+	$(PY) -m pip install --quiet -c constraints.txt -e .
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.run requirements-dev.txt clients/package-lock.json
@@ -18,7 +20,7 @@ $(VENV)/.dev: $(VENV)/.run requirements-dev.txt clients/package-lock.json
 	touch $@
 
 run: $(VENV)/.run
-	$(PY) custom_llm.py
+	$(VENV)/bin/custom-llm serve
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
@@ -26,7 +28,10 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/mypy
 
 test: lint
-	$(PY) -m pytest -q -rs
+	$(PYTEST) -m "not slow"
+
+test-all: lint
+	$(PYTEST)
 
 $(VENV)/.bench: $(VENV)/.dev bench/requirements-compare.txt
 	$(PY) -m pip install --quiet -r bench/requirements-compare.txt

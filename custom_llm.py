@@ -1,17 +1,19 @@
 """A custom LLM server for Agora's Conversational AI Engine: the entry point.
 
 The engine POSTs an OpenAI Chat Completions request to this server; the server answers the way
-OpenAI does, streaming over server-sent events:
+OpenAI does, streaming over server-sent events (every path also under /v1, so an SDK's base_url
+may end in /v1):
 
     /chat/completions        relays any OpenAI-compatible LLM, event by event, as it arrives
-    /rag/chat/completions    a waiting phrase first, then an answer grounded in ./knowledge
+    /rag/chat/completions    the answer grounded in ./knowledge, a waiting phrase when it is late
     /audio/chat/completions  a transcript and 16 kHz mono PCM for a custom voice
+    /audio/speech            the server's voice as Agora's custom TTS
 
 Read top to bottom: the request models, the routes (each declared once, in ROUTES), the app, the
-entry point. Each capability lives in a module of its own, named for it: settings.py (every setting),
-agents.py and profiles.py (the agents a key selects), upstream.py (the LLM client), serving.py (HTTP:
-SSE, auth, the request log), answer.py (the tool loop), events.py (what an answer is made of), rag.py
-and knowledge.py (retrieval), tools.py, speech.py (the voice), wording.py (every phrase), metrics.py.
+entry point (`custom-llm serve|index|search|check`). The work is done in the package
+custom_llm_server, whose folders are its layers: core (what every layer shares), serving (HTTP),
+llm (the upstream and the tool loop), knowledge, voice, agora, and config (settings, agent profiles,
+and build.py, where each agent's objects are made).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import dataclasses
 import gc
 import logging
 import os
-import secrets
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,39 +35,33 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 
-import metrics
-import speech
-from agents import Agents, Service
-from agora import ENGINE_FIELDS, for_upstream
-from answer import answer, complete
-from context import Context
-from errors import ApiError, bad_request
-from events import Event, Note
-from lateness import phrase_for, said_when_late
-from profiles import filled, read_profiles, variables_of
-from rag import Passage, Retriever, retrieve, with_passages
-from serving import (
-    BearerAuth,
-    BytesStream,
-    EventStream,
-    GuardedHttpTools,
-    JSONReply,
-    RequestLog,
-    WithContext,
-    add_error_handlers,
-    configure_logging,
-    openapi_with,
-    read_json_body,
-    validated,
-)
-from settings import HERE, Settings
-from text import latest_question, message_text
-from tools import ToolRegistry
-from wording import Wording
-
-__version__ = "0.2.0"
+from custom_llm_server import __version__
+from custom_llm_server.agora.engine import ENGINE_FIELDS, for_upstream
+from custom_llm_server.config import build
+from custom_llm_server.config.agents import Agents, Service
+from custom_llm_server.config.keyfile import stored_key
+from custom_llm_server.config.profiles import filled, read_profiles, variables_of
+from custom_llm_server.config.settings import Settings
+from custom_llm_server.core import metrics
+from custom_llm_server.core.context import Context
+from custom_llm_server.core.errors import ApiError, bad_request
+from custom_llm_server.core.events import Event, Note
+from custom_llm_server.core.lateness import phrase_for, said_when_late
+from custom_llm_server.core.text import latest_question, message_text
+from custom_llm_server.core.wording import Wording
+from custom_llm_server.knowledge.rag import Passage, Retriever, retrieve, with_passages
+from custom_llm_server.llm.answer import answer, complete
+from custom_llm_server.llm.tools import ToolRegistry
+from custom_llm_server.serving.errors import add_error_handlers
+from custom_llm_server.serving.logs import configure_logging
+from custom_llm_server.serving.middleware import BearerAuth, EndsOnShutdown, RequestLog, WithContext
+from custom_llm_server.serving.protocol import GuardedHttpTools
+from custom_llm_server.serving.requests import openapi_with, read_json_body, validated
+from custom_llm_server.serving.streams import BytesStream, EventStream, JSONReply
+from custom_llm_server.voice.answers import audio_completion, converted_answer, file_answer, one, spoken_answer
+from custom_llm_server.voice.engines import Engine, Style, pcm_at
 
 log = logging.getLogger("custom_llm")
 
@@ -175,21 +171,22 @@ class ChatCompletionRequest(_Open):
 class SpeechRequest(_Open):
     """Agora's custom TTS request (`tts.vendor: "generic_http"`): OpenAI's /audio/speech shape.
 
-    The server's voice says it (TTS_* settings); `voice`, `speed`, `model` and `instructions` (also
-    spelt `instruction`), when given, override the settings for this request, as Agora's
-    custom_metadata.tts_params changes them mid-call. `request_id`, `request_seq_id` and
-    `request_end` come only with Agora's `enable_request_id`."""
+    The server's voice says it (TTS_* settings); `voice`, `speed`, `model` and `instruction` (Agora's
+    spelling; OpenAI's `instructions` too), when given, override the settings for this request, as
+    Agora's custom_metadata.tts_params changes them mid-call. `request_id`, `request_seq_id` and
+    `request_end` come only with Agora's `enable_request_id`. Agora documents `response_format` and
+    `sample_rate` with the defaults `pcm` and 16000, so the engine may leave both out."""
 
     input: str = Field(max_length=4096)
     model: str | None = Field(None, max_length=200)
     voice: str | None = Field(None, max_length=200)
     speed: float | None = Field(None, gt=0, le=4)
-    sample_rate: int = Field(16_000, ge=8_000, le=48_000)
-    # Required, and pcm only: an OpenAI SDK that asks for its default (mp3) gets a 400 that says so,
-    # not raw PCM it would take for mp3. Agora's generic_http always sends "pcm".
-    response_format: Literal["pcm"]
-    instructions: str | None = Field(None, max_length=4096)
+    sample_rate: int = Field(16_000, ge=8_000, le=48_000)  # the bounds are this server's: Agora states none
+    # pcm only: an OpenAI SDK asking for its default (mp3) gets a 400 that names pcm, not raw PCM it
+    # would take for mp3.
+    response_format: Literal["pcm"] = "pcm"
     instruction: str | None = Field(None, max_length=4096)
+    instructions: str | None = Field(None, max_length=4096)
     request_id: str | int | None = None
     request_seq_id: int | None = None
     request_end: bool | None = None
@@ -333,15 +330,15 @@ def audio_events(svc: Service, chat: Chat) -> AsyncIterator[Event]:
                 "broadcast_too_long",
                 f"messages.{len(messages) - 1}.content",
             )
-        return speech.spoken_answer(
-            speech.one(broadcast), voice, head_start, "espeak-ng is not installed (files mode says broadcasts with it)"
+        return spoken_answer(
+            one(broadcast), voice, head_start, "espeak-ng is not installed (files mode says broadcasts with it)"
         )
     streaming = {**chat.body, "stream": True}
     if "audio" in (chat.request.modalities or []):
-        return speech.converted_answer(answer(svc.upstream(), streaming, svc.loop, chat.context), voice, head_start)
+        return converted_answer(answer(svc.upstream(), streaming, svc.loop, chat.context), voice, head_start)
     if settings.audio_source == "files":
-        return speech.file_answer(settings.audio_text_file, settings.audio_pcm_file, head_start)
-    return speech.spoken_answer(answer(svc.upstream(), streaming, svc.loop, chat.context), voice, head_start)
+        return file_answer(settings.audio_text_file, settings.audio_pcm_file, head_start)
+    return spoken_answer(answer(svc.upstream(), streaming, svc.loop, chat.context), voice, head_start)
 
 
 async def audio_chat_completions(http: Request) -> Response:
@@ -351,7 +348,7 @@ async def audio_chat_completions(http: Request) -> Response:
     events = audio_events(svc, chat)
     if chat.stream:
         return chat.events(events)
-    return chat.reply(speech.audio_completion(events, chat.body["model"]))
+    return chat.reply(audio_completion(events, chat.body["model"]))
 
 
 async def audio_speech(http: Request) -> Response:
@@ -367,9 +364,9 @@ async def audio_speech(http: Request) -> Response:
         )
     context: Context = http.state.context
     context.model, context.turn_id = request.model or "-", str(request.request_id or "-")
-    style = speech.Style(request.voice, request.speed, request.model, request.instructions or request.instruction)
+    style = Style(request.voice, request.speed, request.model, request.instruction or request.instructions)
     voice = svc.voice.speaking_for(context)
-    return BytesStream(speech.pcm_at(voice, request.input, request.sample_rate, style), "audio/pcm", context)
+    return BytesStream(pcm_at(voice, request.input, request.sample_rate, style), "audio/pcm", context)
 
 
 async def knowledge_search(http: Request, q: str, limit: int = 5) -> dict[str, Any]:
@@ -379,12 +376,40 @@ async def knowledge_search(http: Request, q: str, limit: int = 5) -> dict[str, A
     return {"query": query, "passages": [p.as_dict() for p in passages]}
 
 
-PLAYGROUND = HERE / "playground.html"
+PLAYGROUND = Path(__file__).resolve().parent / "custom_llm_server" / "serving" / "playground.html"
+STARTED = int(time.time())
 
 
 async def playground(http: Request) -> Response:
     """The playground page: talk to the server as Agora's engine would, in a browser (PLAYGROUND)."""
     return Response(await asyncio.to_thread(PLAYGROUND.read_bytes), media_type="text/html; charset=utf-8")
+
+
+async def home(http: Request) -> Response:
+    """What a browser opening the server's address sees: where to go next; needs no key."""
+    settings: Settings = http.app.state.settings
+    try_it = '<a href="/playground">the playground</a>' if settings.playground else "the playground (PLAYGROUND=true)"
+    return HTMLResponse(HOME.format(version=__version__, try_it=try_it))
+
+
+HOME = """<!doctype html><meta charset="utf-8"><title>Custom LLM server for Agora</title>
+<body style="font: 16px/1.5 system-ui, sans-serif; max-width: 40em; margin: 3em auto; padding: 0 1em">
+<h1>Custom LLM server for Agora</h1>
+<p>Version {version} is running. Talk to it in {try_it}, or point an OpenAI SDK or Agora's
+<code>llm.url</code> at <code>/v1/chat/completions</code>, <code>/v1/rag/chat/completions</code> or
+<code>/v1/audio/chat/completions</code> with <code>Authorization: Bearer &lt;key&gt;</code>.</p>
+<p><a href="/health">/health</a> · <a href="/ready">/ready</a> · <a href="/openapi.json">/openapi.json</a>
+· the README and <code>docs/</code> in the project say the rest.</p>
+</body>
+"""
+
+
+async def models(http: Request) -> dict[str, Any]:
+    """The caller's agent's models, in OpenAI's list shape (SDKs, LangChain and many UIs ask first)."""
+    settings = service(http).settings
+    names = dict.fromkeys(name for name in (settings.llm_model, settings.llm_fallback_model) if name)
+    listed = [{"id": name, "object": "model", "created": STARTED, "owned_by": "custom-llm-server"} for name in names]
+    return {"object": "list", "data": listed}
 
 
 async def health() -> dict[str, str]:
@@ -407,34 +432,45 @@ async def ready(http: Request) -> Response:
 
 
 async def prometheus_metrics() -> Response:
-    """Prometheus metrics, summed over worker processes."""
+    """Prometheus metrics, summed over worker processes; for the operator's key only (see BearerAuth)."""
     metrics.TASKS.set(len(asyncio.all_tasks()))
     return Response(metrics.render(), media_type=metrics.CONTENT_TYPE_LATEST)
 
 
+API = ("", "/v1")  # OpenAI's SDKs put /v1 in base_url: every API path is served with it and without
+EVERY_BASE = ("", "/v1", "/rag", "/v1/rag", "/audio", "/v1/audio")  # any base_url an SDK or a UI is given
+
+
 @dataclass(frozen=True)
 class Route:
-    """A route, declared once: its path, handler, whether it needs a key, its metrics label."""
+    """A route, declared once: its path (under each prefix), handler, who may call it, its metrics label."""
 
     path: str
     handler: Callable[..., Awaitable[Any]]
     label: str
     method: str = "POST"
-    public: bool = False  # no key needed
+    access: Literal["agent", "operator", "public"] = "agent"  # an agent's key, the operator's, or none
     body: dict[str, Any] | None = None  # the request body's schema, for /openapi.json
+    prefixes: tuple[str, ...] = ("",)
     documented: bool = True
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(prefix + self.path for prefix in self.prefixes)
 
 
 ROUTES = (
-    Route("/chat/completions", chat_completions, "chat", body=CHAT_BODY),
-    Route("/rag/chat/completions", rag_chat_completions, "rag", body=CHAT_BODY),
-    Route("/audio/chat/completions", audio_chat_completions, "audio", body=CHAT_BODY),
-    Route("/audio/speech", audio_speech, "speech", body=SPEECH_BODY),
-    Route("/knowledge/search", knowledge_search, "search", "GET"),
-    Route("/metrics", prometheus_metrics, "metrics", "GET"),
-    Route("/health", health, "health", "GET", public=True),
-    Route("/ready", ready, "ready", "GET", public=True),
-    Route("/playground", playground, "playground", "GET", public=True, documented=False),  # when PLAYGROUND
+    Route("/chat/completions", chat_completions, "chat", body=CHAT_BODY, prefixes=API),
+    Route("/rag/chat/completions", rag_chat_completions, "rag", body=CHAT_BODY, prefixes=API),
+    Route("/audio/chat/completions", audio_chat_completions, "audio", body=CHAT_BODY, prefixes=API),
+    Route("/audio/speech", audio_speech, "speech", body=SPEECH_BODY, prefixes=API),
+    Route("/models", models, "models", "GET", prefixes=EVERY_BASE),
+    Route("/knowledge/search", knowledge_search, "search", "GET", prefixes=API),
+    Route("/metrics", prometheus_metrics, "metrics", "GET", access="operator"),
+    Route("/health", health, "health", "GET", access="public"),
+    Route("/ready", ready, "ready", "GET", access="public"),
+    Route("/", home, "home", "GET", access="public", documented=False),
+    Route("/playground", playground, "playground", "GET", access="public", documented=False),  # when PLAYGROUND
 )
 
 
@@ -459,11 +495,11 @@ def create_app(
     settings: Settings | None = None,
     tools: ToolRegistry | None = None,
     retriever: Retriever | None = None,
-    voice: speech.Engine | None = None,
+    voice: Engine | None = None,
     wording: Wording | None = None,
 ) -> FastAPI:
     """The ASGI app. Pass your own tools, retriever, voice or wording to change what the server does,
-    knows, sounds like and says (for every agent, when AGENTS_FILE names several)."""
+    knows, sounds like and says, for every agent (config/build.py says what each one replaces)."""
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
     GuardedHttpTools.configure(
@@ -472,21 +508,20 @@ def create_app(
     if not settings.api_keys and not settings.allow_unauthenticated and settings.agents_file is None:
         raise ValueError(
             "set CUSTOM_LLM_API_KEY (the key callers send), or ALLOW_UNAUTHENTICATED=true for local "
-            "experiments; `python3 custom_llm.py` makes a key for you"
+            "experiments; `custom-llm serve` makes a key for you"
         )
-    agents = Agents(
-        settings, tools, retriever, voice, wording or Wording()
-    )  # AGENTS_FILE's profiles, or one agent from the settings
+    agents = Agents(settings, tools, retriever, voice, wording or Wording())  # AGENTS_FILE's, or one agent
     if not agents.keys:
         log.warning("ALLOW_UNAUTHENTICATED is set: anyone who can reach this server can use it")
     app = FastAPI(
         title="Custom LLM server for Agora", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
     )
     app.state.settings, app.state.agents = settings, agents
-    for route in ROUTES:
-        if route.path != "/playground" or settings.playground:
+    routes = [route for route in ROUTES if route.handler is not playground or settings.playground]
+    for route in routes:
+        for path in route.paths:
             app.add_api_route(
-                route.path,
+                path,
                 route.handler,
                 methods=[route.method],
                 openapi_extra=route.body,
@@ -494,29 +529,40 @@ def create_app(
             )
     add_error_handlers(app)
     app.openapi = lambda: openapi_with(app, ChatCompletionRequest, SpeechRequest)  # type: ignore[method-assign]
-    app.add_middleware(BearerAuth, keyring=lambda: agents.keys, public=frozenset(r.path for r in ROUTES if r.public))
-    app.add_middleware(RequestLog, labels={route.path: route.label for route in ROUTES})
+    access = {path: route.access for route in routes for path in route.paths}
+    operators = [key.encode() for key in (*settings.api_keys, *settings.metrics_api_key)]
+    app.add_middleware(BearerAuth, keyring=lambda: agents.keys, operators=operators, access=access)
+    app.add_middleware(EndsOnShutdown)
+    app.add_middleware(RequestLog, labels={path: route.label for route in routes for path in route.paths})
     app.add_middleware(WithContext)  # the outermost: every other layer reads the request's context
     return app
 
 
 # ---------------------------------------------------------------------------------------------
-# The entry point: `python3 custom_llm.py` serves; `index` and `search` work the knowledge base
+# The entry point: `custom-llm serve` (or `python3 custom_llm.py`); index, search and check
 # ---------------------------------------------------------------------------------------------
 
 
-def serve(settings: Settings) -> None:
-    import tempfile
+def with_a_key(settings: Settings) -> Settings:
+    """The settings with a caller key: CUSTOM_LLM_API_KEY, or the one kept in DATA_DIR (made once),
+    put in the environment so that every worker reads it."""
+    if settings.api_keys or settings.allow_unauthenticated or settings.agents_file is not None:
+        return settings
+    key, path, made = stored_key(settings.data_dir)
+    # Printed on purpose: a server is never open by accident, and the developer needs this value for
+    # the agent's llm.api_key. The file keeps it across restarts.
+    said = "made one and kept it in" if made else "using the one kept in"
+    print(f"CUSTOM_LLM_API_KEY is not set; {said} {path}: callers must send {key}", file=sys.stderr, flush=True)
+    os.environ["CUSTOM_LLM_API_KEY"] = key
+    return dataclasses.replace(settings, api_keys=(key,))
 
+
+def serve(settings: Settings) -> None:
     import uvicorn
 
-    if not settings.api_keys and not settings.allow_unauthenticated and settings.agents_file is None:
-        key = secrets.token_urlsafe(24)
-        # Made once, before any worker starts, and printed once, on purpose: a server is never open
-        # by accident, and the developer needs this value for the agent's llm.api_key.
-        print(f"CUSTOM_LLM_API_KEY is not set; callers must send this key: {key}", file=sys.stderr, flush=True)
-        os.environ["CUSTOM_LLM_API_KEY"] = key
-        settings = Settings.from_env()
+    from custom_llm_server.serving.workers import run_workers
+
+    settings = with_a_key(settings)
     options: dict[str, Any] = dict(
         host=settings.host,
         port=settings.port,
@@ -529,10 +575,12 @@ def serve(settings: Settings) -> None:
         return uvicorn.run(create_app(settings), **options)
     if settings.agents_file is not None:  # each worker reads it again; a file that cannot be used stops here
         read_profiles(settings.agents_file, settings)
-    # Worker processes read their settings anew from the environment, the key above included,
-    # and share a folder for their metrics.
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="custom-llm-metrics-"))
-    uvicorn.run("custom_llm:create_app", factory=True, workers=settings.workers, **options)
+    # Each worker imports this module and builds its app from the environment (the key above included).
+    # A worker busy indexing answers the supervisor's health check late: give it time.
+    config = uvicorn.Config(
+        "custom_llm:create_app", factory=True, workers=settings.workers, timeout_worker_healthcheck=30, **options
+    )
+    run_workers(config)
 
 
 def knowledge_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -541,22 +589,23 @@ def knowledge_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.agent:
         agents = read_profiles(settings.agents_file, settings) if settings.agents_file else {}
         if args.agent not in agents:
-            print(f"custom_llm.py: no agent {args.agent!r} in AGENTS_FILE", file=sys.stderr)
+            print(f"custom-llm: no agent {args.agent!r} in AGENTS_FILE", file=sys.stderr)
             return 2
         settings = agents[args.agent].settings
     if args.folder:
         settings = dataclasses.replace(settings, knowledge_dir=Path(args.folder))
     if args.index_file:
         settings = dataclasses.replace(settings, knowledge_index=args.index_file)
-    from knowledge import index_command, search_command
+    from custom_llm_server.knowledge.index import index_command, search_command
 
+    knowledge = build.knowledge_base(settings, build.Capacity.of(settings))
     if args.command == "index":
-        return asyncio.run(index_command(settings.knowledge_base()))
-    return asyncio.run(search_command(settings.knowledge_base(), args.question, args.limit))
+        return asyncio.run(index_command(knowledge))
+    return asyncio.run(search_command(knowledge, args.question, args.limit))
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="custom_llm.py", description="The custom LLM server for Agora.")
+def arguments() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="custom-llm", description="The custom LLM server for Agora.")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run the server (the default)")
     index = commands.add_parser("index", help="index the knowledge folder (only what changed)")
@@ -566,7 +615,7 @@ def main(argv: list[str]) -> int:
     search.add_argument("--folder", help="a folder other than KNOWLEDGE_DIR")
     search.add_argument("--limit", type=int, default=5)
     for command in (index, search):
-        command.add_argument("--index-file", help="the SQLite index (default: KNOWLEDGE_INDEX, or .index/)")
+        command.add_argument("--index-file", help="the SQLite index (default: KNOWLEDGE_INDEX, or DATA_DIR/index/)")
         command.add_argument("--agent", help="an agent of AGENTS_FILE: its knowledge settings")
     check = commands.add_parser("check", help="check any custom LLM URL against what Agora's engine sends and expects")
     check.add_argument("url", help="e.g. http://localhost:8000/rag/chat/completions")
@@ -574,27 +623,28 @@ def main(argv: list[str]) -> int:
     check.add_argument("--model", default="gpt-4o-mini", help="the model name sent (default: gpt-4o-mini)")
     check.add_argument("--timeout", type=float, default=20.0, help="seconds each check may take (default: 20)")
     check.add_argument("--run-timeout", type=float, default=180.0, help="seconds all checks may take (default: 180)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`custom-llm [serve|index|search|check]`: the console script, and `python3 custom_llm.py`."""
+    args = arguments().parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "check":  # needs no settings: the endpoint may be anyone's
-        import checker  # only here: the server itself never needs an HTTP client of this kind
+        from custom_llm_server.agora import checker  # only here: the server never needs this client
 
         bounds = checker.Bounds(check_seconds=args.timeout, run_seconds=args.run_timeout)
         return checker.run(args.url, args.key.strip(), args.model, bounds=bounds)
     try:
         settings = Settings.from_env()
-    except ValueError as error:
-        print(f"custom_llm.py: {error}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level)
-    try:
+        configure_logging(settings.log_level)
         if args.command in ("index", "search"):
             return knowledge_command(args, settings)
         serve(settings)
     except ValueError as error:  # a setting or AGENTS_FILE that cannot be used: said once, no traceback
-        print(f"custom_llm.py: {error}", file=sys.stderr)
+        print(f"custom-llm: {error}", file=sys.stderr)
         return 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

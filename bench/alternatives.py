@@ -14,7 +14,7 @@ import jieba
 import Stemmer
 import tantivy
 
-from text import CJK_RANGES  # bench/retrieval.py puts the project on the path
+from custom_llm_server.core.text import CJK_RANGES  # bench/retrieval.py puts the project on the path
 
 CJK_RUN = re.compile(f"[{CJK_RANGES}]+")
 WORD = re.compile(r"\w+")

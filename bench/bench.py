@@ -1,6 +1,6 @@
 """The latency benchmark: the server against a direct connection to the same upstream, in one run.
 
-`make bench` (or `python3 bench/bench.py`) starts on loopback a paced upstream (bench/upstream.py,
+`make bench` (or `python3 bench/bench.py`) starts on loopback a paced upstream (bench/paced_llm.py,
 pinned to CPU 0 with this load client) and the server under test (`python3 custom_llm.py`, one
 worker, INFO logging as in production, pinned to CPU 1), then measures both paths with the same
 raw-socket client, interleaving them so machine noise hits both. It prints one markdown table and
@@ -84,7 +84,7 @@ def start_servers(label: str, **server_env: str) -> tuple[int, int, subprocess.P
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     up_port, sv_port = free_port(), free_port()
-    upstream = start([sys.executable, "bench/upstream.py", str(up_port)], {}, 0, results / f"{label}-upstream.log")
+    upstream = start([sys.executable, "bench/paced_llm.py", str(up_port)], {}, 0, results / f"{label}-upstream.log")
     server = start(
         [sys.executable, "custom_llm.py"],
         {

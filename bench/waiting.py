@@ -1,7 +1,7 @@
 """When should /rag say its waiting phrase? `python3 bench/waiting.py` (also part of `make bench`).
 
 The server (`python3 custom_llm.py`, the sample knowledge base) answers /rag from the paced upstream
-(bench/upstream.py), whose time to first token is drawn per question from a mix of fast and slow
+(bench/paced_llm.py), whose time to first token is drawn per question from a mix of fast and slow
 models: 60% 0.3-0.6 s (a small hosted model), 30% 0.6-1.2 s, 10% 1.5-4 s (a large model, or a
 loaded one). Each answer's first sentence is eight words, a word every 20 ms. For each setting of
 WAITING_PHRASE_AFTER_MS (0: always, first), the same 60 questions, and for each answer the times
@@ -14,17 +14,16 @@ answer, whichever comes first. Writes bench/results/waiting.md.
 import asyncio
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-import httpx  # noqa: E402
+import httpx
 
-from bench import KEY, pct, save, start_servers, stop  # noqa: E402
-from text import sentence_end  # noqa: E402
-from wording import WAITING_PHRASES  # noqa: E402
+from bench import KEY, pct, save, start_servers, stop
+from custom_llm_server.core.text import sentence_end
+from custom_llm_server.core.wording import WAITING_PHRASES
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SETTINGS = (0, 400, 700, 1000, 1500)
 SPEAKING = 15  # characters a second

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import shutil
 import socket
-import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,13 +19,13 @@ import openai
 import pytest
 import uvicorn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from custom_llm import Settings, create_app
-from serving import GuardedHttpTools
-from tests.upstream import ScriptedUpstream
+from custom_llm_server.serving.protocol import GuardedHttpTools
+from tests.scripted_llm import ScriptedUpstream
 
 API_KEY = "test-key"
+# Each test process (pytest-xdist runs two) keeps its indexes and keys apart, and removes them at the end.
+DATA = Path(tempfile.mkdtemp(prefix="custom-llm-tests-"))
 UPSTREAM_KEY = "upstream-secret-key"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 
@@ -82,7 +83,7 @@ class ServerThread:
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # generous: a busy machine starts servers slowly
         while not self.server.started:
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.01)
@@ -100,6 +101,12 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_folder():
+    yield DATA
+    shutil.rmtree(DATA, ignore_errors=True)
 
 
 def scripted_server():
@@ -136,6 +143,7 @@ def settings_for(upstream_server, **overrides) -> Settings:
         llm_first_token_timeout=2.0,
         llm_idle_timeout=2.0,
         embedding_model="none",  # the built-in model costs seconds per index: tests that need meaning ask for it
+        data_dir=DATA,
     )
     return dataclasses.replace(base, **overrides)
 

@@ -11,9 +11,9 @@ import httpx
 import openai
 import pytest
 
-import tools
+from custom_llm_server.llm import tools
+from custom_llm_server.llm.tools import ToolRegistry
 from tests.conftest import API_KEY, AUTH, stream, text_of
-from tools import ToolRegistry
 
 ASK = [{"role": "user", "content": "What time is it in Paris?"}]
 CALLER_TOOL = {
@@ -67,23 +67,28 @@ def test_text_before_a_tool_call_is_spoken_and_kept_in_history(server, upstream)
 def test_parallel_calls_run_at_once(make_server, upstream):
     registry = ToolRegistry()
 
+    ran: dict[str, tuple[float, float]] = {}
+
     async def slow_a() -> str:
         """A."""
+        started = time.monotonic()
         await asyncio.sleep(0.5)
+        ran["a"] = (started, time.monotonic())
         return "a"
 
     def slow_b() -> str:  # a sync tool runs in a thread, beside the async one
         """B."""
+        started = time.monotonic()
         time.sleep(0.5)
+        ran["b"] = (started, time.monotonic())
         return "b"
 
     registry.add(slow_a)
     registry.add(slow_b)
     server = make_server(tools=registry, tool_bridge_ms=5000)
     upstream.script.turns = [{"calls": [("slow_a", "{}"), ("slow_b", "{}")]}, ANSWER]
-    started = time.monotonic()
     stream(server, {"messages": ASK})
-    assert time.monotonic() - started < 0.9  # two half-second tools, together
+    assert ran["a"][0] < ran["b"][1] and ran["b"][0] < ran["a"][1]  # each started before the other ended
     assert [m["content"] for m in tool_messages(upstream.requests[1])] == ['"a"', '"b"']
 
 
@@ -131,7 +136,7 @@ def test_a_mixed_round_gives_the_caller_its_calls_and_defers_ours(client, upstre
     ],
 )
 def test_failures_are_results_the_model_reads(make_server, upstream, call, error):
-    registry = tools.sample_tools(__import__("knowledge").KnowledgeBase("knowledge"))
+    registry = tools.sample_tools()
 
     def boom() -> None:
         """Fails."""
@@ -193,7 +198,7 @@ def test_fast_tools_then_a_slow_answer_get_a_bridge_phrase(make_server, upstream
 
 
 def test_the_bridge_phrases_can_be_changed_in_code_and_in_the_settings(make_server, upstream):
-    from wording import Wording
+    from custom_llm_server.core.wording import Wording
 
     wording = Wording(bridge={"en": ("Hang tight.",), "zh": ("等等。",)})
     for server, said in (
@@ -241,8 +246,8 @@ def test_barge_in_during_a_tool_cancels_it(make_server, upstream):
     ) as response:
         lines = response.iter_lines()
         assert "content" in next(lines)  # the bridge phrase
-        assert started.wait(2)
-    assert cancelled.wait(2), "the tool kept running after the caller hung up"
+        assert started.wait(10)
+    assert cancelled.wait(10), "the tool kept running after the caller hung up"
     assert len(upstream.requests) == 1
 
 

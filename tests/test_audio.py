@@ -13,9 +13,9 @@ import httpx
 import numpy as np
 import pytest
 
-import speech  # noqa: F401
+from custom_llm_server.voice.answers import RECORDING
 from tests.conftest import AUTH, audio_of, dominant_frequency, post, sse_events
-from tests.upstream import ScriptedUpstream
+from tests.scripted_llm import ScriptedUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 ASK = {"messages": [{"role": "user", "content": "Tell me about the weather."}], "stream": True}
@@ -24,19 +24,19 @@ ASK = {"messages": [{"role": "user", "content": "Tell me about the weather."}], 
 def test_transcript_then_every_byte_of_the_pcm_in_1280_byte_chunks(make_server, upstream):
     server = make_server(audio_head_start_ms=60_000)  # no pacing: the whole file at once
     audio = audio_of(sse_events(httpx.post(server.url + "/audio/chat/completions", json=ASK, headers=AUTH)))
-    assert audio[0]["transcript"] == (ROOT / "file.txt").read_text().strip() and "data" not in audio[0]
+    assert audio[0]["transcript"] == (RECORDING / "file.txt").read_text().strip() and "data" not in audio[0]
     data = [base64.b64decode(a["data"]) for a in audio[1:]]
     assert all(len(d) == 1280 for d in data[:-1]) and 0 < len(data[-1]) <= 1280
-    assert b"".join(data) == (ROOT / "file.pcm").read_bytes()
+    assert b"".join(data) == (RECORDING / "file.pcm").read_bytes()
     assert len({a["id"] for a in audio}) == 1
     assert upstream.requests == []  # file mode never calls the LLM
 
 
 def test_shipped_audio_is_real_speech_of_the_transcript():
-    pcm = (ROOT / "file.pcm").read_bytes()
+    pcm = (RECORDING / "file.pcm").read_bytes()
     assert len(pcm) < 1_000_000 and len(pcm) % 2 == 0
     seconds = len(pcm) / 32000
-    words = len((ROOT / "file.txt").read_text().split())
+    words = len((RECORDING / "file.txt").read_text().split())
     assert 1.5 < words / seconds < 4.5  # a speaking rate, not noise or silence
 
 
@@ -70,8 +70,8 @@ def test_non_streaming_audio_is_one_message(client):
     client = client.with_options(base_url=str(client.base_url).rstrip("/") + "/audio")
     completion = client.chat.completions.create(model="m", messages=ASK["messages"], stream=False)
     audio = completion.choices[0].message.audio
-    assert audio.transcript == (ROOT / "file.txt").read_text().strip()
-    assert base64.b64decode(audio.data) == (ROOT / "file.pcm").read_bytes()
+    assert audio.transcript == (RECORDING / "file.txt").read_text().strip()
+    assert base64.b64decode(audio.data) == (RECORDING / "file.pcm").read_bytes()
 
 
 def test_disconnect_stops_the_pacing(server, caplog):
@@ -87,7 +87,7 @@ def test_disconnect_stops_the_pacing(server, caplog):
                 r.message for r in caplog.records if r.message.startswith("request ") and r.request_id == request_id
             ]
 
-        deadline = time.monotonic() + 2
+        deadline = time.monotonic() + 10
         while not logged() and time.monotonic() < deadline:
             time.sleep(0.01)
     line = logged()[0]
@@ -127,7 +127,7 @@ def test_tts_speaks_the_answer_sentence_by_sentence(make_server, upstream_server
 
 def test_the_first_audio_leaves_before_the_answer_is_finished(make_server, upstream_server, upstream):
     upstream.script.words = ["Short start, ", "then a much longer sentence follows. "] + ["More words. "] * 5
-    upstream.script.delay = 0.15
+    upstream.script.delay = 0.6
     server = tts_server(make_server, upstream_server)
     started = time.monotonic()
     with httpx.stream("POST", server.url + "/audio/chat/completions", json=ASK, headers=AUTH, timeout=20) as response:
@@ -135,7 +135,7 @@ def test_the_first_audio_leaves_before_the_answer_is_finished(make_server, upstr
         next(line for line in lines if '"data"' in line)
         first_audio = time.monotonic() - started
         assert [line for line in lines if line][-1] == "data: [DONE]"
-    assert first_audio < 0.15 * len(upstream.script.words) / 2  # well before the model is done
+    assert first_audio < 0.6 * len(upstream.script.words) / 2  # well before the model is done
 
 
 def test_broadcasts_are_spoken_verbatim_without_the_llm(make_server, upstream_server, upstream):
@@ -184,7 +184,7 @@ def test_barge_in_stops_the_model_and_the_synthesis(make_server, upstream_server
     with httpx.stream("POST", server.url + "/audio/chat/completions", json=ASK, headers=AUTH, timeout=20) as response:
         lines = response.iter_lines()
         next(line for line in lines if '"data"' in line)
-    assert upstream.speech_disconnected.wait(2), "the speech request kept going after the caller hung up"
+    assert upstream.speech_disconnected.wait(10), "the speech request kept going after the caller hung up"
 
 
 def test_speech_failure_before_audio_is_a_502(make_server, upstream_server, upstream):

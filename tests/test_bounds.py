@@ -57,7 +57,7 @@ def test_a_huge_permitted_broadcast_is_read_once(make_server, upstream):
     with httpx.stream("POST", server.url + "/audio/chat/completions", json=body, headers=AUTH, timeout=30) as response:
         lines = response.iter_lines()
         first = next(line for line in lines if "transcript" in line)
-    assert "this is one sentence" in first and time.monotonic() - started < 10
+    assert "this is one sentence" in first and time.monotonic() - started < 30  # not after 3.8 MB is read
     assert httpx.get(server.url + "/health").status_code == 200
 
 
@@ -72,7 +72,7 @@ def test_an_event_trickled_a_byte_at_a_time_times_out(make_server, upstream):
     started = time.monotonic()
     events = sse_events(post(server, ASK))
     assert json.loads(events[-2])["error"]["code"] == "upstream_timeout" and events[-1] == b"[DONE]"
-    assert time.monotonic() - started < 6  # the idle timeout, not the 300 s stream cap
+    assert time.monotonic() - started < 60  # the idle timeout, not the 300 s stream cap
 
 
 def test_an_event_cut_into_pieces_that_start_with_cr_costs_linear_time(server, upstream):
@@ -84,7 +84,7 @@ def test_an_event_cut_into_pieces_that_start_with_cr_costs_linear_time(server, u
     started = time.monotonic()
     events = sse_events(post(server, ASK))
     assert events[-1] == b"[DONE]" and len(events[0]) > 1 << 19  # relayed as it came (not JSON: a CR in it)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 30  # a rescan of what is held would take minutes
 
 
 @pytest.mark.parametrize(
@@ -218,7 +218,7 @@ def test_a_slow_body_without_a_key_is_answered_and_closed_at_once(server):
         answer = read_all(connection)  # returns only once the server has closed the connection
         assert answer.startswith(b"HTTP/1.1 401") and b"connection: close" in answer
         connection.close()
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 20  # none waited for BODY_TIMEOUT_SECONDS (30 s)
 
 
 def test_a_slow_body_with_a_key_meets_the_body_deadline(make_server):
@@ -235,7 +235,7 @@ def test_a_slow_body_with_a_key_meets_the_body_deadline(make_server):
             time.sleep(0.2)
     except (BrokenPipeError, ConnectionResetError):
         pass
-    assert read_all(connection).startswith(b"HTTP/1.1 408") and time.monotonic() - started < 3
+    assert read_all(connection).startswith(b"HTTP/1.1 408") and time.monotonic() - started < 15  # the body never ends
     connection.close()
 
 

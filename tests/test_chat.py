@@ -231,21 +231,21 @@ def test_disconnect_mid_stream_cancels_the_upstream(http, upstream):
         lines = response.iter_lines()
         next(lines)
         closed_at = time.monotonic()
-    assert upstream.disconnected.wait(2), "the upstream request was not cancelled"
-    assert upstream.disconnected_at - closed_at < 0.5
-    deadline = time.monotonic() + 2
+    assert upstream.disconnected.wait(10), "the upstream request was not cancelled"
+    assert upstream.disconnected_at - closed_at < 5  # at once, not when the answer ends
+    deadline = time.monotonic() + 10
     while upstream.active and time.monotonic() < deadline:
         time.sleep(0.01)
     assert upstream.active == 0
 
 
 def test_disconnect_before_first_token_cancels_the_upstream(http, upstream):
-    upstream.script.first_delay = 5
+    upstream.script.first_delay = 30
     with pytest.raises(httpx.ReadTimeout):
         http.post("/chat/completions", json={"stream": True, "messages": USER}, timeout=0.3)
     closed_at = time.monotonic()
-    assert upstream.disconnected.wait(2), "the upstream request was not cancelled"
-    assert upstream.disconnected_at - closed_at < 0.5
+    assert upstream.disconnected.wait(10), "the upstream request was not cancelled"
+    assert upstream.disconnected_at - closed_at < 5  # at once, not when the answer ends
 
 
 def test_no_upstream_configured_is_a_503(make_server, upstream):

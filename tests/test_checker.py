@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import checker
+from custom_llm_server.agora import checker
 from tests.conftest import API_KEY, ServerThread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,6 +131,7 @@ class Hostile:
             pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["giant line", "endless json", "infinite stream", "drip", "silent"])
 def test_a_hostile_endpoint_cannot_hold_or_fill_the_checker(mode):
     endpoint = Hostile(mode)
@@ -148,6 +149,7 @@ def test_a_hostile_endpoint_cannot_hold_or_fill_the_checker(mode):
         assert lines[1].startswith("FAIL  the rest: not run")
 
 
+@pytest.mark.slow
 def test_the_command_line(server, upstream):
     upstream.script.delay, upstream.script.words = 0.01, ["One", " two."] * 20
     done = subprocess.run(

@@ -94,6 +94,7 @@ def node_clients(url: str, calls: str) -> list[dict]:
     return [json.loads(line) for line in done.stdout.splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prefix", ENDPOINTS)
 def test_openai_node_and_the_ai_sdk_default_calls(voiced, upstream, prefix):
     results = node_clients(voiced.url + prefix, "plain")
@@ -109,6 +110,7 @@ def test_openai_node_and_the_ai_sdk_default_calls(voiced, upstream, prefix):
             assert result["text"].strip().endswith(ANSWER), result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prefix", ENDPOINTS)
 def test_node_clients_get_the_callers_tool_calls(voiced, upstream, prefix):
     upstream.script.turns = CALLS_LOOKUP

@@ -10,6 +10,7 @@ import collections
 import itertools
 
 import httpx
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,6 +19,8 @@ from tests.conftest import API_KEY, UPSTREAM_KEY
 
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 LEAKS = ("Traceback", 'File "', ".py", "/work/", "/usr/", "site-packages", UPSTREAM_KEY)
+
+pytestmark = pytest.mark.slow
 
 
 def assert_clean(status: int, content: bytes) -> None:

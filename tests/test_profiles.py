@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from context import Context
+from custom_llm_server.core.context import Context
+from custom_llm_server.llm.tools import ToolRegistry
 from tests.conftest import API_KEY, metric, post, sse_events, text_of
 from tests.test_custom_llm import Started
-from tools import ToolRegistry
 
 SALES, SUPPORT = "sales-key-1", "support-key-1"
 
@@ -134,8 +134,8 @@ def test_each_key_reaches_its_own_agents_upstream_model_and_prompt(two_agents, u
     assert sent["body"]["messages"] == [{"role": "user", "content": "Hi"}] and "tools" not in sent["body"]
     assert len(upstream.requests) == 1
     time.sleep(0.2)  # a request is counted once its response has been sent
-    assert metric(two_agents, 'custom_llm_requests_total{endpoint="chat",status="200",agent="sales"}', SALES) >= 1
-    assert metric(two_agents, 'custom_llm_requests_total{endpoint="chat",status="200",agent="support"}', SALES) >= 1
+    assert metric(two_agents, 'custom_llm_requests_total{endpoint="chat",status="200",agent="sales"}') >= 1
+    assert metric(two_agents, 'custom_llm_requests_total{endpoint="chat",status="200",agent="support"}') >= 1
 
 
 @pytest.mark.parametrize("key", [API_KEY, "nobody", None])
@@ -254,7 +254,7 @@ def test_a_reload_serves_new_requests_and_lets_streams_in_flight_finish(
             f'[agents.a]\napi_keys = ["key-a"]\nllm_model = "model-2"\n{base}\n'
             f'[agents.b]\napi_keys = ["key-b"]\nllm_model = "model-b"\n{base}'
         )
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 15
         while ask(server, "key-b", {}).status_code != 200:  # the new agent serves
             assert time.monotonic() < deadline, "the file was not reloaded"
             time.sleep(0.05)
@@ -265,13 +265,14 @@ def test_a_reload_serves_new_requests_and_lets_streams_in_flight_finish(
     assert upstream.requests[-1]["body"]["model"] == "model-2"
     with caplog.at_level(logging.ERROR, logger="custom_llm"):
         path.write_text("broken = \n" + path.read_text())
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 15
         while "AGENTS_FILE not reloaded" not in caplog.text and time.monotonic() < deadline:
             time.sleep(0.05)
     assert "AGENTS_FILE not reloaded, the running agents stay" in caplog.text and "line" in caplog.text
     assert ask(server, "key-b", {}).status_code == 200  # the running agents still serve
 
 
+@pytest.mark.slow
 def test_sighup_reloads_the_agents_of_a_running_server(upstream_server, upstream, tmp_path):
     path = tmp_path / "agents.toml"
     base = f'llm_base_url = "{upstream_server.url}/v1"\nknowledge_dir = "{tmp_path / "none"}"\n'
@@ -285,7 +286,7 @@ def test_sighup_reloads_the_agents_of_a_running_server(upstream_server, upstream
         assert ask(started, "key-a", {}).status_code == 200
         path.write_text(f'[agents.b]\napi_keys = ["key-b"]\n{base}')
         started.process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 15
         while ask(started, "key-b", {}).status_code != 200:
             assert time.monotonic() < deadline, "".join(started.lines)
             time.sleep(0.05)
@@ -301,13 +302,15 @@ def test_without_agents_file_the_one_agent_is_the_environments(server, upstream)
     assert metric(server, 'custom_llm_requests_total{endpoint="chat",status="200",agent="default"}') >= 1
 
 
-def test_the_readmes_agents_file_reads_as_written(tmp_path, monkeypatch):
-    from profiles import read_profiles
-    from settings import Settings
+def test_the_docs_agents_file_reads_as_written(tmp_path, monkeypatch):
+    from custom_llm_server.config import build
+    from custom_llm_server.config.profiles import read_profiles
+    from custom_llm_server.config.settings import Settings
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    (block,) = re.findall(r"```toml\n(.*?)```", readme, re.S)
-    for name, value in {"SALES_KEYS": "sk-sales-1", "SUPPORT_KEY": "sk-support-1", "OLLAMA_KEY": "x"}.items():
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "agents.md").read_text()
+    (block,) = re.findall(r"```toml\n(.*?)```", doc, re.S)
+    values = {"SALES_KEYS": "sk-sales-1", "SUPPORT_KEY": "sk-support-1", "SUPPORT_LLM_URL": "http://localhost:11434/v1"}
+    for name, value in {**values, "SUPPORT_LLM_KEY": "x"}.items():
         monkeypatch.setenv(name, value)
     (tmp_path / "agents.toml").write_text(block)
     profiles = read_profiles(tmp_path / "agents.toml", Settings(agora_app_id="app", agora_customer_id="c",
@@ -316,10 +319,11 @@ def test_the_readmes_agents_file_reads_as_written(tmp_path, monkeypatch):
     assert sales.keys == ("sk-sales-1",) and support.keys == ("sk-support-1",)
     assert sales.settings.server_tools == ("calculate", "search_knowledge") and support.settings.server_tools == ()
     assert support.settings.llm_base_url == "http://localhost:11434/v1" and support.settings.llm_api_key == "x"
-    assert sales.settings.agora_rest() is not None and support.settings.agora_rest() is None
+    assert build.agora_rest(sales.settings) is not None and build.agora_rest(support.settings) is None
     assert support.settings.waiting_messages_en == ("One moment.", "Let me check.")
 
 
+@pytest.mark.slow
 def test_a_bad_file_stops_the_server_with_one_line_not_a_traceback(tmp_path):
     import subprocess
 
@@ -360,6 +364,7 @@ def test_a_reload_that_names_a_new_folder_indexes_it_and_retires_the_old_one(mak
     assert list(agents.knowledge.values()) != [old] and len(agents.knowledge) == 1  # the old one is retired
 
 
+@pytest.mark.slow
 def test_the_command_line_searches_an_agents_knowledge(tmp_path):
     import subprocess
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from rag import search_query
+from custom_llm_server.knowledge.rag import search_query
 from tests.conftest import AUTH, post, sse_events
 
 
@@ -127,16 +127,16 @@ def test_upstream_failure_after_the_waiting_phrase_is_an_error_event(make_server
 
 
 def test_disconnect_during_rag_cancels_the_upstream(server, upstream):
-    upstream.script.first_delay = 5
+    upstream.script.first_delay = 30
     with stream(server, "Hi") as response:
         lines = response.iter_lines()  # kept: a dropped iterator would close the connection early
         next(lines)
-        deadline = time.monotonic() + 2
+        deadline = time.monotonic() + 10
         while not upstream.requests and time.monotonic() < deadline:
             time.sleep(0.005)
     closed_at = time.monotonic()
-    assert upstream.disconnected.wait(2)
-    assert upstream.disconnected_at - closed_at < 0.5
+    assert upstream.disconnected.wait(10)
+    assert upstream.disconnected_at - closed_at < 5  # at once, not when the answer ends
 
 
 def test_follow_up_questions_carry_the_previous_turn():
@@ -252,11 +252,11 @@ def test_a_failing_embeddings_upstream_degrades_to_bm25(make_server, upstream_se
 
 def test_a_slow_embedding_never_holds_the_answer(make_server, upstream_server, upstream, cars, tmp_path, caplog):
     server = hybrid(make_server, upstream_server, cars, tmp_path, rag_deadline_ms=200)
-    upstream.script.embedding_delay = 2
+    upstream.script.embedding_delay = 20
     started = __import__("time").monotonic()
     with caplog.at_level(logging.WARNING, logger="custom_llm"):
         body = {"stream": True, "messages": [{"role": "user", "content": "car theft"}]}
         response = post(server, body, "/rag/chat/completions", timeout=10)
-    assert response.status_code == 200 and __import__("time").monotonic() - started < 1.5
+    assert response.status_code == 200 and __import__("time").monotonic() - started < 10  # not the 20 s embedding
     assert [m["role"] for m in upstream.requests[-1]["body"]["messages"]] == ["user"]
     assert "deadline" in caplog.text

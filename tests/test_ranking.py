@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from ranking import CENTRAL_TIMES, HEADING_WEIGHT, K1, RARE_TERM, SHORT_PASSAGE, B, Postings
+from custom_llm_server.knowledge.ranking import CENTRAL_TIMES, HEADING_WEIGHT, K1, RARE_TERM, SHORT_PASSAGE, B, Postings
 
 CHUNKS = [
     (10, "kettl descal citric acid month", "manual descal"),

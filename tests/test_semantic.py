@@ -58,7 +58,7 @@ def headings(server, question: str) -> list[str]:
 def by_meaning(shop, tmp_path_factory, upstream_server):
     """A server with the built-in model, its vectors made once for the module."""
     from custom_llm import create_app
-    from serving import GuardedHttpTools
+    from custom_llm_server.serving.protocol import GuardedHttpTools
     from tests.conftest import ServerThread, settings_for
 
     index = tmp_path_factory.mktemp("index") / "index.sqlite3"
@@ -193,7 +193,7 @@ def passages_at(similarities: list[float], probes: np.ndarray) -> np.ndarray:
 
 
 def test_the_threshold_is_the_background_plus_a_margin_within_bounds():
-    import calibration
+    from custom_llm_server.knowledge import calibration
 
     probes = {"en": np.eye(9, 32, dtype=np.float32)}
     en = probes["en"]
@@ -212,7 +212,7 @@ def test_the_threshold_is_the_background_plus_a_margin_within_bounds():
 def test_the_background_is_in_the_language_that_comes_nearer():
     """Probes in a language the knowledge base is not written in are far from all of it: they do not
     pull its background down."""
-    import calibration
+    from custom_llm_server.knowledge import calibration
 
     both = {"en": np.eye(9, 64, dtype=np.float32), "zh": np.eye(9, 64, 27, dtype=np.float32)}
     english = passages_at([0.84] * 9, both["en"])  # near the English probes, orthogonal to the Chinese
@@ -220,7 +220,7 @@ def test_the_background_is_in_the_language_that_comes_nearer():
 
 
 def test_each_knowledge_base_calibrates_its_threshold(by_meaning, shop, tmp_path, make_server):
-    import calibration
+    from custom_llm_server.knowledge import calibration
 
     base = by_meaning.server.config.app.state.agents.get("default").retriever.base
     assert base.probes is not None

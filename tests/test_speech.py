@@ -1,12 +1,13 @@
-"""speech.py: sentences from deltas, what is spoken, resampling."""
+"""voice/segments.py and voice/audio.py: sentences from deltas, what is spoken, resampling."""
 
 from __future__ import annotations
 
 import asyncio
 
-import speech
+from custom_llm_server.voice.audio import Resampler
+from custom_llm_server.voice.segments import MAX_SEGMENT, segments
 from tests.conftest import dominant_frequency
-from tests.upstream import ScriptedUpstream
+from tests.scripted_llm import ScriptedUpstream
 
 
 async def collect(deltas: list[str]) -> list[str]:
@@ -14,7 +15,7 @@ async def collect(deltas: list[str]) -> list[str]:
         for delta in deltas:
             yield delta
 
-    return [segment async for segment in speech.segments(source())]
+    return [segment async for segment in segments(source())]
 
 
 def run(coroutine):
@@ -34,7 +35,7 @@ def test_chinese_segments_need_no_spaces():
 def test_numbers_do_not_end_sentences_and_long_text_is_cut():
     assert run(collect(["Pi is 3.14 roughly. Done."])) == ["Pi is 3.14 roughly.", "Done."]
     long = run(collect(["word " * 100]))
-    assert all(len(segment) <= speech.MAX_SEGMENT for segment in long) and len(long) > 1
+    assert all(len(segment) <= MAX_SEGMENT for segment in long) and len(long) > 1
 
 
 def test_markdown_code_and_urls_are_not_spoken():
@@ -53,7 +54,7 @@ def test_markdown_code_and_urls_are_not_spoken():
 
 def test_resampling_keeps_the_pitch_and_the_duration():
     tone = ScriptedUpstream.speech_pcm("x" * 100)  # 3 s of 440 Hz at 24 kHz
-    resample = speech.Resampler(24_000)
+    resample = Resampler(24_000)
     out = b"".join(resample(tone[i : i + 999]) for i in range(0, len(tone), 999)) + resample(b"", last=True)
     assert abs(len(out) / 32_000 - len(tone) / 48_000) < 0.01  # same duration at 16 kHz
     assert abs(dominant_frequency(out, 16_000) - 440) < 2

@@ -3,7 +3,16 @@
 import pytest
 import wordfreq
 
-from terms import everyday, heard_apart, index_terms, informativeness, question_words, said_as, sound, tokens
+from custom_llm_server.knowledge.terms import (
+    everyday,
+    heard_apart,
+    index_terms,
+    informativeness,
+    question_words,
+    said_as,
+    sound,
+    tokens,
+)
 
 
 def asked(question: str) -> dict[str, float]:

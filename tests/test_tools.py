@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-import tools
-from context import Context
-from tools import ToolRegistry
+from custom_llm_server.core.context import Context
+from custom_llm_server.llm import tools
+from custom_llm_server.llm.tools import ToolRegistry
 
 
 def test_schema_comes_from_the_signature_and_docstring():
@@ -62,10 +62,10 @@ def test_schema_comes_from_the_signature_and_docstring():
     ],
 )
 def test_calculate_refuses_quickly(expression):
-    started = time.perf_counter()
+    started = time.thread_time()  # CPU, not the wall clock: a busy machine does not change it
     with pytest.raises(ValueError):
         tools.calculate(expression)
-    assert time.perf_counter() - started < 0.05
+    assert time.thread_time() - started < 0.05
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,7 @@ def test_get_current_time_knows_time_zones():
 def test_results_past_64_bits_are_results():
     import asyncio
 
-    registry = tools.sample_tools(None)  # search_knowledge is not called here
+    registry = tools.sample_tools()
     result = asyncio.run(registry.run("calculate", '{"expression": "factorial(25)"}', Context("t")))
     assert result == '{"expression": "factorial(25)", "result": 15511210043330985984000000}'
 
@@ -102,7 +102,7 @@ def test_results_past_64_bits_are_results():
 def test_an_expected_refusal_is_logged_without_a_traceback(caplog):
     import asyncio
 
-    registry = tools.sample_tools(None)
+    registry = tools.sample_tools()
     with caplog.at_level("INFO", logger="custom_llm.tools"):
         result = asyncio.run(registry.run("calculate", '{"expression": "1/0"}', Context("t")))
     assert "division by zero" in result

@@ -150,12 +150,12 @@ def test_the_fallback_serves_when_the_primary_fails_twice(make_server, upstream,
 
 
 def test_the_fallback_serves_when_the_primary_stalls(make_server, upstream, fallback, fallback_server):
-    upstream.script.first_delay = 5
+    upstream.script.first_delay = 30
     server = make_server(llm_first_token_timeout=0.3, llm_fallback_base_url=f"{fallback_server.url}/v1")
     started = time.monotonic()
     assert text_of(sse_events(post(server, ASK))) == "Hello from the upstream."
-    assert time.monotonic() - started < 2 and len(fallback.requests) == 1
-    assert upstream.disconnected.wait(2)  # the stalled attempts were closed, not left running
+    assert time.monotonic() - started < 20 and len(fallback.requests) == 1  # not after the stall
+    assert upstream.disconnected.wait(10)  # the stalled attempts were closed, not left running
 
 
 def test_nothing_is_retried_after_content_was_sent(make_server, upstream, fallback, fallback_server):
@@ -214,7 +214,7 @@ def test_a_huge_event_is_refused_in_linear_time(make_server, upstream):
     started = time.monotonic()
     response = post(server, ASK)
     assert response.status_code == 502 and error_of(response)["code"] == "upstream_event_too_large"
-    assert time.monotonic() - started < 2 and health_ms(server) < 200
+    assert time.monotonic() - started < 20  # the loop watchdog holds the rest: no callback ran 100 ms
 
 
 def test_a_compressed_answer_is_never_expanded(make_server, upstream):
@@ -235,7 +235,7 @@ def test_keepalive_comments_do_not_keep_a_dead_stream_open(make_server, upstream
     started = time.monotonic()
     events = sse_events(post(server, ASK))
     assert json.loads(events[-2])["error"]["code"] == "upstream_timeout" and events[-1] == b"[DONE]"
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 20  # the stream never ends by itself
 
 
 def test_an_endless_stream_is_cut_by_time_and_by_size(make_server, upstream):

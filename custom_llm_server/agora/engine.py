@@ -1,0 +1,72 @@
+"""What Agora's engine adds to a request (kept from the upstream), and the history as the user heard it:
+an interrupted answer cut where they stopped it, images in OpenAI's shape."""
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from custom_llm_server.core.text import language
+from custom_llm_server.core.wording import INTERRUPTED_MARK
+
+log = logging.getLogger("custom_llm.agora")
+
+
+# Fields Agora's engine adds to the body (vendor "custom", and the routing ids its sample backend
+# puts into llm.params). They are ours to read; an OpenAI upstream would reject them, and the
+# tokens among them must not leak to a model provider.
+ENGINE_FIELDS = frozenset(
+    {
+        "turn_id",
+        "timestamp",
+        "interruptable",
+        "context",
+        "channel",
+        "app_id",
+        "user_uid",
+        "agent_uid",
+        "agent_id",
+        "subscriber_token",
+        "rtm_token",
+        "rtm_uid",
+        "output_modalities",  # an agent setting that OpenAI's API would refuse as an unknown argument
+        "variables",  # the call's own values for the agent's prompt and tools (profiles.py), not the model's
+    }
+)
+MESSAGE_ENGINE_FIELDS = ("turn_id", "timestamp", "metadata")
+
+
+def for_upstream(
+    body: dict[str, Any], model: str, stream: bool, strip: frozenset[str], marks: Mapping[str, str] = INTERRUPTED_MARK
+) -> dict[str, Any]:
+    """The body for the upstream: the caller's own, minus the engine's fields, plus defaults.
+
+    Every other key, known to OpenAI or not (vLLM's top_k, Ollama's options...), is forwarded."""
+    dropped = ENGINE_FIELDS | strip
+    forwarded = {key: value for key, value in body.items() if key not in dropped}
+    forwarded["model"] = body.get("model") or model
+    forwarded["stream"] = stream
+    forwarded["messages"] = [as_heard(message, marks) for message in body["messages"]]
+    return forwarded
+
+
+def as_heard(message: dict[str, Any], marks: Mapping[str, str] = INTERRUPTED_MARK) -> dict[str, Any]:
+    """One message for the upstream: without the engine's fields, images in OpenAI's shape, and an
+    interrupted answer cut where the user stopped it, with the mark that says so."""
+    metadata = message.get("metadata")
+    message = {key: value for key, value in message.items() if key not in MESSAGE_ENGINE_FIELDS}
+    if isinstance(message.get("content"), list):
+        message["content"] = [_openai_image_part(part) for part in message["content"]]
+    if not isinstance(metadata, dict) or metadata.get("interrupted") is not True:
+        return message
+    if message.get("role") == "assistant" and isinstance(message.get("content") or "", str):
+        heard = message.get("content") or ""
+        lang = language(heard + str(metadata.get("original", "")))
+        message["content"] = heard.rstrip() + ("" if lang == "zh" else " ") + marks[lang].strip()
+    return message
+
+
+def _openai_image_part(part: dict[str, Any]) -> dict[str, Any]:
+    """Agora's guide shows images as {"type": "image", "image_url": "<url>"}; OpenAI wants an object."""
+    if part.get("type") in ("image", "image_url") and isinstance(part.get("image_url"), str):
+        return {**part, "type": "image_url", "image_url": {"url": part["image_url"]}}
+    return part

@@ -1,0 +1,1 @@
+"""The upstream LLM client, the answer loop and the server's tools."""

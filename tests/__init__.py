@@ -1,0 +1,1 @@
+"""The test suite: pytest over real HTTP on loopback (see conftest.py)."""
