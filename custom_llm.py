@@ -235,7 +235,7 @@ async def read_chat(http: Request, svc: Service) -> Chat:
     context.messages = body["messages"]
     stream = wants_stream(request, http.headers.get("accept", ""))
     notes = http.headers.get("x-custom-llm-notes") == "1"
-    context.variables = variables_of(body.get("variables"))
+    context.variables = variables_of(body.get("variables"), settings.max_variables, settings.max_variable_chars)
     forwarded = for_upstream(body, settings.llm_model, stream, settings.strip_fields, svc.wording.interrupted_mark)
     if svc.profile.system_prompt:  # the agent's own prompt, before the caller's system messages
         prompt = {"role": "system", "content": filled(svc.profile.system_prompt, context.variables)}
@@ -268,7 +268,7 @@ def service(http: Request) -> Service:
     svc = agents.get(context.agent)
     if svc is None:  # the key's agent was removed by a reload after the key was checked
         raise ApiError(401, "Invalid API key.", "authentication_error", "invalid_api_key")
-    return svc
+    return svc.serve(context)
 
 
 async def chat_completions(http: Request) -> Response:

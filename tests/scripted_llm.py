@@ -45,6 +45,8 @@ class Script:
     speech_tone: float = 440.0  # the pitch of the scripted voice (Hz)
     embedding_status: int = 200
     embedding_delay: float = 0.0
+    embedding_body: bytes | None = None  # an answer of its own instead of the vectors
+    embedding_sizes: list[int] = field(default_factory=list)  # the size of the vectors of each answer, in turn
     fail_times: int | None = None  # only the first N requests get `status` (or the first delay); then all is well
     error_raw: bytes | None = None  # the whole body of an error answer, as bytes (escapes and all)
     speech_error_bytes: int = 0  # the speech endpoint fails with an error body this large, streamed
@@ -304,6 +306,16 @@ class ScriptedUpstream:
         if self.script.embedding_status != 200:
             error = {"error": {"message": f"embeddings down for {authorization}"}}  # an echo of our key
             return await self._json(send, self.script.embedding_status, error)
+        if self.script.embedding_body is not None:
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
+            )
+            return await send({"type": "http.response.body", "body": self.script.embedding_body})
+        if self.script.embedding_sizes:
+            size = self.script.embedding_sizes.pop(0)
+            rows = [(self.embedding(t) * 4)[:size] for t in texts]
+            body = {"object": "list", "data": [{"index": i, "embedding": row} for i, row in enumerate(rows)]}
+            return await self._json(send, 200, body)
         await self._json(
             send,
             200,

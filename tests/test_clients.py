@@ -1,5 +1,6 @@
-"""The official clients, each at its default calls, on all three endpoints: openai-python (sync and
-async) and LangChain here, openai-node and the Vercel AI SDK through clients/clients.mjs."""
+"""The official clients, each at its default calls, on all three endpoints with and without /v1 in
+their base_url: openai-python (sync and async) and LangChain here, openai-node and the Vercel AI SDK
+through clients/clients.mjs; and the models list they ask for first."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from tests.conftest import API_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
-ENDPOINTS = ["", "/rag", "/audio"]
+ENDPOINTS = ["", "/rag", "/audio", "/v1", "/v1/rag", "/v1/audio"]  # a base_url with /v1, as OpenAI has it
 ANSWER = "Hello from the upstream."
 CALLER_TOOL = {
     "type": "function",
@@ -116,3 +117,14 @@ def test_node_clients_get_the_callers_tool_calls(voiced, upstream, prefix):
     upstream.script.turns = CALLS_LOOKUP
     for result in node_clients(voiced.url + prefix, "tools"):
         assert result["ok"] and result["toolCalls"] == ["lookup_order"], result
+
+
+@pytest.mark.parametrize("prefix", ["/v1", "", "/v1/rag"])
+def test_the_sdk_lists_the_agents_models(make_server, upstream, prefix):
+    server = make_server(llm_model="agent-model", llm_fallback_model="backup-model")
+    client = openai.OpenAI(base_url=server.url + prefix, api_key=API_KEY, max_retries=0)
+    models = client.models.list()
+    assert [model.id for model in models] == ["agent-model", "backup-model"]
+    assert all(model.object == "model" and model.owned_by for model in models)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + prefix, api_key="wrong", max_retries=0).models.list()

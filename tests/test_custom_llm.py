@@ -6,6 +6,7 @@ import base64
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -307,3 +308,106 @@ def test_the_package_declares_everything_the_server_imports():
                     continue
                 owners = {d.lower().replace("_", "-") for d in distributions.get(top, [top])}
                 assert owners & listed, f"{module.name} imports {top}, which pyproject.toml does not declare"
+
+
+# --- the process: a key that survives restarts, workers that agree, a shutdown that ends cleanly ------
+
+
+def first_key(server: Started) -> str:
+    (line,) = server.wait_for_lines("callers must send", 1)
+    return line.rsplit(" ", 1)[1].strip()
+
+
+@pytest.mark.slow
+def test_the_generated_key_survives_a_restart(upstream_server, upstream, tmp_path):
+    env = {"CUSTOM_LLM_API_KEY": "", "DATA_DIR": str(tmp_path / "data"), "LLM_BASE_URL": f"{upstream_server.url}/v1"}
+    keys, said = [], []
+    for _ in range(2):
+        server = Started([sys.executable, "custom_llm.py"], env)
+        try:
+            server.wait_ready()
+            keys.append(first_key(server))
+            said.append(server.wait_for_lines("callers must send", 1)[0])
+            headers = {"authorization": f"Bearer {keys[-1]}"}
+            assert httpx.post(server.url + "/v1/chat/completions", json=ASK, headers=headers).status_code == 200
+        finally:
+            server.stop()
+    assert keys[0] == keys[1] and len(keys[0]) >= 32
+    assert "made one and kept it in" in said[0] and "using the one kept in" in said[1]
+    assert str(tmp_path / "data" / "api-key") in said[0]  # the log names the file
+    assert (tmp_path / "data" / "api-key").stat().st_mode & 0o777 == 0o600
+
+
+def burn(seconds: float) -> list[subprocess.Popen]:
+    """Both cores busy: one process spinning per core, for as long as the test needs."""
+    spin = f"import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass"
+    return [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "both cores busy"])
+def test_a_sighup_reaches_every_worker(upstream_server, upstream, tmp_path, busy):
+    """WORKERS=2, the agents file changed and SIGHUP sent (the file watch off, so the signal is all
+    there is): 15 s later every new connection, whichever worker takes it, knows the new key and
+    refuses the old one."""
+    agents = tmp_path / "agents.toml"
+    agents.write_text('[agents.a]\napi_keys = ["old-key"]\n')
+    env = {
+        "WORKERS": "2", "AGENTS_FILE": str(agents), "AGENTS_WATCH_SECONDS": "0", "DATA_DIR": str(tmp_path / "data"),
+        "LLM_BASE_URL": f"{upstream_server.url}/v1", "LLM_API_KEY": "k", "LOG_LEVEL": "INFO",
+    }  # fmt: skip
+    server = Started([sys.executable, "custom_llm.py"], env)
+    burners: list[subprocess.Popen] = []
+    try:
+        server.wait_ready()
+        burners = burn(60) if busy else []
+        agents.write_text('[agents.a]\napi_keys = ["new-key"]\n')
+        server.process.send_signal(signal.SIGHUP)
+        time.sleep(15)
+        for _ in range(20):  # new connections, spread over both workers by the kernel
+            with httpx.Client(timeout=30) as client:
+                new = client.post(
+                    server.url + "/chat/completions", json=ASK, headers={"authorization": "Bearer new-key"}
+                )
+            with httpx.Client(timeout=30) as client:
+                old = client.post(
+                    server.url + "/chat/completions", json=ASK, headers={"authorization": "Bearer old-key"}
+                )
+            assert (new.status_code, old.status_code) == (200, 401)
+        assert len(server.wait_for_lines("AGENTS_FILE reloaded", 2)) == 2  # each worker said so
+    finally:
+        for burner in burners:
+            burner.kill()
+        server.stop()
+    assert "Traceback" not in "".join(server.lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_mid_stream_ends_it_cleanly_and_leaves_nothing_behind(upstream_server, upstream, tmp_path, workers):
+    """Past SHUTDOWN_GRACE_SECONDS the stream gets its error event and [DONE]; the log holds no
+    traceback; the workers' metrics folder is gone."""
+    import tempfile
+
+    upstream.script.delay, upstream.script.words = 0.5, ["word "] * 60
+    before = set(Path(tempfile.gettempdir()).glob("custom-llm-metrics-*"))
+    env = {
+        "WORKERS": workers, "SHUTDOWN_GRACE_SECONDS": "1", "CUSTOM_LLM_API_KEY": "k1", "LOG_LEVEL": "INFO",
+        "LLM_BASE_URL": f"{upstream_server.url}/v1", "LLM_API_KEY": "k", "DATA_DIR": str(tmp_path / "data"),
+    }  # fmt: skip
+    server = Started([sys.executable, "custom_llm.py"], env)
+    server.wait_ready()
+    with httpx.stream(
+        "POST", server.url + "/chat/completions", json=ASK, headers={"authorization": "Bearer k1"}, timeout=30
+    ) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        server.process.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]" and '"shutting_down"' in rest[-2]
+    assert server.process.wait(30) == 0
+    time.sleep(0.5)  # the stderr reader's last lines
+    log = "".join(server.lines)
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
+    assert "shut down before this answer was complete" in log
+    assert set(Path(tempfile.gettempdir()).glob("custom-llm-metrics-*")) <= before

@@ -61,7 +61,7 @@ def image(tmp_path_factory) -> Iterator[Path]:
                 for source in sources:
                     copy = shutil.copytree if (ROOT / source).is_dir() else shutil.copy
                     copy(ROOT / source, app / (target if target not in (".", "./") else source).removeprefix("./"))
-        subprocess.run([sys.executable, "-m", "venv", app / "venv"], check=True)
+        subprocess.run([system_python(), "-m", "venv", app / "venv"], check=True)
         (run,) = [arguments for keyword, arguments in instructions() if keyword == "RUN" and "pip install" in arguments]
         install = run.split("&&")[0].strip()
         assert install == "pip install -c constraints.txt .", install  # what the image installs, as pinned
@@ -69,6 +69,12 @@ def image(tmp_path_factory) -> Iterator[Path]:
         yield app
     finally:
         shutil.rmtree(app, ignore_errors=True)
+
+
+def system_python() -> str:
+    """The image's Python is the system's, outside any user's home: Debian's python3.11 where it is
+    installed (an unprivileged user can run it), else this one."""
+    return shutil.which("python3.11", path="/usr/local/bin:/usr/bin") or sys.executable
 
 
 def as_the_image_user():

@@ -398,7 +398,7 @@ def test_a_pdf_bomb_costs_at_most_its_time_limit(folder, tmp_path):
     (folder / "bomb.pdf").write_bytes(pdf_bomb())
     assert len((folder / "bomb.pdf").read_bytes()) < 200_000
     started = time.monotonic()
-    report = make_kb(folder, tmp_path, pdf_seconds=1.0).index()
+    report = make_kb(folder, tmp_path, file_seconds=1.0).index()
     assert time.monotonic() - started < 30  # the bomb alone would take minutes
     assert [s for s in report.skipped if s.startswith("bomb.pdf")] and report.indexed == 5
     assert top(make_kb(folder, tmp_path), "how do I descale it with citric acid") == "manual.pdf"  # PDFs still work

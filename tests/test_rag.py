@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from custom_llm_server.knowledge.rag import search_query
-from tests.conftest import AUTH, post, sse_events
+from tests.conftest import AUTH, post, sse_events, text_of
 
 
 def ask(server, question: str, **extra) -> httpx.Response:
@@ -260,3 +260,82 @@ def test_a_slow_embedding_never_holds_the_answer(make_server, upstream_server, u
     assert response.status_code == 200 and __import__("time").monotonic() - started < 10  # not the 20 s embedding
     assert [m["role"] for m in upstream.requests[-1]["body"]["messages"]] == ["user"]
     assert "deadline" in caplog.text
+
+
+# --- round three: what a hosted model, a huge question or a sentence-less answer may not do ------------
+
+
+def test_hosted_vectors_of_the_wrong_size_cost_meaning_not_the_answer(
+    make_server, upstream_server, upstream, cars, tmp_path, caplog
+):
+    """The model answers questions with vectors of another size than the passages': a search by words,
+    a warning, never a 500 (it was `matmul` in a traceback)."""
+    server = hybrid(make_server, upstream_server, cars, tmp_path)
+    upstream.script.embedding_sizes = [40]
+    with caplog.at_level(logging.WARNING, logger="custom_llm"):
+        answer = httpx.get(server.url + "/knowledge/search", params={"q": "kettle water"}, headers=AUTH)
+        assert answer.status_code == 200 and [p["source"] for p in answer.json()["passages"]] == ["kettle.md"]
+        rag = post(
+            server, {"stream": True, "messages": [{"role": "user", "content": "car theft"}]}, "/rag/chat/completions"
+        )
+    assert rag.status_code == 200 and sse_events(rag)[-1] == b"[DONE]"
+    assert "searching by words" in caplog.text
+
+
+def test_a_huge_hosted_answer_is_not_read_and_the_deadline_holds(
+    make_server, upstream_server, upstream, cars, tmp_path
+):
+    """30 MB of tiny objects for one question: read no further than one vector can be, parsed off the
+    loop (the watchdog fails the test if a callback holds it 100 ms), and /rag keeps its deadline."""
+    server = hybrid(make_server, upstream_server, cars, tmp_path, rag_deadline_ms=300)
+    upstream.script.embedding_body = b'{"data": [' + b'{"index": 0, "embedding": [0.1]},' * 1_000_000 + b"{}]}"
+    started = time.monotonic()
+    rag = post(
+        server, {"stream": True, "messages": [{"role": "user", "content": "car theft"}]}, "/rag/chat/completions"
+    )
+    assert rag.status_code == 200 and sse_events(rag)[-1] == b"[DONE]"
+    assert time.monotonic() - started < 10  # the body was not parsed whole (it took 5-7 s on the loop)
+
+
+def test_batches_of_different_sizes_keep_no_mixed_vectors(make_server, upstream_server, upstream, tmp_path, caplog):
+    """An endpoint that changes the size of its vectors while the passages are embedded: embedding stops
+    with a warning, nothing of the other size is kept, and a restart with a healthy endpoint searches
+    by meaning again."""
+    docs = tmp_path / "many"
+    docs.mkdir()
+    for n in range(20):  # more than one batch of passages
+        (docs / f"doc{n}.md").write_text(f"# Topic {n}\n\nThe automobile policy number {n} covers theft.\n")
+    upstream.script.embedding_sizes = [32, 48, 32, 32]
+    with caplog.at_level(logging.WARNING, logger="custom_llm"):
+        hybrid(make_server, upstream_server, docs, tmp_path)
+    assert "embedding the knowledge base failed" in caplog.text
+    upstream.script.embedding_sizes = []
+    again = hybrid(make_server, upstream_server, docs, tmp_path)
+    found = httpx.get(again.url + "/knowledge/search", params={"q": "stolen vehicle"}, headers=AUTH).json()
+    assert found["passages"] and found["passages"][0]["similarity"] is not None  # by meaning again
+
+
+def test_a_megabyte_question_is_read_only_so_far(make_server, upstream, tmp_path):
+    """A 3.9 MB user message to /rag: retrieval reads its first MAX_QUESTION_CHARS (the loop watchdog
+    fails the test if a callback holds the loop 100 ms, as the whole-question scan did)."""
+    docs = tmp_path / "faq"
+    docs.mkdir()
+    (docs / "faq.md").write_text("# Delivery\n\nWe deliver to every address in the city within two days.\n")
+    server = make_server(knowledge_dir=docs, knowledge_index=str(tmp_path / "faq.sqlite3"), max_body_bytes=8 << 20)
+    question = "Do you deliver to my address? " + "blah " * 800_000
+    rag = post(server, {"stream": True, "messages": [{"role": "user", "content": question}]}, "/rag/chat/completions")
+    assert rag.status_code == 200 and sse_events(rag)[-1] == b"[DONE]"
+    assert "deliver to every address" in json.dumps(upstream.requests[-1]["body"]["messages"])
+
+
+def test_the_waiting_phrase_never_rescans_a_long_first_sentence(make_server, upstream):
+    """An answer with no sentence end at all (Chinese in 100-byte deltas): what /rag holds while it
+    waits for the first sentence is bounded, and the rest is relayed as it comes (the loop watchdog
+    catches a rescan: each delta read the whole answer again)."""
+    server = make_server(waiting_phrase_after_ms=60_000)
+    upstream.script.words = ["这是没有句号的回答" * 11] * 30_000  # 3 MB in deltas of ~100 characters, no stop
+    upstream.script.delay = 0
+    rag = post(server, {"stream": True, "messages": [{"role": "user", "content": "你好"}]}, "/rag/chat/completions")
+    events = sse_events(rag)  # within the client's 20 s: a rescan at each delta would take minutes
+    assert events[-1] == b"[DONE]" and len(events) > 30_000
+    assert text_of(events).startswith("这是没有句号的回答")  # no waiting phrase: the answer was there at once

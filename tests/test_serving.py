@@ -357,3 +357,41 @@ def test_an_error_before_the_first_byte_is_no_barge_in(make_server, upstream):
         assert post(server, ASK).status_code == 502
     time.sleep(0.1)
     assert metric(server, 'custom_llm_cancelled_total{endpoint="chat",agent="default"}') == before
+
+
+def test_metrics_are_for_the_operators_key_only(make_server, upstream, tmp_path):
+    """/metrics names every agent and its traffic: an agent's key gets 403, the server's own key
+    (CUSTOM_LLM_API_KEY) and METRICS_API_KEY get the numbers."""
+    agents = tmp_path / "agents.toml"
+    agents.write_text('[agents.a]\napi_keys = ["agent-a-key"]\n[agents.b]\napi_keys = ["agent-b-key"]\n')
+    server = make_server(agents_file=agents, metrics_api_key=("scraper-key",))
+    post(server, ASK, headers={"authorization": "Bearer agent-a-key"}).read()
+    refused = httpx.get(server.url + "/metrics", headers={"authorization": "Bearer agent-a-key"})
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "operator_only"
+    assert "agent_a" not in refused.text and 'agent="a"' not in refused.text
+    assert httpx.get(server.url + "/metrics", headers={"authorization": "Bearer nobody"}).status_code == 401
+    assert httpx.get(server.url + "/metrics").status_code == 401
+    for key in (API_KEY, "scraper-key"):  # the server's own key, and the scraper's
+        answer = httpx.get(server.url + "/metrics", headers={"authorization": f"Bearer {key}"})
+        assert answer.status_code == 200 and 'agent="a"' in answer.text
+    assert post(server, ASK, headers={"authorization": "Bearer scraper-key"}).status_code == 401  # it selects no agent
+
+
+def test_the_home_page_points_to_the_playground_without_a_key(make_server, upstream):
+    server = make_server()
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'href="/playground"' in page.text and "/v1/chat/completions" in page.text
+    assert API_KEY not in page.text
+    closed = make_server(playground=False)
+    assert 'href="/playground"' not in httpx.get(closed.url + "/").text
+
+
+def test_every_api_path_is_also_under_v1(make_server, upstream):
+    server = make_server()
+    for path in ("/chat/completions", "/rag/chat/completions", "/audio/chat/completions"):
+        answer = post(server, {"messages": [{"role": "user", "content": "Hi"}]}, "/v1" + path)
+        assert answer.status_code == 200, path
+    assert httpx.get(server.url + "/v1/knowledge/search", params={"q": "PCM"}, headers=AUTH).status_code == 200
+    unknown = httpx.get(server.url + "/v2/chat/completions", headers=AUTH)
+    assert unknown.status_code == 404 and "/v2/chat/completions" in unknown.json()["error"]["message"]

@@ -1,10 +1,12 @@
 """The agents this server serves: one Service per profile (its upstream, knowledge, tools and voice),
 chosen by the caller's key, started and stopped with the app, and replaced when AGENTS_FILE changes.
 
-A reload applies to new requests. A request holds the Service it started with, so streams in flight
-finish on the old profile; a replaced Service is closed once the longest stream it could carry has
-ended. A file that cannot be used keeps the profiles that are running, and the log says why.
+A reload applies to new requests. A request holds the Service it started with, so answers in flight
+finish on the old profile; a replaced Service is closed once no answer uses it. A file that cannot be
+used keeps the profiles that are running, and the log says why.
 """
+
+from __future__ import annotations
 
 import asyncio
 import logging
@@ -17,7 +19,9 @@ from custom_llm_server.config import build
 from custom_llm_server.config.build import Capacity
 from custom_llm_server.config.profiles import Profile, read_profiles, single
 from custom_llm_server.config.settings import Settings
+from custom_llm_server.core.context import Context
 from custom_llm_server.core.errors import ApiError
+from custom_llm_server.core.redact import printable
 from custom_llm_server.core.wording import Wording
 from custom_llm_server.knowledge.rag import Retriever
 from custom_llm_server.llm.answer import ToolLoop
@@ -40,6 +44,29 @@ class Service:
     given_voice: Engine | None = None  # create_app(voice=...)
     llm: LLM | None = None
     voice: Bounded | None = None  # the voice in use, within the speech limits (made at start)
+    users: int = 0  # requests being answered with this agent
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    def serve(self, context: Context) -> Service:
+        """This agent, for one request, counted until its answer has been sent (a reload closes a
+        replaced agent only once nothing uses it: an answer of several rounds may outlast any one stream)."""
+        self.users += 1
+        self.idle.clear()
+        context.when_answered.append(self._done)
+        return self
+
+    def _done(self) -> None:
+        self.users -= 1
+        if not self.users:
+            self.idle.set()
+
+    def longest_answer(self) -> float:
+        """The longest an answer may take: each of its rounds streams at most LLM_MAX_STREAM_SECONDS."""
+        settings = self.settings
+        return (settings.tool_max_rounds + 1) * (settings.llm_first_token_timeout + settings.llm_max_stream_seconds)
 
     @property
     def name(self) -> str:
@@ -87,7 +114,7 @@ def knowledge_key(settings: Settings) -> tuple[object, ...]:
     """What makes a knowledge base: agents that agree on all of it share one (one index, one indexer)."""
     return (
         settings.knowledge_dir.resolve(), settings.knowledge_index, settings.data_dir, settings.rag_min_coverage,
-        settings.knowledge_max_file_bytes, settings.knowledge_pdf_seconds, settings.embedding_model,
+        settings.knowledge_max_file_bytes, settings.knowledge_file_seconds, settings.embedding_model,
         settings.embedding_base_url or settings.llm_base_url, settings.embedding_api_key or settings.llm_api_key,
         settings.embedding_threads, settings.rag_min_similarity,
     )  # fmt: skip
@@ -131,6 +158,7 @@ class Agents:
     services: dict[str, Service] = field(default_factory=dict)
     knowledge: dict[tuple[object, ...], SharedRetriever] = field(default_factory=dict)
     keys: list[Key] = field(default_factory=list)
+    read_stamp: tuple[float, int] | None = None  # the agents file as it was when last read
     _watching: asyncio.Task[None] | None = None
     _retiring: set[asyncio.Task[None]] = field(default_factory=set)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -144,7 +172,10 @@ class Agents:
     def profiles(self) -> dict[str, Profile]:
         if self.settings.agents_file is None:
             return single(self.settings)
-        return read_profiles(self.settings.agents_file, self.settings)
+        self.read_stamp = _stamp(self.settings.agents_file)
+        profiles = read_profiles(self.settings.agents_file, self.settings)
+        one_index_per_folder(profiles)
+        return profiles
 
     def service(self, profile: Profile, knowledge: dict[tuple[object, ...], SharedRetriever]) -> Service:
         """The agent of a profile, with the knowledge base (found in, or added to, `knowledge`) that it
@@ -203,21 +234,26 @@ class Agents:
         await asyncio.gather(*closing, *self._retiring, return_exceptions=True)
 
     async def watch(self) -> None:
-        """Reload when the file's size or time of change moves."""
+        """Reload when the file's size or time of change moves (since it was read: a change made while
+        the server started is seen too). Whatever a reload meets, the watch goes on."""
         path = self.settings.agents_file
         assert path is not None
-        seen = _stamp(path)
         while True:
             await asyncio.sleep(self.settings.agents_watch_seconds)
             stamp = _stamp(path)
-            if stamp != seen:
-                seen = stamp
+            if stamp != self.read_stamp:
+                self.read_stamp = stamp
                 await self.reload()
 
     async def reload(self) -> bool:
-        """Read the file again; the new profiles serve new requests. False if the file cannot be used."""
+        """Read the file again; the new profiles serve new requests. False if the file cannot be used
+        (the running agents stay, and the log says why)."""
         async with self._reloading:  # a SIGHUP and a change seen at once make one reload after another
-            return await self._reload()
+            try:
+                return await self._reload()
+            except Exception as error:  # an index that cannot be made, an agent that cannot start...
+                log.error("AGENTS_FILE not reloaded, the running agents stay: %s", printable(error, 300))
+                return False
 
     async def _reload(self) -> bool:
         knowledge = dict(self.knowledge)
@@ -228,30 +264,52 @@ class Agents:
                 lambda: {name: self.service(p, knowledge) for name, p in profiles.items() if name not in kept}
             )
         except ValueError as error:  # ProfileError, or a setting a profile's value makes unusable
-            log.error("AGENTS_FILE not reloaded, the running agents stay: %s", error)
+            log.error("AGENTS_FILE not reloaded, the running agents stay: %s", printable(error, 300))
             return False
         for key in knowledge.keys() - self.knowledge.keys():
             knowledge[key].start()
         await asyncio.gather(*(svc.start() for svc in fresh.values()))
-        # What a reload replaces is closed once the longest stream that could use it has ended.
-        drain = max(svc.settings.llm_max_stream_seconds for svc in self.services.values()) + 5
-        retired: list[Service | SharedRetriever] = [svc for name, svc in self.services.items() if name not in kept]
+        retired = [svc for name, svc in self.services.items() if name not in kept]
         self.services = {**kept, **fresh}
         used = {id(svc.retriever) for svc in self.services.values()}
-        retired += [k for k in knowledge.values() if id(k.retriever) not in used]
+        unused = [k for k in knowledge.values() if id(k.retriever) not in used]
         self.knowledge = {key: k for key, k in knowledge.items() if id(k.retriever) in used}
         self.keys = self.keyring()
-        for old in retired:
-            task = asyncio.ensure_future(self._retire(old, drain))
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+        task = asyncio.ensure_future(self._retire(retired, unused))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
         log.info("AGENTS_FILE reloaded: %d agents, %d changed", len(self.services), len(fresh))
         return True
 
     @staticmethod
-    async def _retire(old: Service | SharedRetriever, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-        await old.aclose()
+    async def _retire(services: list[Service], knowledge: list[SharedRetriever]) -> None:
+        """Close what a reload replaced once the answers that use it are done (or could no longer be
+        running), the agents first, then the knowledge bases only they used."""
+        for svc in services:
+            try:
+                async with asyncio.timeout(svc.longest_answer()):
+                    await svc.idle.wait()
+            except TimeoutError:
+                log.warning("agent %s was replaced; %d answers still used it when it closed", svc.name, svc.users)
+        await asyncio.gather(*(svc.aclose() for svc in services), return_exceptions=True)
+        await asyncio.gather(*(k.aclose() for k in knowledge), return_exceptions=True)
+
+
+def one_index_per_folder(profiles: dict[str, Profile]) -> None:
+    """Refuse agents that name one index file for different knowledge folders: each folder's index
+    holds its documents only, or one agent's key would read another's passages."""
+    folders: dict[str, tuple[str, object]] = {}
+    for name, profile in profiles.items():
+        settings = profile.settings
+        if not settings.knowledge_index:
+            continue  # one file per folder, named for it
+        folder = settings.knowledge_dir.resolve()
+        first = folders.setdefault(settings.knowledge_index, (name, folder))
+        if first[1] != folder:
+            raise ValueError(
+                f"agents {first[0]} and {name} have different knowledge folders in one index file "
+                "(KNOWLEDGE_INDEX): give each its own knowledge_index, or leave it empty (one file per folder)"
+            )
 
 
 def _stamp(path: os.PathLike[str]) -> tuple[float, int] | None:

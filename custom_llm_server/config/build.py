@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # imported where it is made: a server with no documents never
 log = logging.getLogger("custom_llm.build")
 
 KNOWLEDGE_SETTINGS = (
-    "knowledge_dir", "knowledge_index", "knowledge_max_file_bytes", "knowledge_pdf_seconds", "rag_min_coverage",
+    "knowledge_dir", "knowledge_index", "knowledge_max_file_bytes", "knowledge_file_seconds", "rag_min_coverage",
     "embedding_model", "embedding_base_url", "embedding_api_key", "embedding_threads", "rag_min_similarity",
 )  # fmt: skip
 VOICE_SETTINGS = ("tts_engine", "tts_base_url", "tts_api_key", "tts_model", "tts_voice", "tts_sample_rate")
@@ -155,7 +155,7 @@ def knowledge_base(settings: Settings, capacity: Capacity) -> Knowledge:
         settings.knowledge_index or default_index(settings.data_dir, settings.knowledge_dir),
         settings.rag_min_coverage,
         settings.knowledge_max_file_bytes,
-        settings.knowledge_pdf_seconds,
+        settings.knowledge_file_seconds,
     )
     return Knowledge(base, embedder(settings, capacity))
 

@@ -152,13 +152,19 @@ def _line_of(text: str, table: str, key: str) -> int | str:
     return "?"
 
 
-def variables_of(value: Any) -> dict[str, str]:
-    """The call's variables (`llm.params.variables`), checked: names are identifiers, values are
-    strings, numbers or true/false. Anything else is refused, never dropped in silence."""
+def variables_of(value: Any, max_count: int = 64, max_chars: int = 2000) -> dict[str, str]:
+    """The call's variables (`llm.params.variables`), checked: at most `max_count` of them
+    (MAX_VARIABLES), counted before any is read; names are identifiers; values are strings, numbers or
+    true/false of at most `max_chars` characters (MAX_VARIABLE_CHARS). Anything else is refused,
+    never dropped in silence."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise bad_request("variables: an object of names and values is expected.", "invalid_variables", "variables")
+    if len(value) > max_count:
+        raise bad_request(
+            f"variables: at most {max_count} are accepted (MAX_VARIABLES).", "too_many_variables", "variables"
+        )
     result = {}
     for name, item in value.items():
         if not VARIABLE.fullmatch(name):
@@ -174,6 +180,12 @@ def variables_of(value: Any) -> dict[str, str]:
         else:
             raise bad_request(
                 f"variables.{name}: a string, a number or true/false is expected.", "invalid_variables", "variables"
+            )
+        if len(result[name]) > max_chars:
+            raise bad_request(
+                f"variables.{name}: longer than {max_chars} characters (MAX_VARIABLE_CHARS).",
+                "variable_too_long",
+                "variables",
             )
     return result
 

@@ -87,6 +87,8 @@ class Settings:
     header_timeout_seconds: float = setting("HEADER_TIMEOUT_SECONDS", 10.0, float)
     body_timeout_seconds: float = setting("BODY_TIMEOUT_SECONDS", 30.0, float)
     max_messages: int = setting("MAX_MESSAGES", 2048, int)
+    max_variables: int = setting("MAX_VARIABLES", 64, int)  # per-call variables in one request
+    max_variable_chars: int = setting("MAX_VARIABLE_CHARS", 2000, int)
     max_streams_per_key: int = setting("MAX_STREAMS_PER_KEY", 0, int)  # 0: no limit
     max_upstream_streams: int = setting("MAX_UPSTREAM_STREAMS", 1000, int)
     max_speech_streams: int = setting("MAX_SPEECH_STREAMS", 16, int)
@@ -97,7 +99,7 @@ class Settings:
     knowledge_dir: Path = setting("KNOWLEDGE_DIR", Path("knowledge"), Path)
     knowledge_index: str = setting("KNOWLEDGE_INDEX", "")  # empty: one file per folder under DATA_DIR/index/
     knowledge_max_file_bytes: int = setting("KNOWLEDGE_MAX_FILE_BYTES", 20_000_000, int)
-    knowledge_pdf_seconds: float = setting("KNOWLEDGE_PDF_SECONDS", 10.0, float)
+    knowledge_file_seconds: float = setting("KNOWLEDGE_FILE_SECONDS", 10.0, float)  # to read one HTML or PDF file
     rag_top_k: int = setting("RAG_TOP_K", 3, int)
     # Share (0 to 1) of a question's information a passage must hold to be injected; knowledge.py.
     rag_min_coverage: float = setting("RAG_MIN_COVERAGE", 0.5, float)
@@ -167,6 +169,8 @@ class Settings:
             raise ValueError(f"RAG_MIN_COVERAGE is a share from 0 to 1, not {self.rag_min_coverage}")
         if self.rag_min_similarity is not None and not -1 <= self.rag_min_similarity <= 1:
             raise ValueError(f"RAG_MIN_SIMILARITY is a cosine similarity from -1 to 1, not {self.rag_min_similarity}")
+        if os.environ.get("KNOWLEDGE_PDF_SECONDS"):
+            log.warning("KNOWLEDGE_PDF_SECONDS is no longer read: KNOWLEDGE_FILE_SECONDS limits each HTML and PDF")
         if os.environ.get("RAG_MIN_SCORE"):  # a raw BM25 floor meant something else at every corpus size
             log.warning("RAG_MIN_SCORE is no longer read; RAG_MIN_COVERAGE (0 to 1) decides what /rag injects")
 

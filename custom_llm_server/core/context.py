@@ -12,6 +12,7 @@ log line with the request id (logging offers no other way in).
 import asyncio
 import contextvars
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ class Context:
     cancelled: bool = False  # the caller hung up mid-answer (a barge-in)
     call_ended: bool = False  # end_call ran in this answer: once is enough
     answered: asyncio.Event = field(default_factory=asyncio.Event)  # set when the response has been sent
+    when_answered: list[Callable[[], None]] = field(default_factory=list)  # run then (an agent's count of users)
     # Our side of Agora's per-turn metrics, in ms: retrieval, tools, upstream first byte, first sentence.
     retrieval_ms: float | None = None
     tools_ms: float | None = None

@@ -11,7 +11,7 @@ import random
 from collections.abc import AsyncIterator, Mapping
 
 from custom_llm_server.core.events import Event, Note, Text, words_of
-from custom_llm_server.core.text import language, sentence_end
+from custom_llm_server.core.text import FIRST_SENTENCE_SCAN, language, sentence_end
 
 
 def phrase_for(phrases: Mapping[str, tuple[str, ...]], question: str) -> str:
@@ -55,7 +55,7 @@ async def said_when_late(events: AsyncIterator[Event], phrase: str, after_ms: in
             else:
                 held.append(arrived)
                 said += words_of(arrived)
-                if sentence_end(said):  # in time: no phrase
+                if sentence_end(said) or len(said) > FIRST_SENTENCE_SCAN:  # in time: no phrase
                     waiting = False
                     for kept in held:
                         yield kept

@@ -18,6 +18,10 @@ CJK = re.compile(f"[{CJK_RANGES}]")
 _STOPS = ".!?…"
 _SENTENCE_END = re.compile(r"(?<![.!?…])[.!?…]++[\"')\]]*+(?=\s)|[。！？；]++|\n")
 _CLOSERS = "\"')]"
+# How far into an answer its first sentence is looked for. Past it (no sentence end at all), the
+# first sentence is taken as there: a voice starts on a run this long before it ends, and nothing
+# rescans what a stream has said so far as it grows.
+FIRST_SENTENCE_SCAN = 400
 
 
 def sentence_end(text: str, start: int = 0, stop: int | None = None) -> int:

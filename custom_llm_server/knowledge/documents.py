@@ -1,14 +1,17 @@
 """Reading documents as a person sees them: the main content of an HTML page (no navigation,
-sidebars, tables of contents or scripts), Markdown and text, the text of a PDF (in a child process,
-within a time limit), all cut into chunks along their own headings; code is text of its section,
-never a heading.
+sidebars, tables of contents or scripts), Markdown and text, the text of a PDF, all cut into chunks
+along their own headings; code is text of its section, never a heading. A file is read once, from a
+descriptor checked to lie inside the knowledge folder, and HTML and PDF are parsed in a worker
+process within a time limit per file.
 """
 
 from __future__ import annotations
 
+import io
+import multiprocessing
+import os
 import re
-import subprocess
-import sys
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +20,7 @@ if TYPE_CHECKING:  # bs4 is imported where HTML is read: a server with no knowle
     from bs4 import Tag
 
 SUFFIXES = {".md", ".markdown", ".txt", ".html", ".htm", ".pdf"}
+LINK_BAR_DEPTH = 4  # how far above a page-to-page link its bar may be
 MAX_CHUNK_CHARS = 1200
 OVERLAP_CHARS = 150
 
@@ -82,17 +86,16 @@ def html_text(html: str) -> str:
             furniture.append(tag)
         elif tag.name == "a" and _PAGE_LINKS.intersection(tag.get("rel") or ()) and (bar := _link_bar(tag)):
             furniture.append(bar)
-    # Only the outermost of nested furniture is removed: that takes the rest with it. (Asking a
-    # live tag whether it was decomposed searches its whole subtree in bs4: quadratic on a big page.)
-    marked = {id(tag) for tag in furniture}
-    for tag in furniture:
-        if id(tag) in marked and not any(id(parent) in marked for parent in tag.parents):
+    # Removed innermost first (find_all lists a tag before what it holds): each removal walks only what
+    # is left inside it, so nested furniture costs its size once. (Asking which of a tag's parents was
+    # removed would walk every parent of every tag: quadratic on a page of deeply nested navigation.)
+    removed: set[int] = set()
+    for tag in reversed(furniture):
+        if id(tag) not in removed:  # a link bar may be listed twice
+            removed.add(id(tag))
             tag.decompose()
-            marked.discard(id(tag))
     root = soup.find("main") or soup.select_one("[role=main]") or soup.find("article") or soup.body or soup
-    parts: list[str] = []
-    _walk(root, parts)
-    return re.sub(r"\n\s*\n\s*", "\n\n", "".join(parts)).strip()
+    return re.sub(r"\n\s*\n\s*", "\n\n", "".join(_walk(root))).strip()
 
 
 def _is_furniture(tag: Tag) -> bool:
@@ -108,81 +111,144 @@ def _is_furniture(tag: Tag) -> bool:
 def _link_bar(link: Tag) -> Tag | None:
     """The "Next: … Previous: … Up: …" bar a page-to-page link sits in (texinfo, many
     generators): the nearest block around it, when a good part of its text is link text."""
-    block = link.find_parent(("p", "div", "td", "li"))
-    if block is None or block.name in ("body", "main", "article"):
+    block = link.parent
+    for _ in range(LINK_BAR_DEPTH):  # near it, or it is no bar: a walk to the root on every link is quadratic
+        if block is None or block.name in ("p", "div", "td", "li", "body", "main", "article"):
+            break
+        block = block.parent
+    if block is None or block.name not in ("p", "div", "td", "li"):
         return None
     text = len(block.get_text(" ", strip=True))
     linked = sum(len(a.get_text(" ", strip=True)) for a in block.find_all("a"))
     return block if text and linked / text >= 0.3 else None  # "Next: <a>…</a>, Up: <a>…</a>" is mostly its links
 
 
-def _walk(node: Tag, parts: list[str]) -> None:
-    from bs4 import NavigableString, Tag
+def _walk(root: Tag) -> Iterator[str]:
+    """The text of a tree, headings as '#' lines and code fenced; with a stack, not recursion, so a
+    page nested thousands of tags deep is read like any other."""
+    from bs4 import NavigableString, PageElement, Tag
 
-    for child in node.children:
-        if isinstance(child, NavigableString):
-            if child.__class__ is NavigableString:  # not a comment, doctype or CDATA
-                parts.append(re.sub(r"\s+", " ", str(child)))
-        elif isinstance(child, Tag):
-            if re.fullmatch(r"h[1-6]", child.name):
-                title = re.sub(r"\s+", " ", child.get_text(" ")).strip()
-                parts.append(f"\n\n{'#' * int(child.name[1])} {title}\n\n" if title else "")
-            elif child.name == "pre":
-                parts.append("\n\n```\n" + child.get_text().strip("\n") + "\n```\n\n")
-            elif child.name in _BLOCKS:
-                parts.append("\n\n")
-                _walk(child, parts)
-                parts.append("\n\n")
+    stack: list[PageElement | str] = list(reversed(list(root.children)))
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str) and not isinstance(node, NavigableString):
+            yield node  # a block's closing break, pushed below
+        elif isinstance(node, NavigableString):
+            if node.__class__ is NavigableString:  # not a comment, doctype or CDATA
+                yield re.sub(r"\s+", " ", str(node))
+        elif isinstance(node, Tag):
+            if re.fullmatch(r"h[1-6]", node.name):
+                title = re.sub(r"\s+", " ", node.get_text(" ")).strip()
+                yield f"\n\n{'#' * int(node.name[1])} {title}\n\n" if title else ""
+            elif node.name == "pre":
+                yield "\n\n```\n" + node.get_text().strip("\n") + "\n```\n\n"
             else:
-                _walk(child, parts)
+                if node.name in _BLOCKS:
+                    yield "\n\n"
+                    stack.append("\n\n")
+                stack.extend(reversed(list(node.children)))
 
 
 # ---------------------------------------------------------------------------------------------
-# PDF: in a child process, so a hostile file (a decompression bomb, a page that takes minutes)
-# costs at most `seconds` and cannot hold the index or the server's memory
+# Reading a file: once, from inside the folder; HTML and PDF in a worker within a time limit
 # ---------------------------------------------------------------------------------------------
 
-_PDF_TEXT = """
-import sys
-from pypdf import PdfReader
-limit, size, pages = int(sys.argv[2]), 0, []
-for page in PdfReader(sys.argv[1]).pages:
-    text = (page.extract_text() or "").strip()
-    size += len(text)
-    if size > limit:
-        sys.exit(3)
-    pages.append(text)
-sys.stdout.buffer.write("\\n\\n".join(text for text in pages if text).encode("utf-8"))
-"""
 
-
-def pdf_text(path: Path, max_chars: int, seconds: float) -> str:
-    """A PDF's text (pypdf), extracted within a time and a size limit."""
+def read_inside(path: Path, root: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:
+    """The file's bytes and status, read from one descriptor whose real path is checked to be inside
+    `root`: a file swapped for a link to elsewhere after the folder was listed is refused."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOCTTY", 0))
     try:
-        done = subprocess.run(
-            [sys.executable, "-c", _PDF_TEXT, str(path), str(max_chars)],
-            capture_output=True,
-            timeout=seconds,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise ValueError(f"its text could not be extracted within {seconds:g} s") from None
-    if done.returncode == 3:
-        raise ValueError(f"it holds more than {max_chars} characters of text")
-    if done.returncode:
-        raise ValueError("not a readable PDF")
-    return done.stdout.decode("utf-8", "replace")
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise ValueError("not a regular file")
+        if not _opened_path(descriptor, path).is_relative_to(root):
+            raise ValueError("it leads out of the knowledge folder")
+        if status.st_size > max_bytes:
+            raise ValueError(f"larger than {max_bytes} bytes")
+        with os.fdopen(os.dup(descriptor), "rb") as file:
+            raw = file.read(max_bytes + 1)
+        if len(raw) > max_bytes:
+            raise ValueError(f"larger than {max_bytes} bytes")
+        return raw, status
+    finally:
+        os.close(descriptor)
 
 
-def read_document(path: Path, max_chars: int = 20_000_000, pdf_seconds: float = 10.0) -> str:
-    """A document's text, with headings as '#' lines where the format has them."""
-    if path.suffix.lower() == ".pdf":
-        return pdf_text(path, max_chars, pdf_seconds)
-    raw = path.read_bytes()
+def _opened_path(descriptor: int, path: Path) -> Path:
+    """Where an open descriptor really is: what the kernel says (Linux), or else the path resolved now,
+    if it still names the very file that was opened."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{descriptor}"))
+    except OSError:
+        resolved = path.resolve()
+        opened, named = os.fstat(descriptor), os.stat(resolved)
+        if (opened.st_dev, opened.st_ino) != (named.st_dev, named.st_ino):
+            raise ValueError("it was replaced while it was read") from None
+        return resolved
+
+
+def plain_text(raw: bytes) -> str:
     if b"\0" in raw[:8000]:
         raise ValueError("binary content")
-    text = raw.decode("utf-8")
-    return html_text(text) if path.suffix.lower() in (".html", ".htm") else text
+    return raw.decode("utf-8")
+
+
+def pdf_text(raw: bytes, max_chars: int) -> str:
+    """A PDF's text (pypdf), refused past max_chars."""
+    from pypdf import PdfReader
+
+    size, pages = 0, []
+    for page in PdfReader(io.BytesIO(raw)).pages:
+        text = (page.extract_text() or "").strip()
+        size += len(text)
+        if size > max_chars:
+            raise ValueError(f"it holds more than {max_chars} characters of text")
+        pages.append(text)
+    return "\n\n".join(text for text in pages if text)
+
+
+def parsed(suffix: str, raw: bytes, max_chars: int) -> str:
+    """A document's text from its bytes, with headings as '#' lines where the format has them."""
+    if suffix == ".pdf":
+        try:
+            return pdf_text(raw, max_chars)
+        except ValueError:
+            raise
+        except Exception as error:  # pypdf's own errors, of any kind: not a PDF this can read
+            raise ValueError(f"not a readable PDF ({type(error).__name__})") from None
+    text = plain_text(raw)
+    return html_text(text) if suffix in (".html", ".htm") else text
+
+
+class Reader:
+    """Reads documents' text. Markdown and text here; HTML and PDF in one worker process, within
+    `seconds` each: a page that would take minutes (a PDF bomb, pathological HTML) costs at most that,
+    and the worker is replaced. The worker lives as long as the reader (close() ends it)."""
+
+    def __init__(self, max_chars: int = 20_000_000, seconds: float = 10.0):
+        self.max_chars, self.seconds = max_chars, seconds
+        self.pool: multiprocessing.pool.Pool | None = None
+
+    def text(self, suffix: str, raw: bytes) -> str:
+        suffix = suffix.lower()
+        if suffix not in (".html", ".htm", ".pdf"):
+            return parsed(suffix, raw, self.max_chars)
+        if self.pool is None:  # forkserver: a clean process, not a copy of a server with threads
+            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+            self.pool = multiprocessing.get_context(method).Pool(1)
+        job = self.pool.apply_async(parsed, (suffix, raw, self.max_chars))
+        try:
+            return job.get(self.seconds)
+        except multiprocessing.TimeoutError:
+            self.close()
+            raise ValueError(f"its text could not be read within {self.seconds:g} s") from None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,9 @@ from custom_llm_server.core.redact import Redactor, printable
 log = logging.getLogger("custom_llm.embeddings")
 
 BUILTIN = "multilingual-e5-small"
-MAX_BODY_BYTES = 32 << 20  # an /embeddings answer for a batch of passages
+# What an /embeddings answer may hold per text: a 4,096-dimension vector written as JSON is ~80 KB. The
+# answer is read no further (cap before you scan), and parsed off the event loop.
+MAX_BYTES_PER_TEXT = 128 << 10
 TIMEOUT = aiohttp.ClientTimeout(total=30, connect=3)
 
 
@@ -101,6 +103,7 @@ class HostedModel:
         self.identity = f"{model}@{self.url}"
         self.scrub = Redactor(api_key)
         self.session: aiohttp.ClientSession | None = None
+        self.dimension: int | None = None  # the size of its vectors, from its first answer
 
     async def _embed(self, texts: list[str]) -> np.ndarray:
         if self.session is None:  # made on first use, inside the event loop that uses it
@@ -116,17 +119,15 @@ class HostedModel:
                         _, said = self.scrub.json_message(await read_start(response, 4096))
                         status = response.status
                         raise EmbeddingError(f"the embeddings endpoint answered {status}: {printable(said, 200)}")
-                    body = await read_at_most(response, MAX_BODY_BYTES)
+                    body = await read_at_most(response, MAX_BYTES_PER_TEXT * len(texts) + 4096)
             except (aiohttp.ClientError, TimeoutError, TooLarge) as error:
                 raise EmbeddingError(f"the embeddings endpoint failed: {type(error).__name__}") from None
-        try:
-            data = orjson.loads(body)["data"]
-            rows = [item["embedding"] for item in sorted(data, key=lambda item: item.get("index", 0))]
-            vectors = unit(np.array(rows, dtype=np.float32))
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise EmbeddingError("the embeddings endpoint sent an answer this server cannot read") from None
-        if vectors.ndim != 2 or len(vectors) != len(texts):
-            raise EmbeddingError("the embeddings endpoint sent the wrong number of vectors")
+        vectors = await asyncio.to_thread(vectors_of, body, len(texts))
+        if self.dimension is None:
+            self.dimension = vectors.shape[1]
+        elif vectors.shape[1] != self.dimension:
+            changed = f"{self.dimension} to {vectors.shape[1]}"
+            raise EmbeddingError(f"the embeddings endpoint changed the size of its vectors ({changed})")
         return vectors
 
     async def passages(self, texts: list[str]) -> np.ndarray:
@@ -138,6 +139,21 @@ class HostedModel:
     async def aclose(self) -> None:
         if self.session is not None:
             await self.session.close()
+
+
+def vectors_of(body: bytes, count: int) -> np.ndarray:
+    """The unit vectors of an /embeddings answer, `count` rows of one size, in their `index` order."""
+    try:
+        data = orjson.loads(body)["data"]
+        if not isinstance(data, list) or len(data) != count:
+            raise EmbeddingError("the embeddings endpoint sent the wrong number of vectors")
+        rows = [item["embedding"] for item in sorted(data, key=lambda item: item.get("index", 0))]
+        vectors = np.array(rows, dtype=np.float32)  # rows of different sizes are a ValueError
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        raise EmbeddingError("the embeddings endpoint sent an answer this server cannot read") from None
+    if vectors.ndim != 2 or not vectors.shape[1] or not np.isfinite(vectors).all():
+        raise EmbeddingError("the embeddings endpoint sent vectors this server cannot use")
+    return unit(vectors)
 
 
 class EmbeddingError(Exception):

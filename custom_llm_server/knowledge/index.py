@@ -38,7 +38,7 @@ import numpy as np
 from custom_llm_server.core.redact import printable
 from custom_llm_server.core.text import MAX_QUESTION_CHARS
 from custom_llm_server.knowledge import calibration
-from custom_llm_server.knowledge.documents import SUFFIXES, chunk_markdown, read_document
+from custom_llm_server.knowledge.documents import SUFFIXES, Reader, chunk_markdown, read_inside
 from custom_llm_server.knowledge.embeddings import Embedder, EmbeddingError
 from custom_llm_server.knowledge.rag import Passage
 from custom_llm_server.knowledge.ranking import Postings
@@ -213,16 +213,18 @@ class KnowledgeBase:
         index_path: str | Path | None = None,
         min_coverage: float = 0.5,
         max_file_bytes: int = 20_000_000,
-        pdf_seconds: float = 10.0,
+        file_seconds: float = 10.0,
     ):
         self.folder = Path(folder)
-        self.max_file_bytes, self.pdf_seconds = max_file_bytes, pdf_seconds
+        self.max_file_bytes = max_file_bytes
+        self.reader = Reader(max_file_bytes, file_seconds)  # HTML and PDF within file_seconds each
         self.index_path = str(index_path or default_index(Path(".custom-llm"), self.folder))
         self.min_coverage = min_coverage
         self.min_similarity: float | None = None  # set with use_model(), or calibrated with the vectors
         self._fixed_similarity: float | None = None  # RAG_MIN_SIMILARITY, when set
         self.probes: dict[str, np.ndarray] | None = None  # calibration.embedded(): the threshold is calibrated
         self._lock = threading.Lock()
+        self._running = threading.Lock()  # held by index() from start to end
         self._db = self._open()
         self.loaded = False
         self._stop = threading.Event()
@@ -272,6 +274,10 @@ class KnowledgeBase:
         A file that cannot be read (unreadable, empty, binary, huge, renamed or deleted meanwhile,
         a name that is not UTF-8) is skipped with a warning, never fatal. stop() ends a run between
         two files, so a shutdown never waits for indexing."""
+        with self._running:
+            return self._index(progress)
+
+    def _index(self, progress: Callable[[str, int], None] | None) -> IndexReport:
         started, report = time.perf_counter(), IndexReport()
         with self._lock:
             known = {row[0]: row[1:] for row in self._db.execute("SELECT path, hash, size, mtime FROM files")}
@@ -308,6 +314,24 @@ class KnowledgeBase:
         """Make a running index() return after the file it is on."""
         self._stop.set()
 
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def close(self, seconds: float = 30.0) -> None:
+        """Stop indexing, wait for the file being indexed (each is bounded in time), and close the
+        index file, so a reload that replaces this knowledge base leaves no connection open."""
+        self.stop()
+        if not self._running.acquire(timeout=seconds):
+            log.warning("knowledge index %s still busy after %g s; left open", self.index_path, seconds)
+            return
+        try:
+            self.reader.close()
+            with self._lock:
+                self._db.close()
+        finally:
+            self._running.release()
+
     def documents(self) -> list[Path]:
         """The folder's documents; a link that leads out of the folder is not one of them."""
         if not self.folder.is_dir():
@@ -328,9 +352,8 @@ class KnowledgeBase:
         stat = path.stat()
         if known is not None and known[1:] == (stat.st_size, stat.st_mtime):
             return None  # unchanged since the last run: not even read
-        if stat.st_size > self.max_file_bytes:
-            raise ValueError(f"larger than {self.max_file_bytes} bytes")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        raw, stat = read_inside(path, self.folder.resolve(), self.max_file_bytes)
+        digest = hashlib.sha256(raw).hexdigest()
         if known is not None and known[0] == digest:  # touched, not changed
             with self._lock:
                 self._db.execute(
@@ -338,7 +361,7 @@ class KnowledgeBase:
                 )
                 self._db.commit()
             return None
-        chunks = chunk_markdown(read_document(path, self.max_file_bytes, self.pdf_seconds))
+        chunks = chunk_markdown(self.reader.text(path.suffix, raw))
         if not chunks:
             raise ValueError("no text")
         rows = [
@@ -396,6 +419,13 @@ class KnowledgeBase:
         """Every chunk's cosine similarity to the question, when there are vectors for them."""
         vectors = self._vectors
         if vector is None or vectors is None or len(vectors) != size:
+            return None
+        if vector.shape != (vectors.shape[1],):  # a hosted model that changed: its words still answer
+            log.warning(
+                "the question's vector has %s numbers, the passages' %d: searching by words",
+                vector.shape,
+                vectors.shape[1],
+            )
             return None
         return vectors @ np.asarray(vector, dtype=np.float32)
 
@@ -518,6 +548,7 @@ class KnowledgeBase:
             known = self._db.execute("SELECT value FROM meta WHERE key = 'embedding_model'").fetchone()
             if known is None or known[0] != identity:
                 self._db.execute("DELETE FROM embeddings")
+                self._db.execute("DELETE FROM meta WHERE key = 'embedding_dimension'")
                 self._db.execute("INSERT OR REPLACE INTO meta VALUES ('embedding_model', ?)", (identity,))
                 self._db.commit()
         self.embedded = identity
@@ -535,7 +566,12 @@ class KnowledgeBase:
             ).fetchall()
 
     def store_vectors(self, hashes: list[str], vectors: np.ndarray) -> None:
+        """Keep vectors by content hash; all of one size (the first stored sets it), or none is kept."""
         with self._lock:
+            known = self._db.execute("SELECT value FROM meta WHERE key = 'embedding_dimension'").fetchone()
+            if known is not None and int(known[0]) != vectors.shape[1]:
+                raise EmbeddingError(f"vectors of size {vectors.shape[1]}, where the index holds size {known[0]}")
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('embedding_dimension', ?)", (str(vectors.shape[1]),))
             self._db.executemany(
                 "INSERT OR REPLACE INTO embeddings VALUES (?, ?)",
                 [(h, np.asarray(v, dtype=np.float32).tobytes()) for h, v in zip(hashes, vectors)],
@@ -549,6 +585,14 @@ class KnowledgeBase:
             rows = self._db.execute(
                 "SELECT c.id, e.vector FROM chunks c JOIN embeddings e ON e.hash = c.hash ORDER BY c.id"
             ).fetchall()
+            known = self._db.execute("SELECT value FROM meta WHERE key = 'embedding_dimension'").fetchone()
+        size = 4 * int(known[0]) if known else None
+        if any(len(vector) != size for _, vector in rows):  # another size (an index of an older version)
+            rows = [(rowid, vector) for rowid, vector in rows if len(vector) == size]
+            log.warning("knowledge: vectors of another size are left out; their passages are embedded again")
+            with self._lock:
+                self._db.execute("DELETE FROM embeddings WHERE length(vector) != ?", (size or 0,))
+                self._db.commit()
         if not rows:
             self._vectors = self._vectorless = None
             return 0
@@ -588,6 +632,8 @@ class Knowledge:
         """Index the folder (only what changed): searchable by words from then on. Then make the vectors
         of new texts in the background; search uses meaning once they are all there."""
         await asyncio.to_thread(self.base.index)
+        if self.base.stopped:  # closed while it indexed
+            return
         if self.use_model():
             self.embedding = asyncio.ensure_future(self.embed())
         self.started = True
@@ -638,6 +684,7 @@ class Knowledge:
             await asyncio.gather(self.embedding, return_exceptions=True)
         if self.embedder is not None:
             await self.embedder.aclose()
+        await asyncio.to_thread(self.base.close)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@
 import itertools
 import logging
 import math
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ from pypinyin import lazy_pinyin
 from custom_llm_server.core.text import CJK_RANGES, MAX_QUESTION_CHARS
 
 jieba.setLogLevel(logging.WARNING)  # its "building prefix dict" lines are not ours to log
+# jieba keeps its loaded dictionary in one cache file in the temporary folder; one per user, so a cache
+# another user left there (root's, in a shared /tmp) is not a permission error and a traceback.
+jieba.dt.cache_file = f"jieba-{os.getuid() if hasattr(os, 'getuid') else 0}.cache"
 _RUNS = re.compile(f"[{CJK_RANGES}]+|[^\\W_{CJK_RANGES}]+")  # a run of CJK, or a word of letters and digits
 _CJK_RUN = re.compile(f"[{CJK_RANGES}]+")
 _STEM = Stemmer.Stemmer("english")

@@ -122,6 +122,8 @@ class WithContext:
             await self.app(scope, receive, send)
         finally:
             context.answered.set()  # a hang-up waiting for this answer may go now
+            for done in context.when_answered:
+                done()
             stop_logging_as(token)
 
 

@@ -12,15 +12,12 @@ from starlette.types import Message, Receive, Scope, Send
 from custom_llm_server.core.context import Context
 from custom_llm_server.core.errors import SHUTTING_DOWN, ApiError, internal_error
 from custom_llm_server.core.events import DONE, ChunkWriter, Event, sse, words_of
-from custom_llm_server.core.text import sentence_end
+from custom_llm_server.core.text import FIRST_SENTENCE_SCAN, sentence_end
 from custom_llm_server.serving.errors import error_response, no_receive, send_error
 
 log = logging.getLogger("custom_llm")
 
 
-# How far into an answer its first sentence is looked for; past it (no punctuation at all), the
-# relayed events are not parsed for words any more, so the hot path stays a byte relay.
-FIRST_SENTENCE_SCAN = 400
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),

@@ -131,6 +131,11 @@ class Bounded:
                 await pieces.aclose()  # type: ignore[attr-defined]  # stops the engine's request or process
 
 
+# espeak-ng runs at the lowest CPU priority: sixteen of them on two cores must leave the server's own
+# loop (every stream, /health) the CPU it needs.
+BELOW_THE_SERVER = ("nice", "-n", "19") if shutil.which("nice") else ()
+
+
 @dataclass
 class EspeakSpeech:
     """Debian's espeak-ng, run locally: no network, no key; a robotic but clear voice."""
@@ -144,6 +149,7 @@ class EspeakSpeech:
         speed = ["-s", str(round(175 * min(max(style.speed, 0.5), 2.5)))] if style.speed else []
         try:
             process = await asyncio.create_subprocess_exec(
+                *BELOW_THE_SERVER,
                 "espeak-ng",
                 "--stdout",
                 *speed,
