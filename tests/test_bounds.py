@@ -11,6 +11,7 @@ import json
 import logging
 import socket
 import time
+from urllib.parse import quote, unquote
 
 import httpx
 import pytest
@@ -248,3 +249,117 @@ def test_a_tool_name_cannot_forge_a_log_line(server, upstream, caplog):
         post(server, {"messages": [{"role": "user", "content": "Hi"}]}).read()
     assert "forged line" in caplog.text
     assert all("\n" not in record.getMessage() for record in caplog.records)
+
+
+# --- round three: our key in every form a caller decodes ----------------------------------------------
+
+SECRET = "sk-live/AbC+def=0123456789xyzXYZ"
+
+
+def escaped_all(text: str, upper: bool = False) -> str:
+    return "".join(f"\\u{ord(c):04X}" if upper else f"\\u{ord(c):04x}" for c in text)
+
+
+def every_byte(text: str, upper: bool = True) -> str:
+    return "".join(f"%{b:02X}" if upper else f"%{b:02x}" for b in text.encode())
+
+
+ENCODINGS = {
+    "as written": SECRET,
+    "JSON \\/": SECRET.replace("/", "\\/"),
+    "every character \\u-escaped": escaped_all(SECRET),
+    "every character \\U-escaped, upper hex": escaped_all(SECRET, upper=True),
+    "its first character \\u-escaped": escaped_all(SECRET[0]) + SECRET[1:],
+    "percent-encoded": quote(SECRET, safe=""),
+    "percent-encoded, lower-case hex": quote(SECRET, safe="").lower(),
+    "every byte percent-encoded": every_byte(SECRET),
+    "every byte percent-encoded, lower-case": every_byte(SECRET, upper=False),
+    "percent-encoded, then \\u-escaped": escaped_all(quote(SECRET, safe="")[:6]) + quote(SECRET, safe="")[6:],
+}
+
+
+def what_a_reader_decodes(text: str) -> str:
+    """Everything a caller or a log reader can get out of some text: it as written, its JSON strings
+    decoded (every event's, and the content deltas joined), and each of those percent-decoded."""
+    seen = [text]
+    contents = []
+    for line in text.splitlines():
+        data = line.removeprefix("data: ")
+        try:
+            value = json.loads(data)
+        except ValueError:
+            continue
+        stack = [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, str):
+                seen.append(item)
+            elif isinstance(item, dict):
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+        for choice in value.get("choices") or [] if isinstance(value, dict) else []:
+            contents.append(((choice.get("delta") or choice.get("message") or {}).get("content")) or "")
+    seen.append("".join(contents))
+    seen.append(text.encode().decode("unicode_escape", "ignore"))
+    return "\n".join(seen + [unquote(s) for s in seen])
+
+
+def event(content: str) -> bytes:
+    return b'data: {"choices":[{"index":0,"delta":{"content":"' + content.encode() + b'"},"finish_reason":null}]}\n\n'
+
+
+@pytest.mark.parametrize("form", ENCODINGS.values(), ids=ENCODINGS.keys())
+def test_our_key_in_any_encoding_in_a_relayed_event_never_reaches_the_caller(make_server, upstream, form):
+    server = make_server(llm_api_key=SECRET)
+    upstream.script.raw = event("The header was Bearer ") + event(form) + event(".") + b"data: [DONE]\n\n"
+    answer = post(server, ASK).text
+    assert SECRET not in what_a_reader_decodes(answer)
+    assert "The header was Bearer" in answer and answer.rstrip().endswith("data: [DONE]")
+
+
+@pytest.mark.parametrize("form", ENCODINGS.values(), ids=ENCODINGS.keys())
+def test_our_key_in_any_encoding_in_a_non_streaming_answer_never_reaches_the_caller(make_server, upstream, form):
+    server = make_server(llm_api_key=SECRET)
+    upstream.script.body = (
+        b'{"id":"x","object":"chat.completion","choices":[{"index":0,"finish_reason":"stop",'
+        b'"message":{"role":"assistant","content":"key: ' + form.encode() + b'"}}]}'
+    )
+    answer = post(server, {"messages": [{"role": "user", "content": "Hi"}]})
+    assert answer.status_code == 200 and SECRET not in what_a_reader_decodes(answer.text)
+
+
+@pytest.mark.parametrize("status", [400, 429, 500])
+@pytest.mark.parametrize("form", ENCODINGS.values(), ids=ENCODINGS.keys())
+def test_our_key_in_any_encoding_in_an_upstream_error_reaches_neither_caller_nor_log(
+    make_server, upstream, caplog, form, status
+):
+    server = make_server(llm_api_key=SECRET)
+    upstream.script.status = status
+    upstream.script.error_raw = b'{"error": {"message": "bad key ' + form.encode() + b'", "code": "nope"}}'
+    with caplog.at_level(logging.DEBUG, logger="custom_llm"):
+        answer = post(server, {"messages": [{"role": "user", "content": "Hi"}]})
+    assert SECRET not in what_a_reader_decodes(answer.text)
+    assert SECRET not in what_a_reader_decodes(caplog.text)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 7])
+def test_our_key_cut_across_events_is_not_joined_by_the_caller(make_server, upstream, size):
+    """The key streamed a few characters an event, as a model's tokens would carry it: the caller,
+    who joins the deltas, never gets it (at most the first few characters, never enough)."""
+    server = make_server(llm_api_key=SECRET)
+    pieces = [SECRET[at : at + size] for at in range(0, len(SECRET), size)]
+    upstream.script.raw = (
+        event("Your key is ") + b"".join(event(piece.replace("/", "\\/")) for piece in pieces) + event(", keep it.")
+    ) + b"data: [DONE]\n\n"
+    answer = post(server, ASK).text
+    joined = what_a_reader_decodes(answer)
+    assert SECRET not in joined and SECRET[:12] not in joined
+    assert "Your key is" in joined and "keep it." in joined
+
+
+def test_text_that_looks_like_a_key_start_is_relayed_whole_and_in_order(make_server, upstream):
+    server = make_server(llm_api_key=SECRET)
+    words = ["Ask the ", "sk-l", "ive", " team ", "sk-live/", "x", " now."]  # a key's start, then not the key
+    upstream.script.raw = b"".join(event(w.replace("/", "\\/")) for w in words) + b"data: [DONE]\n\n"
+    assert text_of(sse_events(post(server, ASK))) == "".join(words)

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,14 +91,28 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def serving(command: list[str], env: dict[str, str], cwd: Path, port: int) -> subprocess.Popen:
-    process = subprocess.Popen(
+class Serving(subprocess.Popen):
+    """A server process whose output is collected line by line as it comes."""
+
+    lines: list[str]
+
+    def said(self, text: str, seconds: float = 120) -> bool:
+        deadline = time.monotonic() + seconds
+        while not any(text in line for line in self.lines) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return any(text in line for line in self.lines)
+
+
+def serving(command: list[str], env: dict[str, str], cwd: Path, port: int) -> Serving:
+    process = Serving(
         command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=as_the_image_user,
     )  # fmt: skip
+    process.lines = []
+    threading.Thread(target=lambda: process.lines.extend(process.stdout or ()), daemon=True).start()
     deadline = time.monotonic() + 120  # a first start loads dictionaries: generous on a busy machine
     while True:
-        assert process.poll() is None, process.stdout.read() if process.stdout else ""
+        assert process.poll() is None, "".join(process.lines)
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return process
@@ -107,10 +122,11 @@ def serving(command: list[str], env: dict[str, str], cwd: Path, port: int) -> su
         time.sleep(0.2)
 
 
-def stopped(process: subprocess.Popen) -> str:
+def stopped(process: Serving) -> str:
     process.terminate()
-    output, _ = process.communicate(timeout=30)
-    return output
+    process.wait(30)
+    time.sleep(0.2)  # the reader's last lines
+    return "".join(process.lines)
 
 
 def test_pip_install_gives_the_command_and_it_serves(image, upstream_server, upstream, tmp_path):
@@ -187,6 +203,7 @@ def test_the_container_environment_indexes_at_build_and_serves_as_a_non_root_use
         ready = httpx.get(f"http://127.0.0.1:{port}/knowledge/search", params={"q": "mono PCM audio"},
                           headers={"authorization": f"Bearer {key}"})  # fmt: skip
         assert ready.status_code == 200 and ready.json()["passages"]
+        assert process.said("searchable by meaning")
     finally:
         log = stopped(process)
     assert "0 embedded now" in log, log  # the vectors made at build time were used, none made again

@@ -276,7 +276,10 @@ class LLM:
                             log.warning("upstream %s answer exceeds %d bytes", upstream.name, size - len(piece))
                             raise upstream_error(502, "The upstream LLM's answer is too large.", "upstream_too_large")
                         pieces.append(piece)
-                return upstream.scrub.relayed(b"".join(pieces))
+                body = b"".join(pieces)
+                if len(body) < 1 << 16:
+                    return upstream.scrub.relayed(body)
+                return await asyncio.to_thread(upstream.scrub.relayed, body)  # a large body is read off the loop
             finally:
                 response.close()
 
@@ -303,7 +306,9 @@ async def sse_payloads(response: aiohttp.ClientResponse, limits: Limits, scrub: 
     Events are split on blank lines and passed on as bytes; JSON is never parsed here. Only what
     arrived is normalised (CRLF to LF) and searched for a boundary, so any event costs linear time,
     however it is cut into pieces; past max_event_bytes it is refused. The idle timeout counts from
-    the last whole event: bytes trickled without completing one keep nothing alive."""
+    the last whole event: bytes trickled without completing one keep nothing alive. Our key is
+    scrubbed from what the caller will decode, across events too (redact.StreamScrub)."""
+    scrubbed = scrub.stream()
     pending = bytearray()
     total, last_event, carried_cr = 0, time.monotonic(), False
     pieces = response.content.iter_any()
@@ -330,12 +335,13 @@ async def sse_payloads(response: aiohttp.ClientResponse, limits: Limits, scrub: 
             continue
         blocks = bytes(pending[:end]).split(b"\n\n")
         del pending[: end + 2]
-        payloads, done = _payloads(blocks, scrub)
+        payloads, done = _payloads(blocks)
         if payloads:
-            yield payloads
             last_event = time.monotonic()
         elif time.monotonic() - last_event > limits.idle_timeout:
             raise TimeoutError  # keep-alive comments but no event: as dead as silence
+        if payloads := scrubbed(payloads) + (scrubbed.flush() if done else []):
+            yield payloads
         if done:
             # Read to the end of the body (normally just the closing chunk): a response left
             # half-read cannot go back to the pool, and the next request would pay a new connection.
@@ -346,14 +352,14 @@ async def sse_payloads(response: aiohttp.ClientResponse, limits: Limits, scrub: 
                 if drained > limits.max_event_bytes:
                     break
             return
-    payloads, done = _payloads([bytes(pending)], scrub)
-    if payloads:
+    payloads, done = _payloads([bytes(pending)])
+    if payloads := scrubbed(payloads) + scrubbed.flush():
         yield payloads
     if not done:
         log.warning("upstream stream ended without [DONE]")
 
 
-def _payloads(blocks: list[bytes], scrub: Redactor) -> tuple[list[bytes], bool]:
+def _payloads(blocks: list[bytes]) -> tuple[list[bytes], bool]:
     payloads: list[bytes] = []
     for block in blocks:
         if block.startswith(b"data: ") and b"\n" not in block:
@@ -365,5 +371,5 @@ def _payloads(blocks: list[bytes], scrub: Redactor) -> tuple[list[bytes], bool]:
         if payload == b"[DONE]":
             return payloads, True
         if payload:
-            payloads.append(scrub.relayed(payload))
+            payloads.append(payload)
     return payloads, False
