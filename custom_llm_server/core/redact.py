@@ -72,9 +72,7 @@ class Redactor:
 
     def suspect(self, data: bytes) -> bool:
         """Whether bytes may carry a secret in a form a reader decodes (the cheap test before a parse)."""
-        return bool(self.secrets) and (
-            b"\\u" in data or b"%" in data or any(form in data for form in self.byte_forms)
-        )
+        return bool(self.secrets) and (b"\\u" in data or b"%" in data or any(form in data for form in self.byte_forms))
 
     def relayed(self, payload: bytes) -> bytes:
         """One JSON body or event passed on as bytes, scrubbed: untouched unless suspect; then its

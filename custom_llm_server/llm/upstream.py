@@ -276,10 +276,10 @@ class LLM:
                             log.warning("upstream %s answer exceeds %d bytes", upstream.name, size - len(piece))
                             raise upstream_error(502, "The upstream LLM's answer is too large.", "upstream_too_large")
                         pieces.append(piece)
-                body = b"".join(pieces)
-                if len(body) < 1 << 16:
-                    return upstream.scrub.relayed(body)
-                return await asyncio.to_thread(upstream.scrub.relayed, body)  # a large body is read off the loop
+                answer = b"".join(pieces)
+                if len(answer) < 1 << 16:
+                    return upstream.scrub.relayed(answer)
+                return await asyncio.to_thread(upstream.scrub.relayed, answer)  # a large answer: off the loop
             finally:
                 response.close()
 
