@@ -538,12 +538,47 @@ def test_end_call_runs_only_when_the_users_words_ask_for_it(make_server, agora, 
     assert "tool end_call refused" in caplog.text and "The user said bye." in caplog.text
 
 
-@pytest.mark.parametrize("words", ["OK thanks, goodbye!", "you can hang up now", "好的，再见", "That’s all, thanks"])
+@pytest.mark.parametrize(
+    "words",
+    [
+        "OK thanks, goodbye!",
+        "you can hang up now",
+        "好的，再见",
+        "That’s all, thanks",
+        "没有了，谢谢，拜拜",
+        "could you hang up please?",
+    ],
+)
 def test_users_ways_of_saying_goodbye_end_the_call(make_server, agora, upstream, words):
     server = hanging_up(make_server, agora, upstream)
     post(server, {"stream": True, "channel": "room-1", "messages": [{"role": "user", "content": words}]}).read()
     wait_for(lambda: len(agora.calls) == 2)
     assert agora.paths() == [LIST, LEAVE]
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        "我的账户余额没有了，怎么回事？",
+        "这个功能以后不用了吗",
+        "就这样设置可以吗",
+        "电话怎么挂了",
+        "I'm done with step two, what next?",
+        "That's it? Refunds take only three days?",
+        'How do I make the agent "say goodbye" at the end?',
+        "Nice to see you again! What's the price",
+        "帮我查一下余额，然后再见",
+    ],
+)
+def test_a_farewell_inside_other_words_does_not_end_the_call(make_server, agora, upstream, words):
+    """A model that calls end_call whenever a farewell-like phrase is near (as an obedient model made
+    to by a planted passage would): the server judges whether the user means to end the call."""
+    server = hanging_up(make_server, agora, upstream)
+    post(server, {"stream": True, "channel": "room-1", "messages": [{"role": "user", "content": words}]}).read()
+    time.sleep(0.5)
+    assert agora.calls == []
+    result = json.loads(upstream.requests[-1]["body"]["messages"][-1]["content"])
+    assert "the user's own latest words do not ask for it" in result["error"]
 
 
 def test_a_planted_instruction_in_a_document_does_not_end_the_call(make_server, agora, upstream, tmp_path, caplog):

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from custom_llm_server.agora.rest import AGENT_ID, UID, AgoraREST, BasicAuth, Hangups, TokenAuth, end_call_tool
 from custom_llm_server.config.settings import BUILTIN_EMBEDDING, Settings
 from custom_llm_server.core.bounds import Slots
+from custom_llm_server.core.intent import ends_the_call
 from custom_llm_server.core.wording import Wording
 from custom_llm_server.knowledge.rag import NoKnowledge, Retriever, has_documents, search_knowledge_tool
 from custom_llm_server.llm.tools import ToolRegistry, sample_tools
@@ -135,7 +136,8 @@ def tools(settings: Settings, retriever: Retriever, given: ToolRegistry | None, 
     if rest is not None:
         grace, graceful = settings.agora_hangup_grace_ms / 1000, settings.agora_graceful_leave
         hangups = Hangups(rest, grace, graceful, settings.agora_max_pending_hangups)
-        registry.add(end_call_tool(hangups), name="end_call", heard_whole=True, destructive=words.farewells)
+        asked = ends_the_call(words.farewells)  # the user's words say goodbye, and nothing else
+        registry.add(end_call_tool(hangups), name="end_call", heard_whole=True, destructive=asked)
     return registry
 
 

@@ -5,7 +5,8 @@ change the words here, and nowhere else.
 - BRIDGE_PHRASES: said when the server's tools take a while.
 - INTERRUPTED_MARK: put where the user barged in, inside the answer they did not hear whole.
 - GROUNDING_PROMPT: tells the model how to use the passages found for a question.
-- FAREWELLS: what a user says to end a call; end_call runs only when their latest words hold one.
+- FAREWELLS: what a user says to end a call; end_call runs only when their latest words say one and
+  nothing else (core/intent.py judges).
 
 `Wording` gathers them; pass one to `create_app(wording=...)`, and the settings (WAITING_MESSAGES_*,
 BRIDGE_MESSAGES_*, INTERRUPTED_MARK_*, GROUNDING_PROMPT), per agent too, change any of it.
@@ -41,8 +42,9 @@ GROUNDING_PROMPT = (
     "it but do not cover it, say you don't know rather than guessing."
 )
 
-# Phrases of a user ending a call. Matched as whole words in the user's latest message (and as
-# text in Chinese), lower case.
+# Phrases of a user ending a call. The user's latest message must be made of them and the small words of
+# leave-taking (core/intent.py): a phrase inside a question or a sentence about something else is no
+# goodbye. Lower case.
 FAREWELLS = (
     "bye",
     "goodbye",

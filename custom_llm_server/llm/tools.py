@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import operator
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,8 +30,9 @@ from pydantic import BaseModel, Field, ValidationError, create_model
 
 from custom_llm_server.core import metrics
 from custom_llm_server.core.context import Context
+from custom_llm_server.core.intent import asked_for
 from custom_llm_server.core.redact import printable
-from custom_llm_server.core.text import is_cjk, latest_question
+from custom_llm_server.core.text import latest_question
 
 log = logging.getLogger("custom_llm.tools")
 
@@ -48,21 +48,12 @@ class Tool:
     timeout: float
     heard_whole: bool = False  # the answer after a call to it must be heard whole (no barge-in)
     context_parameter: str | None = None  # the parameter that receives the request's Context
-    asked_by: re.Pattern[str] | None = None  # destructive: the user's latest words must match this
+    asked_by: Callable[[str], bool] | None = None  # destructive: the user's latest words must ask for it
 
 
 # The argument a destructive tool's call must give: the model says why, and the log keeps it.
 REASON = "reason"
 REASON_FIELD = (str, Field(description="Why you call this now: quote the user's own words that ask for it."))
-
-
-def asked_by(phrases: tuple[str, ...]) -> re.Pattern[str]:
-    """A pattern for phrases said in a message: whole words in English, any text in Chinese."""
-    parts = []
-    for phrase in phrases:
-        words = r"\s+".join(re.escape(word) for word in phrase.lower().split())
-        parts.append(words if is_cjk(phrase) else rf"\b{words}\b")
-    return re.compile("|".join(parts))
 
 
 def tool_schema(name: str, description: str, arguments: type[BaseModel]) -> dict[str, Any]:
@@ -86,7 +77,7 @@ class ToolRegistry:
         name: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         heard_whole: bool = False,
-        destructive: tuple[str, ...] = (),
+        destructive: tuple[str, ...] | Callable[[str], bool] = (),
     ) -> None:
         """Offer a typed function as a tool. A parameter annotated `Context` receives the request's
         context and is no argument of the model's. `destructive` names the phrases a user says to ask
@@ -114,7 +105,7 @@ class ToolRegistry:
         description = inspect.cleandoc(function.__doc__ or name).split("\n\n")[0].replace("\n", " ")
         arguments = create_model(f"{name}_arguments", **fields)
         schema = tool_schema(name, description, arguments)
-        asked = asked_by(destructive) if destructive else None
+        asked = (destructive if callable(destructive) else asked_for(destructive)) if destructive else None
         self.tools[name] = Tool(name, function, arguments, schema, timeout, heard_whole, context_parameter, asked)
 
     def select(self, names: tuple[str, ...] | None) -> "ToolRegistry":
@@ -183,9 +174,9 @@ class ToolRegistry:
         """Why a destructive call may not run (the user did not ask for it), or None; the reason is logged."""
         takes_reason = REASON in inspect.signature(tool.function).parameters
         reason = values[REASON] if takes_reason else values.pop(REASON, "")
-        said = latest_question(context.messages)[:2000].lower().replace("’", "'")
+        said = latest_question(context.messages)
         assert tool.asked_by is not None
-        if tool.asked_by.search(said):
+        if tool.asked_by(said):
             log.info("tool %s runs at the user's request: reason=%s", tool.name, printable(reason, 200))
             return None
         log.warning(
