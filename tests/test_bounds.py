@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import socket
+import subprocess
+import sys
 import time
 from urllib.parse import quote, unquote
 
@@ -363,3 +366,37 @@ def test_text_that_looks_like_a_key_start_is_relayed_whole_and_in_order(make_ser
     words = ["Ask the ", "sk-l", "ive", " team ", "sk-live/", "x", " now."]  # a key's start, then not the key
     upstream.script.raw = b"".join(event(w.replace("/", "\\/")) for w in words) + b"data: [DONE]\n\n"
     assert text_of(sse_events(post(server, ASK))) == "".join(words)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed (CI installs it)")
+def test_many_syntheses_leave_the_server_responsive(make_server, tmp_path):
+    """200 long /audio/speech requests at once, from another process: 16 espeak-ng processes run (the
+    rest get a quick 503), below the server's priority, so /health still answers at once (it took
+    26-41 s with both cores busy speaking)."""
+    server = make_server()  # files mode: espeak-ng says /audio/speech
+    client = tmp_path / "speak.py"
+    client.write_text(
+        "import asyncio, sys, httpx\n"
+        "async def main():\n"
+        "    text = ('A long sentence for the voice to say, with many words in it. ' * 80)[:4096]\n"
+        f"    async with httpx.AsyncClient(timeout=300, headers={AUTH!r}) as c:\n"
+        "        answers = await asyncio.gather(*(c.post(sys.argv[1] + '/audio/speech', json={'input': text}) for _ in range(200)))\n"
+        "    print(sorted({a.status_code for a in answers}), sum(a.status_code == 200 for a in answers))\n"
+        "asyncio.run(main())\n"
+    )
+    speaking = subprocess.Popen([sys.executable, client, server.url], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2)  # the syntheses are running
+        worst = 0.0
+        for _ in range(10):
+            started = time.monotonic()
+            assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+            worst = max(worst, time.monotonic() - started)
+            time.sleep(0.2)
+        output, _ = speaking.communicate(timeout=300)
+    finally:
+        speaking.kill()
+    statuses, spoken = output.split("] ")
+    assert statuses + "]" in ("[200, 503]", "[200]") and 0 < int(spoken) <= 200
+    assert worst < 1.0, f"/health took {worst:.2f} s while espeak-ng spoke"

@@ -430,6 +430,70 @@ def test_a_link_out_of_the_folder_is_not_indexed(folder, tmp_path):
     assert any(p.source == "inside.md" for p in kb.search("delivery ring road", 5))
 
 
+def test_a_file_swapped_for_a_link_after_the_listing_is_not_indexed(folder, tmp_path):
+    """The folder is listed, then, while indexing has not reached it, a file becomes a link to a file
+    outside: the file is opened once and where it really is is checked, so it is skipped."""
+    secret = tmp_path / "outside" / "secret.md"
+    secret.parent.mkdir()
+    secret.write_text("# Secret\n\nThe launch code is 0000.\n")
+    for n in range(20):
+        (folder / f"z{n:02}.md").write_text(f"# Note {n}\n\nNote number {n}.\n")
+    kb = make_kb(folder, tmp_path)
+
+    def swap(source: str, chunks: int) -> None:  # after the listing, before z19.md is read
+        if source == "shop.md":
+            (folder / "z19.md").unlink()
+            (folder / "z19.md").symlink_to(secret)
+
+    report = kb.index(progress=swap)
+    assert [s for s in report.skipped if s.startswith("z19.md") and "out of the knowledge folder" in s]
+    assert all(p.source != "z19.md" for p in kb.search("launch code", 5))
+
+
+def test_deeply_nested_navigation_costs_its_size_once(folder, tmp_path):
+    """25,000 nested divs, each holding a nav: removing furniture walked every tag's parents
+    (quadratic: not indexed after a minute); now each is removed innermost first."""
+    page = "<html><body><main>" + "<div><nav>menu</nav>" * 25_000 + "<p>The real answer.</p>" + "</div>" * 25_000
+    (folder / "deep.html").write_text(page + "</main></body></html>")
+    started = time.thread_time()
+    report = make_kb(folder, tmp_path, file_seconds=60).index()
+    assert "deep.html" not in " ".join(report.skipped) and report.indexed == 6
+    assert time.thread_time() - started < 30  # this thread's CPU: the worker's parse is bounded apart
+    assert top(make_kb(folder, tmp_path), "the real answer") == "deep.html"
+
+
+@pytest.mark.slow
+def test_html_that_takes_too_long_is_skipped_within_its_time(folder, tmp_path):
+    """9 MB of HTML takes html.parser half a minute: past KNOWLEDGE_FILE_SECONDS its worker is replaced,
+    the file skipped, and the next files read by the new worker."""
+    (folder / "slow.html").write_text("<html><body>" + "<p><b>word</b> text</p>" * 400_000 + "</body></html>")
+    (folder / "zz.html").write_text("<html><body><h1>After</h1><p>Read after the slow page.</p></body></html>")
+    started = time.monotonic()
+    report = make_kb(folder, tmp_path, file_seconds=10).index()
+    assert [s for s in report.skipped if s.startswith("slow.html") and "within 10 s" in s]
+    assert report.indexed == 6 and time.monotonic() - started < 60  # the others, before and after it
+
+
+def test_a_text_of_one_paragraph_is_cut_in_linear_time():
+    """8 MB of text with no paragraph break: each chunk was sliced off the rest, copying it again."""
+    once = time.thread_time()
+    documents.chunk_markdown("word " * 400_000)
+    once = time.thread_time() - once
+    four_times = time.thread_time()
+    chunks = documents.chunk_markdown("word " * 1_600_000)
+    four_times = time.thread_time() - four_times
+    assert four_times < 8 * once + 0.05 and all(len(text) <= documents.MAX_CHUNK_CHARS + 200 for _, text in chunks)
+
+
+def test_an_index_of_another_folder_is_refused(folder, tmp_path):
+    make_kb(folder, tmp_path).index()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.md").write_text("# A\n\nSomething else entirely.\n")
+    with pytest.raises(ValueError, match="another knowledge folder"):
+        make_kb(other, tmp_path).index()
+
+
 def test_stop_ends_indexing_between_two_files(tmp_path):
     big = tmp_path / "big"
     big.mkdir()

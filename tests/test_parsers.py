@@ -183,3 +183,62 @@ def test_segments_keep_every_word_and_stay_short(value, points):
 def test_a_sentence_ends_where_a_stop_is(value, start):
     end = text.sentence_end(value, start)
     assert end == 0 or (start < end <= len(value) and value[end - 1] in '.!?…")]\n。')
+
+
+# --- round three's new readers, fuzzed: any input, no exception but the caller's 400 ---------------------
+
+
+@given(html=st.text(alphabet="<>/=\"' abcdivnapmlh1\n", max_size=400))
+@settings(max_examples=200, deadline=None)
+def test_the_html_reader_reads_any_markup(html):
+    assert isinstance(documents.html_text(html), str)
+
+
+@given(
+    value=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+        max_leaves=20,
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_variables_are_read_or_refused_with_a_400(value):
+    from custom_llm_server.config.profiles import variables_of
+    from custom_llm_server.core.errors import ApiError
+
+    try:
+        read = variables_of(value, 8, 30)
+    except ApiError as error:
+        assert error.status == 400
+    else:
+        assert all(isinstance(v, str) and len(v) <= 30 for v in read.values()) and len(read) <= 8
+
+
+@given(words=st.text(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_the_intent_judges_read_any_words(words):
+    from custom_llm_server.core.intent import asked_for, ends_the_call
+    from custom_llm_server.core.wording import FAREWELLS
+
+    assert ends_the_call(FAREWELLS)(words) in (True, False)
+    assert asked_for(("cancel", "取消"))(words) in (True, False)
+
+
+KEY = "sk-live/AbC+def=0123456789"
+
+
+@given(
+    before=st.text(max_size=40),
+    after=st.text(max_size=40),
+    escape=st.sets(st.integers(0, len(KEY) - 1)),
+    percent=st.sampled_from(["none", "upper", "lower"]),
+)
+@settings(max_examples=300, deadline=None)
+def test_the_key_in_any_mix_of_escapes_is_scrubbed(before, after, escape, percent):
+    from urllib.parse import quote
+
+    form = quote(KEY, safe="") if percent != "none" else KEY
+    form = form.lower() if percent == "lower" else form
+    form = "".join(f"\\u{ord(c):04x}" if at in escape else c for at, c in enumerate(form))
+    text = redact.Redactor(KEY)(before + form + after)
+    assert KEY not in redact.decoded(text)

@@ -3,6 +3,7 @@ knowledge, tools and voice; per-call variables; reloads that keep streams in fli
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -266,7 +267,7 @@ def test_a_reload_serves_new_requests_and_lets_streams_in_flight_finish(
     with caplog.at_level(logging.ERROR, logger="custom_llm"):
         path.write_text("broken = \n" + path.read_text())
         deadline = time.monotonic() + 15
-        while "AGENTS_FILE not reloaded" not in caplog.text and time.monotonic() < deadline:
+        while "line" not in caplog.text and time.monotonic() < deadline:  # a write seen halfway fails first
             time.sleep(0.05)
     assert "AGENTS_FILE not reloaded, the running agents stay" in caplog.text and "line" in caplog.text
     assert ask(server, "key-b", {}).status_code == 200  # the running agents still serve
@@ -387,3 +388,140 @@ def test_the_command_line_searches_an_agents_knowledge(tmp_path):
     assert found.returncode == 0 and "faq.md › Parking" in found.stdout
     missing = run("search", "where can I park?", "--agent", "nobody")
     assert missing.returncode == 2 and "no agent 'nobody' in AGENTS_FILE" in missing.stderr
+
+
+# --- round three: reloads that wait for answers, close what they replace, survive any error ---------
+
+
+def open_files(name: str) -> int:
+    """This process's open descriptors on files with this name (the server runs in it)."""
+    found = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            found += os.readlink(fd).endswith(name)
+        except OSError:
+            pass
+    return found
+
+
+def reloaded(caplog, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while caplog.text.count("AGENTS_FILE reloaded") < count:
+        assert time.monotonic() < deadline, "the file was not reloaded"
+        time.sleep(0.02)
+
+
+def test_reloads_close_the_knowledge_bases_they_replace(make_server, upstream_server, upstream, tmp_path, caplog):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "faq.md").write_text("# Hours\n\nWe open at nine.\n")
+    path = tmp_path / "agents.toml"
+
+    def write(coverage: float) -> None:
+        path.write_text(
+            f'[agents.a]\napi_keys = ["key-a"]\nllm_base_url = "{upstream_server.url}/v1"\n'
+            f'knowledge_dir = "{docs}"\nknowledge_index = "{tmp_path / "leak.sqlite3"}"\nrag_min_coverage = {coverage}\n'
+        )
+
+    write(0.5)
+    server = make_server(agents_file=path, agents_watch_seconds=0.02)
+    with caplog.at_level(logging.INFO, logger="custom_llm"):
+        for n in range(20):  # each a new knowledge base for the agent, the old one retired
+            write(0.4 + n / 100)
+            reloaded(caplog, n + 1)
+            assert search(server, "key-a", "when do you open") == ["We open at nine."]
+        time.sleep(0.5)
+    assert open_files("leak.sqlite3") <= 2  # the one in use (and its journal): 21 before
+
+
+@pytest.mark.slow
+def test_a_reload_waits_for_an_answer_of_several_rounds(make_server, upstream_server, upstream, tmp_path):
+    """An answer with a server-tool round in flight when a reload replaces its agent: the old agent is
+    closed once the answer is done, not after one stream's longest time (it ended `internal_error`,
+    "Session is closed")."""
+    registry = ToolRegistry()
+
+    async def slow_lookup() -> str:
+        """Look it up."""
+        await asyncio.sleep(8)  # the old agent was closed 6.5 s after the reload: mid-answer
+        return "found"
+
+    registry.add(slow_lookup, timeout=20)
+    path = tmp_path / "agents.toml"
+    base = f'llm_base_url = "{upstream_server.url}/v1"\nllm_max_stream_seconds = 1.5\ntool_bridge_ms = 60000\n'
+    path.write_text(f'[agents.a]\napi_keys = ["key-a"]\nllm_model = "model-1"\n{base}')
+    server = make_server(agents_file=path, agents_watch_seconds=0.05, tools=registry)
+    upstream.script.turns = [{"calls": [("slow_lookup", "{}")]}, {"say": ["It", " is", " found", "."]}]
+    upstream.script.delay = 0.3
+    with httpx.stream(
+        "POST", server.url + "/chat/completions", json={"stream": True, "messages": [{"role": "user", "content": "Hi"}]},
+        headers=headers("key-a"), timeout=30,
+    ) as answer:  # fmt: skip
+        lines = answer.iter_lines()
+        next(lines)
+        path.write_text(f'[agents.a]\napi_keys = ["key-a"]\nllm_model = "model-2"\n{base}')
+        rest = "\n".join(lines)
+    assert "internal_error" not in rest and rest.rstrip().endswith("data: [DONE]")
+    assert "found" in rest
+
+
+def test_the_watch_survives_a_reload_that_fails_of_any_error(make_server, upstream_server, upstream, tmp_path, caplog):
+    """An index path that cannot be made raises an OSError, not a file error: it is logged, the running
+    agents stay, and the corrected file is picked up by the watch (it died in silence)."""
+    path = tmp_path / "agents.toml"
+    base = f'llm_base_url = "{upstream_server.url}/v1"\n'
+    path.write_text(f'[agents.a]\napi_keys = ["key-a"]\n{base}')
+    server = make_server(agents_file=path, agents_watch_seconds=0.05)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("# A\n\nSomething.\n")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with caplog.at_level(logging.INFO, logger="custom_llm"):
+        path.write_text(
+            f'[agents.a]\napi_keys = ["key-a"]\n{base}knowledge_dir = "{docs}"\n'
+            f'knowledge_index = "{blocked / "index.sqlite3"}"\n'  # under a file: cannot be made
+        )
+        deadline = time.monotonic() + 15
+        while "AGENTS_FILE not reloaded" not in caplog.text:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert ask(server, "key-a", {}).status_code == 200  # the running agent still serves
+        path.write_text(f'[agents.a]\napi_keys = ["key-a", "key-new"]\n{base}')
+        deadline = time.monotonic() + 15
+        while ask(server, "key-new", {}).status_code != 200:
+            assert time.monotonic() < deadline, "the watch died"
+            time.sleep(0.05)
+
+
+def test_one_index_file_for_two_agents_folders_is_refused(make_server, upstream_server, tmp_path):
+    """KNOWLEDGE_INDEX set for the server (as a one-agent .env has it) and two agents with their own
+    folders: one file would hold both, and each agent's key would read the other's passages."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.md").write_text(f"# {name}\n\nAgent {name}'s private notes.\n")
+    path = tmp_path / "agents.toml"
+    path.write_text(
+        f'[agents.a]\napi_keys = ["key-a"]\nknowledge_dir = "{tmp_path / "a"}"\n'
+        f'[agents.b]\napi_keys = ["key-b"]\nknowledge_dir = "{tmp_path / "b"}"\n'
+    )
+    with pytest.raises(ValueError, match="different knowledge folders in one index file"):
+        make_server(agents_file=path, knowledge_index=str(tmp_path / "shared.sqlite3"))
+
+
+@pytest.mark.parametrize(
+    ("variables", "code"),
+    [
+        ({f"v{n}": n for n in range(150_000)}, "too_many_variables"),
+        ({"customer": "x" * 5000}, "variable_too_long"),
+        ({"customer": ["a", "list"]}, "invalid_variables"),
+    ],
+)
+def test_variables_are_capped_before_they_are_read(make_server, upstream, variables, code):
+    server = make_server(max_body_bytes=16 << 20)
+    answer = post(server, {"messages": [{"role": "user", "content": "Hi"}], "variables": variables})
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == code
+    assert (
+        post(server, {"messages": [{"role": "user", "content": "Hi"}], "variables": {"customer": "Ann"}}).status_code
+        == 200
+    )

@@ -226,6 +226,7 @@ class KnowledgeBase:
         self._lock = threading.Lock()
         self._running = threading.Lock()  # held by index() from start to end
         self._db = self._open()
+        self._claim()
         self.loaded = False
         self._stop = threading.Event()
         self._postings: Postings | None = None  # the index's terms, in memory for search
@@ -262,6 +263,22 @@ class KnowledgeBase:
             db = sqlite3.connect(self.index_path, check_same_thread=False, timeout=5)
             db.executescript(SCHEMA)
             return db
+
+    def _claim(self) -> None:
+        """Make the index file this folder's, or refuse one that holds another folder's documents (two
+        agents given one file would read each other's passages)."""
+        folder = str(self.folder.resolve())
+        with self._lock:
+            known = self._db.execute("SELECT value FROM meta WHERE key = 'folder'").fetchone()
+            if known is None:
+                self._db.execute("INSERT INTO meta VALUES ('folder', ?)", (folder,))
+                self._db.commit()
+        if known is not None and known[0] != folder:
+            self._db.close()
+            raise ValueError(
+                f"the index file {Path(self.index_path).name} holds another knowledge folder's documents: "
+                "give this folder its own (KNOWLEDGE_INDEX), or leave it empty"
+            )
 
     @property
     def chunks(self) -> int:
