@@ -109,10 +109,37 @@ def start_servers(label: str, **server_env: str) -> tuple[int, int, subprocess.P
 
 
 def save(name: str, table: str) -> None:
-    """Write a results table to bench/results/<name> (git-ignored)."""
+    """Write a results table to bench/results/<name> (git-ignored), and into docs/benchmarks.md between
+    its markers (`<!-- bench:<stem> ... -->`), stamped with the date and the machine."""
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / name).write_text(table)
+    stem, docs = Path(name).stem, ROOT / "docs" / "benchmarks.md"
+    text = docs.read_text()
+    start = re.search(rf"<!-- bench:{stem}\b[^>]*-->\n", text)
+    end = text.find(f"<!-- /bench:{stem} -->")
+    if start is None or end < 0:
+        print(f"docs/benchmarks.md has no bench:{stem} markers; the table is in bench/results/{name}")
+        return
+    stamp = f"_Measured {date.today().isoformat()} on {machine()}._\n\n"
+    docs.write_text(text[: start.end()] + stamp + table.strip("\n") + "\n" + text[end:])
+
+
+def machine() -> str:
+    """The machine a table was measured on: processor, cores, Python."""
+    model = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor() or platform.machine(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.machine()
+    )
+    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def stop(*processes: subprocess.Popen) -> None:

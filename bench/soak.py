@@ -14,7 +14,7 @@ import random
 import tempfile
 import time
 
-from bench import KEY, ROOT, Bench, body, established_to, http_get, rss_mb, start_servers, stop, stream
+from bench import KEY, Bench, body, established_to, http_get, rss_mb, save, start_servers, stop, stream
 
 IN_FLIGHT = 'custom_llm_in_flight_requests{endpoint="chat"}'
 FAULTS = [  # (weight, name, request spec)
@@ -33,7 +33,6 @@ async def metric(port: int, name: str) -> float:
 
 
 async def soak(requests: int, concurrency: int) -> None:
-    results = ROOT / "bench" / "results"
     up_port, sv_port, upstream, server = start_servers(
         "soak", LLM_FIRST_TOKEN_TIMEOUT="1", LLM_IDLE_TIMEOUT="1", KNOWLEDGE_DIR=tempfile.mkdtemp()
     )
@@ -105,7 +104,7 @@ async def soak(requests: int, concurrency: int) -> None:
             f"| server RSS: after warm-up → after soak (MB) | {warm_rss:.1f} → {rss_mb(server.pid):.1f} |",
         ]
         report = "\n".join(lines) + "\n"
-        (results / "soak.md").write_text(report)
+        save("soak.md", report)
         print(report)
     finally:
         stop(server, upstream)

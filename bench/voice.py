@@ -3,7 +3,7 @@ against its floor, and whether a 30-second answer plays without a gap.
 
 The floor is what no server can beat: the upstream's time to finish the first sentence plus the
 speech endpoint's time to first byte for it, both measured directly in the same run. Part of
-`make bench`; alone: `python3 bench/voice.py`. Writes bench/results/voice.md.
+`make bench`; alone: `python3 bench/voice.py`. Writes bench/results/voice.md and its table in docs/benchmarks.md.
 """
 
 import asyncio
@@ -12,7 +12,7 @@ import json
 import tempfile
 import time
 
-from bench import ROOT, ms, now, pct, start_servers, stop, stream
+from bench import ms, now, pct, save, start_servers, stop, stream
 
 FIRST = ["Sure", ",", " the", " shop", " opens", " at", " nine", " on", " weekends", "."]
 SENTENCE = [" We", " also", " deliver", " to", " most", " addresses", " in", " the", " city", " every", " day", "."]
@@ -50,7 +50,6 @@ async def first_byte(port: int, path: str, body: bytes) -> int:
 
 
 async def run() -> str:
-    results = ROOT / "bench" / "results"
     up_port, sv_port, upstream, server = start_servers("voice", AUDIO_SOURCE="tts", KNOWLEDGE_DIR=tempfile.mkdtemp())
     try:
         speech_body = json.dumps(
@@ -96,7 +95,7 @@ async def run() -> str:
             )
             + "\n"
         )
-        (results / "voice.md").write_text(table)
+        save("voice.md", table)
         return table
     finally:
         stop(server, upstream)

@@ -75,7 +75,7 @@ def test_langchain_default_calls(voiced, upstream, prefix):
     reply = model.invoke("Hello there")
     assert reply.content == ANSWER or reply.additional_kwargs.get("audio", {}).get("transcript") == ANSWER
     streamed = "".join(str(chunk.content) for chunk in model.stream("Hello there"))
-    assert streamed.endswith(ANSWER) or prefix == "/audio"  # LangChain reads no audio deltas
+    assert streamed.endswith(ANSWER) or prefix.endswith("/audio")  # LangChain reads no audio deltas
     upstream.script.turns = CALLS_LOOKUP
     called = model.bind_tools([CALLER_TOOL]).invoke("Where is order 7?")
     assert [call["name"] for call in called.tool_calls] == ["lookup_order"]
@@ -107,7 +107,7 @@ def test_openai_node_and_the_ai_sdk_default_calls(voiced, upstream, prefix):
     }
     for result in results:
         assert result["ok"], result
-        if result["client"] == "openai-node" or prefix != "/audio":  # the AI SDK reads no audio
+        if result["client"] == "openai-node" or not prefix.endswith("/audio"):  # the AI SDK reads no audio
             assert result["text"].strip().endswith(ANSWER), result
 
 

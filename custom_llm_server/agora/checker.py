@@ -1,6 +1,6 @@
 """The conformance checker: Agora-engine scenarios against any custom LLM URL, ours or anyone's.
 
-`python3 custom_llm.py check URL [--key KEY] [--model M] [--timeout S] [--run-timeout S]` sends what
+`custom-llm check URL [--key KEY] [--model M] [--timeout S] [--run-timeout S]` sends what
 Agora's Conversational AI Engine sends (vendor "custom": turn_id, timestamp and metadata on the
 request and on each message; a barge-in's history; images; in audio mode, a greeting broadcast) and
 checks what comes back the way the engine reads it: SSE `data:` chunks ending with `[DONE]`, errors

@@ -29,7 +29,7 @@ ENGINE_FIELDS = frozenset(
         "rtm_token",
         "rtm_uid",
         "output_modalities",  # an agent setting that OpenAI's API would refuse as an unknown argument
-        "variables",  # the call's own values for the agent's prompt and tools (profiles.py), not the model's
+        "variables",  # the call's own values for the agent's prompt and tools (config/profiles.py), not the model's
     }
 )
 MESSAGE_ENGINE_FIELDS = ("turn_id", "timestamp", "metadata")

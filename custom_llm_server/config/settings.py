@@ -101,16 +101,16 @@ class Settings:
     knowledge_max_file_bytes: int = setting("KNOWLEDGE_MAX_FILE_BYTES", 20_000_000, int)
     knowledge_file_seconds: float = setting("KNOWLEDGE_FILE_SECONDS", 10.0, float)  # to read one HTML or PDF file
     rag_top_k: int = setting("RAG_TOP_K", 3, int)
-    # Share (0 to 1) of a question's information a passage must hold to be injected; knowledge.py.
+    # Share (0 to 1) of a question's information a passage must hold to be injected; knowledge/index.py.
     rag_min_coverage: float = setting("RAG_MIN_COVERAGE", 0.5, float)
     rag_deadline_ms: int = setting("RAG_DEADLINE_MS", 300, int)
     embedding_model: str = setting("EMBEDDING_MODEL", BUILTIN_EMBEDDING)  # "none": search by words alone
     embedding_base_url: str = setting("EMBEDDING_BASE_URL", "")  # empty: the built-in model, or LLM_BASE_URL
     embedding_api_key: str = setting("EMBEDDING_API_KEY", "")  # empty: LLM_API_KEY
     embedding_threads: int = setting("EMBEDDING_THREADS", 1, int)
-    # None: the built-in model's is calibrated for each knowledge base (calibration.py), a hosted one's none
+    # None: the built-in model's is calibrated for each knowledge base (knowledge/calibration.py), a hosted one's none
     rag_min_similarity: float | None = setting("RAG_MIN_SIMILARITY", None, float)
-    # The server's words (wording.py); None: what create_app(wording=...) or wording.py says.
+    # The server's words (core/wording.py); None: what create_app(wording=...) or core/wording.py says.
     waiting_messages_en: tuple[str, ...] | None = setting("WAITING_MESSAGES_EN", None, _phrases)
     waiting_messages_zh: tuple[str, ...] | None = setting("WAITING_MESSAGES_ZH", None, _phrases)
     bridge_messages_en: tuple[str, ...] | None = setting("BRIDGE_MESSAGES_EN", None, _phrases)

@@ -1,6 +1,6 @@
 """Errors a caller sees, in OpenAI's shape: one exception for every module, with no HTTP in it.
 
-Raised anywhere (the upstream client, the voice, the tools' loop); the HTTP layer (serving.py)
+Raised anywhere (the upstream client, the voice, the tools' loop); the HTTP layer (serving/)
 answers it with its status before the first byte, or as one error event after it.
 """
 

@@ -1,7 +1,7 @@
 """Prometheus metrics: what the server counts, served at GET /metrics.
 
 With several worker processes, set PROMETHEUS_MULTIPROC_DIR to an empty folder before start
-(`python3 custom_llm.py` does it when WORKERS > 1) and /metrics sums every worker's numbers.
+(`custom-llm serve` does it when WORKERS > 1) and /metrics sums every worker's numbers.
 """
 
 import os

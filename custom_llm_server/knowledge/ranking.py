@@ -1,9 +1,9 @@
 """BM25 in memory: every chunk of the knowledge base scored for a question, and which chunks hold each word.
 
-The SQLite index (knowledge.py) stores each chunk's terms; this module turns them into an inverted
-index of numpy arrays. Scoring a question touches only the postings of its words, so it takes a
-fraction of a millisecond at 10,000 chunks, and the relevance decision can read every chunk that
-holds a word instead of a shortlist an engine picked by score.
+The SQLite index (index.py) stores each chunk's terms; this module turns them into an inverted index
+of numpy arrays. Scoring a question touches only the postings of its words (docs/benchmarks.md has the
+times), and the relevance decision can read every chunk that holds a word instead of a shortlist an
+engine picked by score.
 
 The formula is Lucene's BM25 (k1 1.2, b 0.75) with an idf of log(1 + (N - df + 0.5) / (df + 0.5)):
 it stays positive when a word is in every chunk, so a one-file knowledge base still ranks. A word in

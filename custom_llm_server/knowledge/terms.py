@@ -7,7 +7,7 @@
   word among English or Chinese text at large, as surprisal. "pytorch" or 权限 says much, "set" or
   设置 little; a Chinese verb, adjective or adverb counts half (jieba's dictionary tags it). This
   weight does not depend on the documents, so it means the same for one FAQ file as for 100,000
-  chunks, which is what the relevance decision in knowledge.py needs.
+  chunks, which is what the relevance decision in index.py needs.
 - How a word sounds, for misheard words: a Metaphone code in English (jason/json, sink/sync),
   toneless pinyin in Chinese (全线/权限, 日至/日志).
 """
