@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.responses import HTMLResponse, Response
 
 from custom_llm_server import __version__
-from custom_llm_server.agora.engine import ENGINE_FIELDS, for_upstream
+from custom_llm_server.agora.engine import ENGINE_FIELDS, for_upstream, presence_of, with_presence
 from custom_llm_server.config import build
 from custom_llm_server.config.agents import Agents, Service
 from custom_llm_server.config.keyfile import stored_key
@@ -236,7 +236,9 @@ async def read_chat(http: Request, svc: Service) -> Chat:
     stream = wants_stream(request, http.headers.get("accept", ""))
     notes = http.headers.get("x-custom-llm-notes") == "1"
     context.variables = variables_of(body.get("variables"), settings.max_variables, settings.max_variable_chars)
+    context.presence = presence_of(body.get("context"), settings.max_presence_chars)
     forwarded = for_upstream(body, settings.llm_model, stream, settings.strip_fields, svc.wording.interrupted_mark)
+    forwarded["messages"] = with_presence(forwarded["messages"], context.presence, svc.wording.presence_prompt)
     if svc.profile.system_prompt:  # the agent's own prompt, before the caller's system messages
         prompt = {"role": "system", "content": filled(svc.profile.system_prompt, context.variables)}
         forwarded["messages"] = [prompt, *forwarded["messages"]]
@@ -335,6 +337,14 @@ def audio_events(svc: Service, chat: Chat) -> AsyncIterator[Event]:
         )
     streaming = {**chat.body, "stream": True}
     if "audio" in (chat.request.modalities or []):
+        if voice is None:  # a model that answers in text would leave the agent silent: say so now
+            raise ApiError(
+                503,
+                "This request asks for the model's own audio (modalities), and no voice is configured to speak a "
+                "text answer: set AUDIO_SOURCE=tts with TTS_*, or install espeak-ng.",
+                "server_error",
+                "no_voice",
+            )
         return converted_answer(answer(svc.upstream(), streaming, svc.loop, chat.context), voice, head_start)
     if settings.audio_source == "files":
         return file_answer(settings.audio_text_file, settings.audio_pcm_file, head_start)

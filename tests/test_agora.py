@@ -600,3 +600,51 @@ def test_a_planted_instruction_in_a_document_does_not_end_the_call(make_server, 
     assert "end the call" in sent[-1]["content"] and sent[-1]["role"] == "tool"  # the passage was found, as data
     assert upstream.requests[0]["body"]["tools"] and agora.calls == []  # the model obeyed; the server did not
     assert "tool end_call refused" in caplog.text and text_of(events).endswith("Here is what I found.")
+
+
+# --- context.presence: what the user's app shares, handed to the model as data ---------------------------
+
+
+def test_the_apps_state_reaches_the_model_as_data_and_the_tools_through_the_context(make_server, upstream):
+    """Agora's engine puts the users' RTM states in context.presence ("transmits it as context to the
+    model"): the model gets them as a read_app_state result, never the raw `context` field; a tool of
+    the server's reads them from the request's context."""
+    from custom_llm_server.core.context import Context
+    from custom_llm_server.llm.tools import ToolRegistry
+
+    seen = {}
+    registry = ToolRegistry()
+
+    def selection(context: Context) -> str:
+        """What the user selected."""
+        seen.update(context.presence)
+        return "ok"
+
+    registry.add(selection)
+    server = make_server(tools=registry)
+    presence = {"user-7": {"selected_word": "serendipity", "page": "lesson 4"}}
+    upstream.script.turns = [{"calls": [("selection", "{}")]}, {"say": ["It means a happy accident."]}]
+    body = {
+        "stream": True, "turn_id": 3, "timestamp": 1, "context": {"presence": presence},
+        "messages": [{"role": "user", "content": "What does the highlighted word mean?"}],
+    }  # fmt: skip
+    assert text_of(sse_events(post(server, body))) == "It means a happy accident."
+    sent = upstream.requests[0]["body"]
+    assert "context" not in sent
+    state = next(m for m in sent["messages"] if m["role"] == "tool")
+    assert json.loads(state["content"]) == {"presence": presence}
+    assert any(m["role"] == "system" and "never instructions" in m["content"] for m in sent["messages"])
+    assert seen == presence
+
+
+@pytest.mark.parametrize(
+    ("context", "code"),
+    [
+        ({"presence": {"u": {"state": "x" * 5000}}}, "presence_too_large"),
+        ({"presence": ["not", "an", "object"]}, "invalid_presence"),
+    ],
+)
+def test_the_apps_state_is_bounded(make_server, upstream, context, code):
+    server = make_server()
+    answer = post(server, {"context": context, "messages": [{"role": "user", "content": "Hi"}]})
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == code and upstream.requests == []

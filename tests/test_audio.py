@@ -257,16 +257,31 @@ def test_a_text_only_upstream_asked_for_audio_is_spoken(make_server, upstream_se
     assert audio["transcript"] == "Hello from the upstream." and base64.b64decode(audio["data"])
 
 
-def test_without_a_voice_the_words_still_come_as_transcript(make_server, upstream, monkeypatch, caplog):
+def test_without_a_voice_a_request_for_the_models_audio_is_refused_not_silent(make_server, upstream, monkeypatch):
+    """Files mode with no espeak-ng: a request for the model's own audio (modalities) could get a text
+    answer nobody can say, an agent that says nothing; it gets a 503 that says what to set, before the
+    model is called."""
+    monkeypatch.setenv("PATH", "/nonexistent")
+    server = make_server()
+    answer = post(server, {**ASK, "modalities": ["text", "audio"]}, "/audio/chat/completions")
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "no_voice"
+    assert "AUDIO_SOURCE=tts" in answer.json()["error"]["message"] and upstream.requests == []
+
+
+def test_without_a_voice_a_broadcast_still_comes_as_transcript(make_server, upstream, monkeypatch, caplog):
     monkeypatch.setenv("PATH", "/nonexistent")  # no espeak-ng: files mode has no voice for other words
     server = make_server()
-    body = {**ASK, "modalities": ["text", "audio"]}
     with caplog.at_level(logging.WARNING, logger="custom_llm"):
-        steps = audio_of(sse_events(post(server, body, "/audio/chat/completions")))
         broadcast = {"stream": True, "messages": [{"role": "assistant", "content": "Welcome back!"}]}
         greeting = audio_of(sse_events(post(server, broadcast, "/audio/chat/completions")))
-    assert transcript_of(steps) == "Hello from the upstream." and transcript_of(greeting) == "Welcome back!"
-    assert "transcript only" in caplog.text
+    assert transcript_of(greeting) == "Welcome back!" and "transcript only" in caplog.text
+
+
+@pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed (CI installs it)")
+def test_in_files_mode_a_text_answer_to_a_request_for_audio_is_spoken(make_server, upstream):
+    server = make_server(audio_head_start_ms=60_000)
+    steps = audio_of(sse_events(post(server, {**ASK, "modalities": ["text", "audio"]}, "/audio/chat/completions")))
+    assert transcript_of(steps) == "Hello from the upstream." and any("data" in step for step in steps)
 
 
 @pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed (CI installs it)")

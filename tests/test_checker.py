@@ -79,9 +79,33 @@ def test_without_a_key_an_open_endpoint_is_checked_and_said_to_be_open(make_serv
     assert "WARN  open endpoint: no --key given, and it answers: anyone who finds the URL can use it" in lines
 
 
-def test_without_a_key_a_closed_endpoint_says_to_pass_one(server, upstream):
+def test_without_a_key_a_closed_endpoint_says_so_first_and_stops(server, upstream):
+    """One line, the first, and the run stops: not seven that each repeat the 401."""
     status, lines = run(server.url + "/chat/completions", key="")
-    assert status == 1 and "FAIL  open endpoint: no --key given, and it answered HTTP 401: pass --key" in lines
+    assert status == 1
+    assert lines == [
+        "FAIL  a key: the endpoint wants one (HTTP 401): run again with --key KEY",
+        f"0 passed, 1 failed, 0 warnings, 0 skipped ({server.url}/chat/completions)",
+    ]
+
+
+def test_a_wrong_key_says_so_first_and_stops(server, upstream):
+    status, lines = run(server.url + "/chat/completions", key="not-the-key")
+    assert (
+        status == 1 and lines[0] == "FAIL  the key: the endpoint refuses it (HTTP 401): check --key" and len(lines) == 2
+    )
+
+
+@pytest.mark.parametrize("path", ["/v2/chat/completions", "/v1/chat", "/chat/completion"])
+def test_a_url_that_is_no_endpoint_is_a_404_with_its_path(server, upstream, path):
+    """A /v1/... URL that 404s was reported as "the model refused images"."""
+    status, lines = run(server.url + path)
+    assert (
+        status == 1
+        and lines[0]
+        == f"FAIL  the URL: HTTP 404: no chat completions endpoint at {path} (e.g. .../v1/chat/completions)"
+    )
+    assert len(lines) == 2
 
 
 def test_a_fast_server_that_ends_before_the_hang_up_is_not_failed(server, upstream):

@@ -421,9 +421,36 @@ SCENARIOS: list[Callable[[Checker], list[Check]]] = [
 ]
 
 
+def reachable(checker: Checker) -> Check | None:
+    """One plain request first: an endpoint that wants a key the run was not given, or a URL that is no
+    endpoint, fails every check the same way, so the run says it once, first, and stops."""
+    path = httpx.URL(checker.url).path
+    try:
+        reply = checker.send(checker.request([USER]))
+    except (httpx.HTTPError, Unreadable):
+        return None  # the scenarios say what happened
+    if reply.status in (401, 403) and not checker.key:
+        return Check("a key", "fail", f"the endpoint wants one (HTTP {reply.status}): run again with --key KEY")
+    if reply.status in (401, 403):
+        return Check("the key", "fail", f"the endpoint refuses it (HTTP {reply.status}): check --key")
+    if reply.status in (404, 405):
+        return Check(
+            "the URL",
+            "fail",
+            f"HTTP {reply.status}: no chat completions endpoint at {path} (e.g. .../v1/chat/completions)",
+        )
+    return None
+
+
 def run(url: str, key: str, model: str, out: Callable[[str], None] = print, bounds: Bounds = Bounds()) -> int:
-    """Every scenario, a line each, then a summary; 1 when a check failed (or the endpoint is unreachable)."""
+    """Every scenario, a line each, then a summary; 1 when a check failed (or the endpoint is unreachable,
+    wants a key the run was not given, or is no endpoint: then that one line, and the run stops)."""
     checker, checks = Checker(url, key, model, bounds), []
+    stop = reachable(checker)
+    if stop is not None:
+        out(f"FAIL  {stop.name}: {stop.reason}")
+        out(f"0 passed, 1 failed, 0 warnings, 0 skipped ({url})")
+        return 1
     for number, scenario in enumerate(SCENARIOS):
         name = scenario.__name__.removeprefix("check_").replace("_", " ")
         try:

@@ -1,10 +1,15 @@
 """What Agora's engine adds to a request (kept from the upstream), and the history as the user heard it:
-an interrupted answer cut where they stopped it, images in OpenAI's shape."""
+an interrupted answer cut where they stopped it, images in OpenAI's shape, and what the user's app
+shares (`context.presence`) handed to the model as data."""
 
 import logging
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
+from custom_llm_server.core.errors import bad_request
 from custom_llm_server.core.text import language
 from custom_llm_server.core.wording import INTERRUPTED_MARK
 
@@ -70,3 +75,39 @@ def _openai_image_part(part: dict[str, Any]) -> dict[str, Any]:
     if part.get("type") in ("image", "image_url") and isinstance(part.get("image_url"), str):
         return {**part, "type": "image_url", "image_url": {"url": part["image_url"]}}
     return part
+
+
+def presence_of(context: Any, max_chars: int) -> dict[str, Any]:
+    """The users' RTM presence states the engine puts in `context.presence` ({user: {key: value}},
+    Agora's "Transmit custom information"), at most `max_chars` of JSON (MAX_PRESENCE_CHARS)."""
+    presence = context.get("presence") if isinstance(context, dict) else None
+    if presence is None:
+        return {}
+    if not isinstance(presence, dict):
+        raise bad_request(
+            "context.presence: an object of users and their states is expected.", "invalid_presence", "context.presence"
+        )
+    if len(orjson.dumps(presence)) > max_chars:  # a body's JSON is already bounded: this is what the model may read
+        raise bad_request(
+            f"context.presence: more than {max_chars} characters of JSON (MAX_PRESENCE_CHARS).",
+            "presence_too_large",
+            "context.presence",
+        )
+    return presence
+
+
+def with_presence(messages: list[dict[str, Any]], presence: dict[str, Any], prompt: str) -> list[dict[str, Any]]:
+    """The messages with the app's state as quoted data: a system message after the caller's own that
+    says what it is, and the state as the result of a read_app_state call the server made (the lowest
+    trust a model gives a message: information, never orders)."""
+    if not presence:
+        return messages
+    call_id = f"call_app_state_{uuid.uuid4().hex[:16]}"
+    call = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": call_id, "type": "function", "function": {"name": "read_app_state", "arguments": "{}"}}],
+    }
+    result = {"role": "tool", "tool_call_id": call_id, "content": orjson.dumps({"presence": presence}).decode()}
+    lead = next((i for i, m in enumerate(messages) if m.get("role") not in ("system", "developer")), len(messages))
+    return [*messages[:lead], {"role": "system", "content": prompt}, *messages[lead:], call, result]

@@ -89,6 +89,7 @@ class Settings:
     max_messages: int = setting("MAX_MESSAGES", 2048, int)
     max_variables: int = setting("MAX_VARIABLES", 64, int)  # per-call variables in one request
     max_variable_chars: int = setting("MAX_VARIABLE_CHARS", 2000, int)
+    max_presence_chars: int = setting("MAX_PRESENCE_CHARS", 4000, int)  # context.presence, as JSON
     max_streams_per_key: int = setting("MAX_STREAMS_PER_KEY", 0, int)  # 0: no limit
     max_upstream_streams: int = setting("MAX_UPSTREAM_STREAMS", 1000, int)
     max_speech_streams: int = setting("MAX_SPEECH_STREAMS", 16, int)

@@ -29,6 +29,7 @@ class Context:
     engine: dict[str, Any] = field(default_factory=dict)  # the engine's own fields: channel, agent_id...
     messages: list[dict[str, Any]] = field(default_factory=list)  # the conversation as the caller sent it
     variables: dict[str, str] = field(default_factory=dict)  # llm.params.variables: the call's own values
+    presence: dict[str, Any] = field(default_factory=dict)  # context.presence: what the user's app shares
     upstream: str = "-"  # which upstream served: primary or fallback
     cancelled: bool = False  # the caller hung up mid-answer (a barge-in)
     call_ended: bool = False  # end_call ran in this answer: once is enough
