@@ -239,12 +239,19 @@ class FakeAgora:
         self.status = 200
         self.statuses: list[int] = []
         self.agents = [{"agent_id": "agent-42", "channel": "room-1", "status": "RUNNING"}]
+        self.bodies: list[dict] = []  # the JSON bodies of the calls that send one (speak)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
             while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
             return await send({"type": "lifespan.shutdown.complete"})
+        raw, more = b"", True
+        while more:
+            message = await receive()
+            raw, more = raw + message.get("body", b""), message.get("more_body", False)
+        if raw.strip():
+            self.bodies.append(json.loads(raw))
         headers = dict(scope["headers"])
         query = scope["query_string"].decode()
         self.calls.append(
@@ -442,7 +449,7 @@ def test_a_callers_agent_id_cannot_steer_the_credentials(make_server, agora, ups
         wait_for(lambda: "end_call:" in caplog.text)
     # Only the list call, under AGORA_API_BASE; no agent that the channel does not run is stopped.
     assert all(path.startswith("/v2/projects/app-1/agents?") for _, path in agora.paths())
-    assert "not stopped" in caplog.text or "not an Agora id" in caplog.text
+    assert "nothing done" in caplog.text or "not an Agora id" in caplog.text
     assert all("\n" not in record.getMessage() for record in caplog.records)  # no forged log line
 
 
@@ -453,7 +460,7 @@ def test_a_callers_agent_uid_that_is_not_a_uid_signs_nothing(make_server, agora,
         post(server, bye(agent_uid=agent_uid)).read()
         wait_for(lambda: "end_call:" in caplog.text)
     if agent_uid:
-        assert agora.calls == [] and "not an Agora uid: nothing stopped" in caplog.text
+        assert agora.calls == [] and "not an Agora uid: nothing done" in caplog.text
     else:  # an empty uid is no uid: AGORA_AGENT_UID signs
         wait_for(lambda: len(agora.calls) == 2)
         assert token_claims(agora.calls[0][2])["uid"] == "0"
@@ -648,3 +655,27 @@ def test_the_apps_state_is_bounded(make_server, upstream, context, code):
     server = make_server()
     answer = post(server, {"context": context, "messages": [{"role": "user", "content": "Hi"}]})
     assert answer.status_code == 400 and answer.json()["error"]["code"] == code and upstream.requests == []
+
+
+def test_a_phone_call_is_hung_up_with_agoras_telephony_api(make_server, agora, upstream):
+    """AGORA_TELEPHONY (agents on SIP/PSTN calls): end_call asks Agora to hang the call up
+    (POST .../calls/{agent_id}/hangup, Basic auth, as Agora's telephony page requires), not to leave;
+    the agent is listed with the project's token as before."""
+    server = hanging_up(
+        make_server, agora, upstream, agora_telephony=True, agora_app_id=APP_ID, agora_app_certificate=CERTIFICATE
+    )
+    post(server, bye()).read()
+    wait_for(lambda: len(agora.calls) == 2)
+    assert [path.replace(APP_ID, "app-1") for _, path in agora.paths()] == [
+        LIST[1],
+        "/v2/projects/app-1/calls/agent-42/hangup?",
+    ]
+    assert (
+        agora.calls[0][2].startswith("agora token=")
+        and agora.calls[1][2] == "Basic " + base64.b64encode(b"cust:secret").decode()
+    )
+
+
+def test_telephony_without_basic_credentials_is_refused_at_start(make_server, upstream):
+    with pytest.raises(ValueError, match="AGORA_TELEPHONY"):
+        make_server(agora_app_id=APP_ID, agora_app_certificate=CERTIFICATE, agora_telephony=True)

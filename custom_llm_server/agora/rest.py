@@ -7,7 +7,8 @@ import logging
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -40,6 +41,7 @@ REST_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=3)
 MAX_REST_BODY = 1 << 20
 MAX_SPEAKING_SECONDS = 60.0  # a goodbye is short: no estimate holds a hang-up longer than this
 MAX_ANSWER_WAIT_SECONDS = 120.0  # the answer with the goodbye has this long to finish being sent
+MAX_SPOKEN_BYTES = 512  # what Agora's speak call takes
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class AgoraREST:
     auth: BasicAuth | TokenAuth
     base_url: str = "https://api.agora.io/api/conversational-ai-agent"
     agent_uid: str = "0"  # the join body's agent_rtc_uid, for a token; a request's agent_uid wins
+    telephony: BasicAuth | None = None  # phone-call agents: end_call hangs the call up, with these credentials
 
     def url(self, *segments: str) -> yarl.URL:
         base = yarl.URL(self.base_url.rstrip("/"))
@@ -95,15 +98,52 @@ class AgoraREST:
         return url
 
     async def stop_agent(self, channel: str | None, agent_id: str | None, agent_uid: str | None = None) -> str:
-        """Stop the agent running in the channel (the one named, when an id is given); what happened,
-        for the log. An id is only trusted once Agora lists it as running in the request's channel."""
+        """Stop the agent running in the channel (the one named, when an id is given): it leaves the
+        channel, or, for a phone call (`telephony`), Agora hangs the call up. What happened, for the log.
+        An id is only trusted once Agora lists it as running in the request's channel."""
+        async with self._running(channel, agent_id, agent_uid) as (session, found):
+            if session is None:
+                return found
+            if self.telephony is not None:  # Agora's telephony hang-up: Basic auth only
+                headers = {"authorization": self.telephony.header(self.app_id, channel or "", "")}
+                status, _ = await self._call(session, "POST", self.url("calls", found, "hangup"), headers=headers)
+            else:
+                status, _ = await self._call(session, "POST", self.url("agents", found, "leave"))
+        if status == 404:
+            return f"agent {found} was already gone"
+        if status != 200:
+            return f"stopping agent {found} failed with status {status}"
+        return f"agent {found} {'hung up the call' if self.telephony else 'stopped'}"
+
+    async def speak(self, channel: str | None, agent_id: str | None, agent_uid: str | None, text: str) -> str:
+        """Have the agent running in the channel say a text after what it is saying (priority APPEND,
+        interruptable), Agora's `speak`; what happened ("spoken", or why not), for the log."""
+        text = text.encode()[:MAX_SPOKEN_BYTES].decode("utf-8", "ignore")
+        async with self._running(channel, agent_id, agent_uid) as (session, found):
+            if session is None:
+                return found
+            body = {"text": text, "priority": "APPEND", "interruptable": True}
+            status, _ = await self._call(session, "POST", self.url("agents", found, "speak"), body=body)
+        if status == 404:
+            return f"agent {found} is gone"
+        return "spoken" if status == 200 else f"speaking failed with status {status}"
+
+    @asynccontextmanager
+    async def _running(
+        self, channel: str | None, agent_id: str | None, agent_uid: str | None
+    ) -> AsyncIterator[tuple[aiohttp.ClientSession | None, str]]:
+        """A session with the project's credentials and the id of the agent running in the channel;
+        or no session and why nothing can be done."""
         if not channel or not CHANNEL.fullmatch(channel):
-            return "no valid channel in the request (put it in llm.params): nothing to stop"
+            yield None, "no valid channel in the request (put it in llm.params): nothing to do"
+            return
         if agent_id is not None and not AGENT_ID.fullmatch(agent_id):
-            return "the request's agent_id is not an Agora id: nothing stopped"
+            yield None, "the request's agent_id is not an Agora id: nothing done"
+            return
         agent_uid = agent_uid or self.agent_uid
         if not UID.fullmatch(agent_uid):
-            return "the request's agent_uid is not an Agora uid: nothing stopped"
+            yield None, "the request's agent_uid is not an Agora uid: nothing done"
+            return
         authorization = self.auth.header(self.app_id, channel, agent_uid)
         async with aiohttp.ClientSession(
             headers={"authorization": authorization}, timeout=REST_TIMEOUT, cookie_jar=aiohttp.DummyCookieJar()
@@ -113,31 +153,34 @@ class AgoraREST:
                 "state": str(RUNNING),
                 "from_time": str(int(time.time()) - LIST_WINDOW_SECONDS),
             }
-            status, body = await self._call(session, "GET", self.url("agents"), query)
+            status, body = await self._call(session, "GET", self.url("agents"), query=query)
+            running = _agent_ids(body) if status == 200 else []
             if status != 200:
-                return f"listing the channel's agents failed with status {status}"
-            running = _agent_ids(body)
-            if agent_id is not None and agent_id not in running:
-                return f"agent {agent_id} is not running in the channel: not stopped"
-            if not running:
-                return "no running agent in the channel (already gone)"
-            agent_id = agent_id or running[0]
-            status, _ = await self._call(session, "POST", self.url("agents", agent_id, "leave"))
-        if status == 404:
-            return f"agent {agent_id} was already gone"
-        if status != 200:
-            return f"stopping agent {agent_id} failed with status {status}"
-        return f"agent {agent_id} stopped"
+                yield None, f"listing the channel's agents failed with status {status}"
+            elif agent_id is not None and agent_id not in running:
+                yield None, f"agent {agent_id} is not running in the channel: nothing done"
+            elif not running:
+                yield None, "no running agent in the channel (already gone)"
+            else:
+                yield session, agent_id or running[0]
 
     async def _call(
-        self, session: aiohttp.ClientSession, method: str, url: yarl.URL, query: dict[str, str] | None = None
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        url: yarl.URL,
+        query: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, bytes]:
         """One REST call, retried with backoff on 429, 503 and 504; (status, at most MAX_REST_BODY of the body)."""
         for pause in (*RETRY_PAUSES, None):
-            async with session.request(method, url, params=query, allow_redirects=False) as response:
-                body = await read_at_most(response, MAX_REST_BODY)
+            async with session.request(
+                method, url, params=query, json=body, headers=headers, allow_redirects=False
+            ) as response:
+                answer = await read_at_most(response, MAX_REST_BODY)
                 if response.status not in RETRY_STATUSES or pause is None:
-                    return response.status, body
+                    return response.status, answer
             await asyncio.sleep(pause)
         raise AssertionError("unreachable: the last attempt returns")
 

@@ -25,6 +25,7 @@ from custom_llm_server.core.redact import printable
 from custom_llm_server.core.wording import Wording
 from custom_llm_server.knowledge.rag import Retriever
 from custom_llm_server.llm.answer import ToolLoop
+from custom_llm_server.llm.http_tools import HttpCaller
 from custom_llm_server.llm.tools import ToolRegistry
 from custom_llm_server.llm.upstream import LLM
 from custom_llm_server.voice.engines import Bounded, Engine
@@ -41,6 +42,7 @@ class Service:
     loop: ToolLoop
     wording: Wording
     capacity: Capacity
+    http: HttpCaller  # the agent's HTTP tools' connections
     given_voice: Engine | None = None  # create_app(voice=...)
     llm: LLM | None = None
     voice: Bounded | None = None  # the voice in use, within the speech limits (made at start)
@@ -108,6 +110,7 @@ class Service:
     async def aclose(self) -> None:
         if self.llm is not None:
             await self.llm.aclose()
+        await self.http.aclose()
 
 
 def knowledge_key(settings: Settings) -> tuple[object, ...]:
@@ -191,12 +194,13 @@ class Agents:
             knowledge[key] = SharedRetriever(self.retriever or build.retriever(settings, capacity))
         retriever = knowledge[key].retriever
         wording = build.wording(settings, self.wording)
-        registry = build.tools(settings, retriever, self.tools, wording)
+        http = HttpCaller(capacity.tools)
+        registry = build.tools(settings, retriever, self.tools, wording, profile.tools, http)
         loop = ToolLoop(
             registry, settings.tool_max_rounds, settings.tool_bridge_ms, settings.tool_max_calls,
             settings.tool_max_argument_bytes, wording.bridge,
         )  # fmt: skip
-        return Service(profile, retriever, loop, wording, capacity, self.voice)
+        return Service(profile, retriever, loop, wording, capacity, http, self.voice)
 
     def keyring(self) -> list[Key]:
         return [

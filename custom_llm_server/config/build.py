@@ -29,6 +29,7 @@ from custom_llm_server.core.bounds import Slots
 from custom_llm_server.core.intent import ends_the_call
 from custom_llm_server.core.wording import Wording
 from custom_llm_server.knowledge.rag import NoKnowledge, Retriever, has_documents, search_knowledge_tool
+from custom_llm_server.llm.http_tools import HttpCaller, HttpTool
 from custom_llm_server.llm.tools import ToolRegistry, sample_tools
 from custom_llm_server.llm.upstream import LLM, Endpoint, Limits
 from custom_llm_server.voice.engines import Bounded, Engine, local_engine, speech_engine
@@ -52,12 +53,14 @@ class Capacity:
 
     upstream: Slots
     speech: Slots
+    tools: Slots  # calls to agents' HTTP tools
 
     @classmethod
     def of(cls, settings: Settings) -> Capacity:
         return cls(
             Slots(settings.max_upstream_streams, "MAX_UPSTREAM_STREAMS"),
             Slots(settings.max_speech_streams, "MAX_SPEECH_STREAMS"),
+            Slots(settings.max_http_tool_calls, "MAX_HTTP_TOOL_CALLS"),
         )
 
 
@@ -125,13 +128,33 @@ def agora_rest(settings: Settings) -> AgoraREST | None:
         return None
     if not settings.agora_app_id:
         return None
-    return AgoraREST(settings.agora_app_id, auth, settings.agora_api_base, settings.agora_agent_uid)
+    telephony = None
+    if settings.agora_telephony:  # Agora's telephony hang-up takes Basic auth only
+        if not (settings.agora_customer_id and settings.agora_customer_secret):
+            raise ValueError(
+                "AGORA_TELEPHONY hangs calls up with Agora's Basic auth: set AGORA_CUSTOMER_ID and _SECRET"
+            )
+        telephony = BasicAuth(settings.agora_customer_id, settings.agora_customer_secret)
+    return AgoraREST(settings.agora_app_id, auth, settings.agora_api_base, settings.agora_agent_uid, telephony)
 
 
-def tools(settings: Settings, retriever: Retriever, given: ToolRegistry | None, words: Wording) -> ToolRegistry:
-    """The server's tools: the given or sample ones, as SERVER_TOOLS selects, and end_call when
-    Agora's REST credentials are set (it runs when the user's words hold one of the farewells)."""
+def tools(
+    settings: Settings,
+    retriever: Retriever,
+    given: ToolRegistry | None,
+    words: Wording,
+    declared: tuple[HttpTool, ...] = (),
+    caller: HttpCaller | None = None,
+) -> ToolRegistry:
+    """The server's tools: the given or sample ones, as SERVER_TOOLS selects; the HTTP tools the
+    agent's table declares (called by `caller`); and end_call when Agora's REST credentials are set (it
+    runs when the user's words say goodbye)."""
     registry = (given or sample_tools(search_knowledge_tool(retriever))).select(settings.server_tools)
+    for tool in declared:
+        assert caller is not None
+        registry.declare(
+            tool.name, tool.description, tool.parameters, caller.function(tool), tool.timeout_seconds, tool.destructive
+        )
     rest = agora_rest(settings)
     if rest is not None:
         grace, graceful = settings.agora_hangup_grace_ms / 1000, settings.agora_graceful_leave

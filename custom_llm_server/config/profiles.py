@@ -17,6 +17,7 @@ from typing import Any
 
 from custom_llm_server.config.settings import Settings, parsed
 from custom_llm_server.core.errors import bad_request
+from custom_llm_server.llm.http_tools import HttpTool
 
 log = logging.getLogger("custom_llm.profiles")
 
@@ -39,6 +40,7 @@ SERVER_WIDE = frozenset(
         "DATA_DIR",
         "MAX_UPSTREAM_STREAMS",  # one cap on the process's calls in flight, whichever agent makes them
         "MAX_SPEECH_STREAMS",
+        "MAX_HTTP_TOOL_CALLS",
         "CUSTOM_LLM_API_KEY",  # a profile's keys are its `api_keys`
         "METRICS_API_KEY",
     }
@@ -51,12 +53,14 @@ VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 @dataclass(frozen=True)
 class Profile:
-    """One agent: its settings, the caller keys that select it, and the prompt put before the caller's."""
+    """One agent: its settings, the caller keys that select it, the prompt put before the caller's,
+    and the HTTP tools its table declares ([[agents.<name>.tools]], llm/http_tools.py)."""
 
     name: str
     settings: Settings
     keys: tuple[str, ...]
     system_prompt: str = ""
+    tools: tuple[HttpTool, ...] = ()
 
 
 class ProfileError(ValueError):
@@ -98,9 +102,12 @@ def read_profiles(path: Path, base: Settings) -> dict[str, Profile]:
 def _profile(name: str, table: dict[str, Any], base: Settings, text: str, where: str) -> Profile:
     known = {spec.metadata["env"] for spec in fields(Settings)} - SERVER_WIDE
     values, keys, prompt = {}, None, ""
+    tools: tuple[HttpTool, ...] = ()
     for key, value in table.items():
         at = f"{where} line {_line_of(text, name, key)}, {key}"
-        if key == "api_keys":
+        if key == "tools":
+            tools = _http_tools(value, f"{where}, tools")
+        elif key == "api_keys":
             keys = parsed({"CUSTOM_LLM_API_KEY": _text(value, at, ",")})["api_keys"]  # spelled as that one is
         elif key == "system_prompt":
             prompt = _text(value, at, "\n")
@@ -115,7 +122,47 @@ def _profile(name: str, table: dict[str, Any], base: Settings, text: str, where:
         settings = base.with_values(values)
     except ValueError as error:
         raise ProfileError(f"{where}: {error}") from None
-    return Profile(name, settings, keys, prompt)
+    return Profile(name, settings, keys, prompt, tools)
+
+
+HTTP_TOOL_KEYS = frozenset({"name", "description", "url", "parameters", "timeout_seconds", "headers", "destructive"})
+
+
+def _http_tools(value: Any, where: str) -> tuple[HttpTool, ...]:
+    """An agent's [[agents.<name>.tools]] tables as HTTP tools; ProfileError says which and why."""
+    if not isinstance(value, list) or not all(isinstance(table, dict) for table in value):
+        raise ProfileError(f"{where}: write each tool as a [[agents.<name>.tools]] table")
+    tools, names = [], set()
+    for number, table in enumerate(value, 1):
+        at = f"{where} #{number} ({str(table.get('name'))[:64]})"
+        unknown = set(table) - HTTP_TOOL_KEYS
+        if unknown:
+            raise ProfileError(
+                f"{at}: {', '.join(sorted(unknown))} is not a tool's key ({', '.join(sorted(HTTP_TOOL_KEYS))})"
+            )
+        destructive = table.get("destructive", [])
+        if not isinstance(destructive, list) or not all(isinstance(p, str) and p.strip() for p in destructive):
+            raise ProfileError(f'{at}: destructive is the phrases a user says to ask for it, e.g. ["cancel", "取消"]')
+        headers = table.get("headers", {})
+        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+            raise ProfileError(f"{at}: headers is a table of names and text values (env:NAME to read one)")
+        try:
+            tool = HttpTool(
+                name=str(table.get("name", "")),
+                description=str(table.get("description", ""))[:1000],
+                url=str(table.get("url", "")),
+                parameters=table.get("parameters", {"type": "object", "properties": {}}),
+                timeout_seconds=float(table.get("timeout_seconds", 5)),
+                headers=tuple((str(k), _resolved(v, f"{at}, headers.{k}")) for k, v in headers.items()),
+                destructive=tuple(destructive),
+            )
+        except (ValueError, TypeError) as error:
+            raise ProfileError(f"{at}: {error}") from None
+        if tool.name in names:
+            raise ProfileError(f"{at}: a tool of that name is declared twice")
+        names.add(tool.name)
+        tools.append(tool)
+    return tuple(tools)
 
 
 def _text(value: Any, at: str, joiner: str) -> str:

@@ -93,6 +93,7 @@ class Settings:
     max_streams_per_key: int = setting("MAX_STREAMS_PER_KEY", 0, int)  # 0: no limit
     max_upstream_streams: int = setting("MAX_UPSTREAM_STREAMS", 1000, int)
     max_speech_streams: int = setting("MAX_SPEECH_STREAMS", 16, int)
+    max_http_tool_calls: int = setting("MAX_HTTP_TOOL_CALLS", 100, int)  # agents' HTTP tools, in flight
     max_broadcast_chars: int = setting("MAX_BROADCAST_CHARS", 2000, int)
     shutdown_grace_seconds: float = setting("SHUTDOWN_GRACE_SECONDS", 10.0, float)
     workers: int = setting("WORKERS", 1, int)
@@ -145,6 +146,7 @@ class Settings:
     agora_api_base: str = setting("AGORA_API_BASE", "https://api.agora.io/api/conversational-ai-agent")
     agora_hangup_grace_ms: int = setting("AGORA_HANGUP_GRACE_MS", 1500, int)
     agora_graceful_leave: bool = setting("AGORA_GRACEFUL_LEAVE", False, _bool)
+    agora_telephony: bool = setting("AGORA_TELEPHONY", False, _bool)  # phone agents: end_call hangs the call up
     agora_max_pending_hangups: int = setting("AGORA_MAX_PENDING_HANGUPS", 100, int)
     playground: bool = setting("PLAYGROUND", True, _bool)
     agents_file: Path | None = setting("AGENTS_FILE", None, Path)  # None: one agent, from these settings

@@ -19,14 +19,14 @@ import logging
 import math
 import operator
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, get_type_hints
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
-from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from custom_llm_server.core import metrics
 from custom_llm_server.core.context import Context
@@ -107,6 +107,36 @@ class ToolRegistry:
         schema = tool_schema(name, description, arguments)
         asked = (destructive if callable(destructive) else asked_for(destructive)) if destructive else None
         self.tools[name] = Tool(name, function, arguments, schema, timeout, heard_whole, context_parameter, asked)
+
+    def declare(
+        self,
+        name: str,
+        description: str,
+        parameters: dict[str, Any],
+        function: Callable[..., Awaitable[Any]],
+        timeout: float = DEFAULT_TIMEOUT,
+        destructive: tuple[str, ...] = (),
+    ) -> None:
+        """Offer a tool described by a JSON schema rather than a signature (an agents file's HTTP
+        tools): `function(context, **arguments)` gets the model's arguments, which must be a JSON object
+        holding the schema's required properties; the rest of the schema is the tool's to judge."""
+        parameters = {"type": "object", "properties": {}, **parameters}
+        required = [key for key in parameters.get("required") or [] if isinstance(key, str)]
+        fields: dict[str, Any] = {key: (Any, ...) for key in required}
+        if destructive:
+            parameters = {
+                **parameters,
+                "properties": {
+                    **parameters["properties"],
+                    REASON: {"type": "string", "description": REASON_FIELD[1].description},
+                },
+                "required": [*required, REASON],
+            }
+            fields[REASON] = REASON_FIELD
+        arguments = create_model(f"{name}_arguments", __config__=ConfigDict(extra="allow"), **fields)
+        schema = {"type": "function", "function": {"name": name, "description": description, "parameters": parameters}}
+        asked = asked_for(destructive) if destructive else None
+        self.tools[name] = Tool(name, function, arguments, schema, timeout, False, "context", asked)
 
     def select(self, names: tuple[str, ...] | None) -> "ToolRegistry":
         """A copy limited to some names (None keeps all); unknown names are an error at start."""
