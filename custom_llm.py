@@ -239,6 +239,8 @@ async def read_chat(http: Request, svc: Service) -> Chat:
     context.presence = presence_of(body.get("context"), settings.max_presence_chars)
     forwarded = for_upstream(body, settings.llm_model, stream, settings.strip_fields, svc.wording.interrupted_mark)
     forwarded["messages"] = with_presence(forwarded["messages"], context.presence, svc.wording.presence_prompt)
+    if svc.loop.later is not None:  # slow tools' results that came after their turn, in this channel
+        forwarded["messages"] = svc.loop.later.with_results(forwarded["messages"], context)
     if svc.profile.system_prompt:  # the agent's own prompt, before the caller's system messages
         prompt = {"role": "system", "content": filled(svc.profile.system_prompt, context.variables)}
         forwarded["messages"] = [prompt, *forwarded["messages"]]

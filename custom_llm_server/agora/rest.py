@@ -235,8 +235,9 @@ class Hangups:
             log.warning("end_call: Agora's REST API could not be reached (%s)", type(error).__name__)
 
 
-def end_call_tool(hangups: Hangups) -> Callable[..., Any]:
-    """The end_call tool: it lets the goodbye be heard, then stops the agent through the REST API."""
+def end_call_tool(hangups: Hangups, ending: Callable[[Context], None] | None = None) -> Callable[..., Any]:
+    """The end_call tool: it lets the goodbye be heard, then stops the agent through the REST API;
+    `ending` hears of it first (what is pending for the channel is dropped)."""
 
     async def end_call(
         goodbye: Annotated[str, Field(description="The last words to say, e.g. 'Thanks for calling, goodbye!'")],
@@ -246,6 +247,8 @@ def end_call_tool(hangups: Hangups) -> Callable[..., Any]:
         if context.call_ended:  # one per answer, however often the model asks
             return {"status": "the call is already ending", "say": goodbye}
         context.call_ended = True
+        if ending is not None:
+            ending(context)
         status = hangups.schedule(context, goodbye)
         return {"status": status, "say": goodbye, "instruction": "Say exactly the goodbye now, nothing else."}
 

@@ -108,6 +108,8 @@ class Service:
             log.warning("agent %s: the upstream LLM at %s does not answer yet", self.name, settings.llm_base_url)
 
     async def aclose(self) -> None:
+        if self.loop.later is not None:
+            await self.loop.later.aclose()
         if self.llm is not None:
             await self.llm.aclose()
         await self.http.aclose()
@@ -195,12 +197,15 @@ class Agents:
         retriever = knowledge[key].retriever
         wording = build.wording(settings, self.wording)
         http = HttpCaller(capacity.tools)
-        registry = build.tools(settings, retriever, self.tools, wording, profile.tools, http)
+        service: Service | None = None
+        later = build.later(settings, wording, lambda: service.llm if service else None)
+        registry = build.tools(settings, retriever, self.tools, wording, profile.tools, http, later)
         loop = ToolLoop(
             registry, settings.tool_max_rounds, settings.tool_bridge_ms, settings.tool_max_calls,
-            settings.tool_max_argument_bytes, wording.bridge,
+            settings.tool_max_argument_bytes, wording.bridge, later,
         )  # fmt: skip
-        return Service(profile, retriever, loop, wording, capacity, http, self.voice)
+        service = Service(profile, retriever, loop, wording, capacity, http, self.voice)
+        return service
 
     def keyring(self) -> list[Key]:
         return [

@@ -19,17 +19,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
+from custom_llm_server.agora.engine import as_heard
 from custom_llm_server.agora.rest import AGENT_ID, UID, AgoraREST, BasicAuth, Hangups, TokenAuth, end_call_tool
 from custom_llm_server.config.settings import BUILTIN_EMBEDDING, Settings
 from custom_llm_server.core.bounds import Slots
+from custom_llm_server.core.context import Context
 from custom_llm_server.core.intent import ends_the_call
 from custom_llm_server.core.wording import Wording
 from custom_llm_server.knowledge.rag import NoKnowledge, Retriever, has_documents, search_knowledge_tool
 from custom_llm_server.llm.http_tools import HttpCaller, HttpTool
+from custom_llm_server.llm.later import Later
 from custom_llm_server.llm.tools import ToolRegistry, sample_tools
 from custom_llm_server.llm.upstream import LLM, Endpoint, Limits
 from custom_llm_server.voice.engines import Bounded, Engine, local_engine, speech_engine
@@ -145,6 +150,7 @@ def tools(
     words: Wording,
     declared: tuple[HttpTool, ...] = (),
     caller: HttpCaller | None = None,
+    later: Later | None = None,
 ) -> ToolRegistry:
     """The server's tools: the given or sample ones, as SERVER_TOOLS selects; the HTTP tools the
     agent's table declares (called by `caller`); and end_call when Agora's REST credentials are set (it
@@ -160,7 +166,8 @@ def tools(
         grace, graceful = settings.agora_hangup_grace_ms / 1000, settings.agora_graceful_leave
         hangups = Hangups(rest, grace, graceful, settings.agora_max_pending_hangups)
         asked = ends_the_call(words.farewells)  # the user's words say goodbye, and nothing else
-        registry.add(end_call_tool(hangups), name="end_call", heard_whole=True, destructive=asked)
+        ending = later.forget if later is not None else None
+        registry.add(end_call_tool(hangups, ending), name="end_call", heard_whole=True, destructive=asked)
     return registry
 
 
@@ -223,3 +230,31 @@ def _engine(settings: Settings, llm: LLM) -> Engine | None:
         settings.tts_voice,
         settings.tts_sample_rate,
     )
+
+
+def later(settings: Settings, words: Wording, llm: Callable[[], LLM | None]) -> Later | None:
+    """Slow tool calls answered after the turn (TOOL_ASYNC_AFTER_MS): said by the channel's agent through
+    Agora's `speak`, in a sentence the agent's model makes from the result. None without Agora's
+    credentials (a slow call then holds the answer, as any call does)."""
+    rest = agora_rest(settings)
+    if rest is None or settings.tool_async_after_ms <= 0:
+        return None
+
+    async def say(context: Context, text: str) -> str:
+        return await rest.speak(context.channel, context.agent_id, context.agent_uid, text)
+
+    async def phrase(messages: list[dict[str, Any]]) -> str:
+        upstream = llm()
+        if upstream is None:
+            return ""
+        body = {
+            "model": settings.llm_model,
+            "stream": False,
+            "max_tokens": 150,
+            "messages": [{"role": "system", "content": words.later_prompt}, *(as_heard(m) for m in messages)],
+        }
+        answer = orjson.loads(await upstream.complete(body, Context("later")))
+        content = answer["choices"][0]["message"].get("content")
+        return content if isinstance(content, str) else ""
+
+    return Later(settings.tool_async_after_ms, say, phrase)

@@ -136,6 +136,7 @@ class Settings:
     server_tools: tuple[str, ...] | None = setting("SERVER_TOOLS", None, _tool_names)  # None: all
     tool_max_rounds: int = setting("TOOL_MAX_ROUNDS", 3, int)
     tool_bridge_ms: int = setting("TOOL_BRIDGE_MS", 1000, int)
+    tool_async_after_ms: int = setting("TOOL_ASYNC_AFTER_MS", 3000, int)  # 0: a slow tool holds the answer
     tool_max_calls: int = setting("TOOL_MAX_CALLS", 16, int)
     tool_max_argument_bytes: int = setting("TOOL_MAX_ARGUMENT_BYTES", 64 * 1024, int)
     agora_app_id: str = setting("AGORA_APP_ID", "")

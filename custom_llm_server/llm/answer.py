@@ -23,6 +23,7 @@ from custom_llm_server.core.events import Event, Metadata, Note, Relayed, ToolCa
 from custom_llm_server.core.lateness import phrase_for, said_when_late
 from custom_llm_server.core.text import latest_question
 from custom_llm_server.core.wording import BRIDGE_PHRASES
+from custom_llm_server.llm.later import Later
 from custom_llm_server.llm.tools import ToolRegistry, failure
 from custom_llm_server.llm.upstream import LLM
 
@@ -39,6 +40,7 @@ class ToolLoop:
     max_calls: int = 16  # per round: an upstream asking for thousands gets the first ones
     max_argument_bytes: int = 64 * 1024
     bridge: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: BRIDGE_PHRASES)
+    later: Later | None = None  # slow calls answered after the turn (TOOL_ASYNC_AFTER_MS), where Agora can say them
 
 
 @dataclass
@@ -165,7 +167,9 @@ def without_tool_calls(chunk: dict[str, Any], forward: list[dict[str, Any]]) -> 
 
 
 async def run_calls(loop: ToolLoop, calls: list[Call], context: Context) -> list[dict[str, Any]]:
-    """Every call at once; their results as `tool` messages, in the calls' order."""
+    """Every call at once; their results as `tool` messages, in the calls' order. A call still running
+    after TOOL_ASYNC_AFTER_MS is handed to `loop.later`, which says its result when it comes (where the
+    request has a channel and Agora's credentials are set), and the model is told it is still running."""
 
     async def run(call: Call) -> str:
         if call.size > loop.max_argument_bytes:
@@ -173,8 +177,23 @@ async def run_calls(loop: ToolLoop, calls: list[Call], context: Context) -> list
         return await loop.tools.run(call.name, "".join(call.fragments), context)
 
     started = time.perf_counter()
+    tasks = [asyncio.ensure_future(run(call)) for call in calls]
+    adopted: set[asyncio.Future[str]] = set()
     try:
-        results = await asyncio.gather(*(run(call) for call in calls))
+        if loop.later is not None and loop.later.takes(context):
+            await asyncio.wait(tasks, timeout=loop.later.after)
+        results = []
+        for call, task in zip(calls, tasks):
+            if not task.done() and loop.later is not None and loop.later.takes(context):
+                adopted.add(task)
+                results.append(loop.later.adopt(call.id, call.name, "".join(call.fragments), task, context))
+            else:
+                results.append(await task)
+    except BaseException:  # a barge-in: the calls not handed over stop with the answer
+        for task in tasks:
+            if task not in adopted:
+                task.cancel()
+        raise
     finally:
         context.tools_ms = (context.tools_ms or 0.0) + (time.perf_counter() - started) * 1000
     return [{"role": "tool", "tool_call_id": call.id, "content": result} for call, result in zip(calls, results)]

@@ -1,0 +1,252 @@
+"""Tools without code (an agents file's [[agents.<name>.tools]]) against a real HTTP tool on loopback,
+and slow tools answered after the turn through a fake of Agora's REST API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ServerThread, sse_events, text_of
+from tests.test_agora import FakeAgora, wait_for
+
+ORDER_ARGS = json.dumps({"order_id": "A-1042"})
+
+
+class ToolEndpoint:
+    """An HTTP API of the agent's owner: records what it gets, answers what a test says, when it says."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.status, self.answer, self.delay, self.headers = 200, b'{"status": "shipped"}', 0.0, []
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            return await send({"type": "lifespan.shutdown.complete"})
+        raw, more = b"", True
+        while more:
+            message = await receive()
+            raw, more = raw + message.get("body", b""), message.get("more_body", False)
+        self.requests.append(
+            {"headers": {k.decode(): v.decode() for k, v in scope["headers"]}, "body": json.loads(raw)}
+        )
+        await asyncio.sleep(self.delay)
+        headers = [(b"content-type", b"application/json"), *self.headers]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": self.answer})
+
+
+@pytest.fixture(scope="module")
+def tool_server():
+    endpoint = ToolEndpoint()
+    with ServerThread(endpoint) as server:
+        server.endpoint = endpoint
+        yield server
+
+
+@pytest.fixture
+def endpoint(tool_server) -> ToolEndpoint:
+    tool_server.endpoint.__init__()
+    return tool_server.endpoint
+
+
+@pytest.fixture
+def agora():
+    fake = FakeAgora()
+    with ServerThread(fake) as server:
+        fake.url = server.url
+        yield fake
+
+
+def agents_file(tmp_path: Path, upstream_url: str, tool_url: str, extra: str = "", tool_extra: str = "") -> Path:
+    path = tmp_path / "agents.toml"
+    path.write_text(
+        f"""
+[agents.shop]
+api_keys = ["shop-key"]
+llm_base_url = "{upstream_url}/v1"
+server_tools = "none"
+{extra}
+
+[[agents.shop.tools]]
+name = "order_status"
+description = "The delivery status of an order."
+url = "{tool_url}/orders/status"
+parameters = {{ type = "object", properties = {{ order_id = {{ type = "string" }} }}, required = ["order_id"] }}
+timeout_seconds = 10
+headers = {{ Authorization = "env:SHOP_TOKEN" }}
+{tool_extra}
+"""
+    )
+    return path
+
+
+def ask(server, words: str = "Where is my order A-1042?", **fields) -> httpx.Response:
+    body = {"stream": True, "channel": "room-1", "messages": [{"role": "user", "content": words}], **fields}
+    return httpx.post(
+        server.url + "/chat/completions", json=body, headers={"authorization": "Bearer shop-key"}, timeout=30
+    )
+
+
+def tool_result(upstream) -> dict:
+    message = next(m for m in upstream.requests[1]["body"]["messages"] if m["role"] == "tool")
+    return json.loads(message["content"])
+
+
+def test_a_declared_tool_is_offered_called_with_the_context_and_its_answer_read(
+    make_server, upstream_server, upstream, tool_server, endpoint, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SHOP_TOKEN", "Bearer shop-secret-token")
+    server = make_server(agents_file=agents_file(tmp_path, upstream_server.url, tool_server.url))
+    upstream.script.turns = [{"calls": [("order_status", ORDER_ARGS)]}, {"say": ["It has shipped."]}]
+    answer = ask(server, variables={"customer": "Ann"})
+    assert text_of(sse_events(answer)) == "It has shipped."
+    offered = upstream.requests[0]["body"]["tools"]
+    assert [t["function"]["name"] for t in offered] == ["order_status"]
+    assert offered[0]["function"]["parameters"]["required"] == ["order_id"]
+    (call,) = endpoint.requests
+    assert call["body"]["arguments"] == {"order_id": "A-1042"}
+    assert call["body"]["context"]["channel"] == "room-1" and call["body"]["context"]["variables"] == {
+        "customer": "Ann"
+    }
+    assert call["headers"]["authorization"] == "Bearer shop-secret-token"
+    assert tool_result(upstream) == {"status": "shipped"}
+
+
+@pytest.mark.parametrize(
+    ("status", "answer", "headers", "said"),
+    [
+        (500, b'{"error": "db down"}', [], "answered HTTP 500"),
+        (302, b"", [(b"location", b"http://169.254.169.254/")], "redirect"),
+        (200, b"x" * 200_000, [], "larger than"),
+        (200, b'{"token": "shop-secret-token"}', [], "[redacted]"),  # an echo of its own header
+    ],
+)
+def test_a_tool_that_fails_is_a_result_the_model_reads(
+    make_server, upstream_server, upstream, tool_server, endpoint, tmp_path, monkeypatch, status, answer, headers, said
+):
+    monkeypatch.setenv("SHOP_TOKEN", "shop-secret-token")
+    server = make_server(agents_file=agents_file(tmp_path, upstream_server.url, tool_server.url))
+    endpoint.status, endpoint.answer, endpoint.headers = status, answer, headers
+    upstream.script.turns = [{"calls": [("order_status", ORDER_ARGS)]}, {"say": ["Sorry."]}]
+    assert ask(server).status_code == 200
+    result = json.dumps(tool_result(upstream))
+    assert said in result and "shop-secret-token" not in result
+    assert len(endpoint.requests) == 1  # the redirect was not followed
+
+
+def test_a_slow_tool_gets_its_time_limit(
+    make_server, upstream_server, upstream, tool_server, endpoint, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SHOP_TOKEN", "t")
+    path = agents_file(tmp_path, upstream_server.url, tool_server.url, extra="tool_async_after_ms = 0")
+    path.write_text(path.read_text().replace("timeout_seconds = 10", "timeout_seconds = 0.5"))
+    server = make_server(agents_file=path)
+    endpoint.delay = 3
+    upstream.script.turns = [{"calls": [("order_status", ORDER_ARGS)]}, {"say": ["Sorry."]}]
+    ask(server).read()
+    assert "did not finish within 0.5 seconds" in tool_result(upstream)["error"]
+
+
+def test_a_destructive_declared_tool_runs_only_when_the_user_asks(
+    make_server, upstream_server, upstream, tool_server, endpoint, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SHOP_TOKEN", "t")
+    path = agents_file(tmp_path, upstream_server.url, tool_server.url, tool_extra='destructive = ["cancel", "取消"]')
+    server = make_server(agents_file=path)
+    upstream.script.turns = [
+        {"calls": [("order_status", json.dumps({"order_id": "A-1", "reason": "asked"}))]},
+        {"say": ["Ok."]},
+    ]
+    ask(server, "How do I cancel an order?").read()
+    assert endpoint.requests == [] and "do not ask for it" in tool_result(upstream)["error"]
+    upstream.reset()
+    upstream.script.turns = [
+        {"calls": [("order_status", json.dumps({"order_id": "A-1", "reason": "asked"}))]},
+        {"say": ["Ok."]},
+    ]
+    ask(server, "Please cancel order A-1.").read()
+    assert len(endpoint.requests) == 1 and endpoint.requests[0]["body"]["arguments"] == {"order_id": "A-1"}
+
+
+@pytest.mark.parametrize(
+    ("tool", "said"),
+    [
+        ('description = "no address"', "url: an http"),
+        ("timeout_seconds = 600", "timeout_seconds"),
+        ("destructive = true", "destructive is the phrases"),
+        ('colour = "blue"', "colour is not a tool's key"),
+    ],
+)
+def test_a_declared_tool_that_cannot_be_used_stops_the_server_with_the_reason(
+    make_server, upstream_server, upstream, tmp_path, tool, said
+):
+    path = tmp_path / "agents.toml"
+    path.write_text(
+        f'[agents.shop]\napi_keys = ["k"]\n[[agents.shop.tools]]\nname = "t"\n{tool}\n'
+        + ('url = "https://example.com/t"\n' if "description" not in tool else 'url = "ftp://x"\n')
+    )
+    with pytest.raises(ValueError, match=said):
+        make_server(agents_file=path)
+
+
+@pytest.mark.slow
+def test_a_slow_tool_is_answered_after_the_turn_in_the_callers_channel(
+    make_server, upstream_server, upstream, tool_server, endpoint, agora, tmp_path, monkeypatch
+):
+    """A tool that answers after 6 s, TOOL_ASYNC_AFTER_MS 1 s: the answer ends with the model's promise
+    within a couple of seconds; when the tool answers, the model phrases its result and Agora's agent in
+    the caller's channel says it (speak, APPEND); the next request of that channel holds the result, and
+    a request of another channel does not."""
+    monkeypatch.setenv("SHOP_TOKEN", "t")
+    credentials = (
+        f'tool_async_after_ms = 1000\nagora_app_id = "app-1"\nagora_customer_id = "cust"\n'
+        f'agora_customer_secret = "secret"\nagora_api_base = "{agora.url}"'
+    )
+    server = make_server(agents_file=agents_file(tmp_path, upstream_server.url, tool_server.url, extra=credentials))
+    endpoint.delay, endpoint.answer = 6, b'{"status": "shipped", "eta": "tomorrow"}'
+    upstream.script.turns = [
+        {"calls": [("order_status", ORDER_ARGS)]},
+        {"say": ["I'm still checking; I'll tell you shortly."]},
+    ]
+    started = time.monotonic()
+    answer = ask(server)
+    assert text_of(sse_events(answer)).endswith("I'm still checking; I'll tell you shortly.")  # maybe bridged
+    assert time.monotonic() - started < 5  # not the tool's 6 s
+    assert tool_result(upstream)["status"] == "still running"
+    upstream.script.turns = [{"say": ["Good news: order A-1042 has shipped and arrives tomorrow."]}]
+    wait_for(lambda: any(path.endswith("/speak?") for _, path, _ in agora.calls), 20)
+    assert agora.bodies[-1] == {
+        "text": "Good news: order A-1042 has shipped and arrives tomorrow.",
+        "priority": "APPEND",
+        "interruptable": True,
+    }
+    phrased = upstream.requests[-1]["body"]
+    assert phrased["stream"] is False and "tomorrow" in json.dumps(phrased["messages"])
+    upstream.reset()
+    ask(server, "And when exactly?").read()
+    later = [m for m in upstream.requests[-1]["body"]["messages"] if m["role"] == "tool"]
+    assert later and json.loads(later[0]["content"]) == {"status": "shipped", "eta": "tomorrow"}
+    upstream.reset()
+    ask(server, "Hello", channel="room-2").read()
+    assert not [m for m in upstream.requests[-1]["body"]["messages"] if m["role"] == "tool"]
+
+
+@pytest.mark.slow
+def test_a_slow_tool_without_agora_holds_the_answer_as_before(
+    make_server, upstream_server, upstream, tool_server, endpoint, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SHOP_TOKEN", "t")
+    server = make_server(
+        agents_file=agents_file(tmp_path, upstream_server.url, tool_server.url, extra="tool_async_after_ms = 500")
+    )
+    endpoint.delay = 2
+    upstream.script.turns = [{"calls": [("order_status", ORDER_ARGS)]}, {"say": ["It has shipped."]}]
+    assert text_of(sse_events(ask(server))).endswith("It has shipped.")  # after the bridge phrase
+    assert tool_result(upstream) == {"status": "shipped"}
