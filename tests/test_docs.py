@@ -161,7 +161,7 @@ def test_the_json_blocks_are_json_and_point_at_real_paths(server):
 def test_the_toml_blocks_read_as_agents_files(tmp_path, monkeypatch):
     from custom_llm_server.config.profiles import read_profiles
 
-    for name in ("SALES_KEYS", "SUPPORT_KEY", "SUPPORT_LLM_URL", "SUPPORT_LLM_KEY"):
+    for name in ("SALES_KEYS", "SUPPORT_KEY", "SUPPORT_LLM_URL", "SUPPORT_LLM_KEY", "SHOP_KEYS", "SHOP_TOKEN"):
         monkeypatch.setenv(name, f"value-of-{name.lower()}")
     for block in blocks("toml"):
         (tmp_path / "agents.toml").write_text(block.text)

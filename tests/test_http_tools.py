@@ -125,13 +125,13 @@ def test_a_declared_tool_is_offered_called_with_the_context_and_its_answer_read(
         (500, b'{"error": "db down"}', [], "answered HTTP 500"),
         (302, b"", [(b"location", b"http://169.254.169.254/")], "redirect"),
         (200, b"x" * 200_000, [], "larger than"),
-        (200, b'{"token": "shop-secret-token"}', [], "[redacted]"),  # an echo of its own header
+        (200, b'{"token": "shop-secret-token"}', [], "[redacted]"),  # an echo of its own header's token
     ],
 )
 def test_a_tool_that_fails_is_a_result_the_model_reads(
     make_server, upstream_server, upstream, tool_server, endpoint, tmp_path, monkeypatch, status, answer, headers, said
 ):
-    monkeypatch.setenv("SHOP_TOKEN", "shop-secret-token")
+    monkeypatch.setenv("SHOP_TOKEN", "Bearer shop-secret-token")  # the token alone is scrubbed too
     server = make_server(agents_file=agents_file(tmp_path, upstream_server.url, tool_server.url))
     endpoint.status, endpoint.answer, endpoint.headers = status, answer, headers
     upstream.script.turns = [{"calls": [("order_status", ORDER_ARGS)]}, {"say": ["Sorry."]}]
@@ -154,23 +154,23 @@ def test_a_slow_tool_gets_its_time_limit(
     assert "did not finish within 0.5 seconds" in tool_result(upstream)["error"]
 
 
+@pytest.mark.parametrize(
+    ("name", "destructive"),
+    [("order_status", 'destructive = ["cancel", "取消"]'), ("cancel_order", "destructive = true")],
+)
 def test_a_destructive_declared_tool_runs_only_when_the_user_asks(
-    make_server, upstream_server, upstream, tool_server, endpoint, tmp_path, monkeypatch
+    make_server, upstream_server, upstream, tool_server, endpoint, tmp_path, monkeypatch, name, destructive
 ):
     monkeypatch.setenv("SHOP_TOKEN", "t")
-    path = agents_file(tmp_path, upstream_server.url, tool_server.url, tool_extra='destructive = ["cancel", "取消"]')
+    path = agents_file(tmp_path, upstream_server.url, tool_server.url, tool_extra=destructive)
+    path.write_text(path.read_text().replace('name = "order_status"', f'name = "{name}"'))
     server = make_server(agents_file=path)
-    upstream.script.turns = [
-        {"calls": [("order_status", json.dumps({"order_id": "A-1", "reason": "asked"}))]},
-        {"say": ["Ok."]},
-    ]
+    call = {"calls": [(name, json.dumps({"order_id": "A-1", "reason": "asked"}))]}
+    upstream.script.turns = [call, {"say": ["Ok."]}]
     ask(server, "How do I cancel an order?").read()
     assert endpoint.requests == [] and "do not ask for it" in tool_result(upstream)["error"]
     upstream.reset()
-    upstream.script.turns = [
-        {"calls": [("order_status", json.dumps({"order_id": "A-1", "reason": "asked"}))]},
-        {"say": ["Ok."]},
-    ]
+    upstream.script.turns = [call, {"say": ["Ok."]}]
     ask(server, "Please cancel order A-1.").read()
     assert len(endpoint.requests) == 1 and endpoint.requests[0]["body"]["arguments"] == {"order_id": "A-1"}
 
@@ -180,7 +180,7 @@ def test_a_destructive_declared_tool_runs_only_when_the_user_asks(
     [
         ('description = "no address"', "url: an http"),
         ("timeout_seconds = 600", "timeout_seconds"),
-        ("destructive = true", "destructive is the phrases"),
+        ("destructive = 3", "destructive is true"),
         ('colour = "blue"', "colour is not a tool's key"),
     ],
 )
@@ -250,3 +250,54 @@ def test_a_slow_tool_without_agora_holds_the_answer_as_before(
     upstream.script.turns = [{"calls": [("order_status", ORDER_ARGS)]}, {"say": ["It has shipped."]}]
     assert text_of(sse_events(ask(server))).endswith("It has shipped.")  # after the bridge phrase
     assert tool_result(upstream) == {"status": "shipped"}
+
+
+def test_a_changed_tool_is_picked_up_by_a_reload(
+    make_server, upstream_server, upstream, tool_server, endpoint, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SHOP_TOKEN", "t")
+    path = agents_file(tmp_path, upstream_server.url, tool_server.url)
+    server = make_server(agents_file=path, agents_watch_seconds=0.05)
+    path.write_text(path.read_text().replace("/orders/status", "/v2/orders/status").replace("order_status", "track"))
+    upstream.script.turns = [{"say": ["Hi."]}]
+
+    def offered() -> list[str]:
+        upstream.reset()
+        upstream.script.turns = [{"say": ["Hi."]}]
+        ask(server).read()
+        return [t["function"]["name"] for t in upstream.requests[0]["body"].get("tools", [])]
+
+    wait_for(lambda: offered() == ["track"], 5)
+    assert offered() == ["track"]
+    upstream.reset()
+    upstream.script.turns = [{"calls": [("track", ORDER_ARGS)]}, {"say": ["Shipped."]}]
+    ask(server).read()
+    assert endpoint.requests[-1]["body"]["arguments"] == {"order_id": "A-1042"}
+
+
+@pytest.mark.slow
+def test_a_slow_tool_is_pending_once_a_channel_and_dropped_when_the_call_ends(
+    make_server, upstream_server, upstream, tool_server, endpoint, agora, tmp_path, monkeypatch
+):
+    """A second call of the same slow tool in the channel is told the first still runs; the user's
+    goodbye (end_call) drops the pending result: Agora is asked to leave, never to speak."""
+    monkeypatch.setenv("SHOP_TOKEN", "t")
+    credentials = (
+        f'tool_async_after_ms = 300\nagora_app_id = "app-1"\nagora_customer_id = "cust"\n'
+        f'agora_customer_secret = "secret"\nagora_api_base = "{agora.url}"\nagora_hangup_grace_ms = 0'
+    )
+    server = make_server(agents_file=agents_file(tmp_path, upstream_server.url, tool_server.url, extra=credentials))
+    endpoint.delay = 4
+    for _ in range(2):
+        upstream.reset()
+        upstream.script.turns = [{"calls": [("order_status", ORDER_ARGS)]}, {"say": ["Still on it."]}]
+        ask(server).read()
+    assert tool_result(upstream)["status"] == "already running"
+    upstream.reset()
+    goodbye = ("end_call", json.dumps({"goodbye": "Goodbye!", "reason": "The user said bye."}))
+    upstream.script.turns = [{"calls": [goodbye]}, {"say": ["Goodbye!"]}]
+    ask(server, "Thanks, bye!").read()
+    wait_for(lambda: any(path.endswith("/leave?") for _, path, _ in agora.calls), 5)
+    time.sleep(5)  # past the tool's answer
+    assert [path for _, path, _ in agora.calls if "/speak" in path] == []
+    assert any(path.endswith("/leave?") for _, path, _ in agora.calls)

@@ -125,6 +125,21 @@ def _profile(name: str, table: dict[str, Any], base: Settings, text: str, where:
     return Profile(name, settings, keys, prompt, tools)
 
 
+def _asking_phrases(destructive: Any, name: str, at: str) -> tuple[str, ...]:
+    """The phrases a user says to ask for a destructive tool: the ones given, or with `true` the verb its
+    name starts with (cancel_order: "cancel"); none for a tool that is not destructive."""
+    if destructive is True:
+        return (re.split(r"[_\-]", name)[0].lower(),)
+    if destructive is False:
+        return ()
+    if not isinstance(destructive, list) or not all(isinstance(p, str) and p.strip() for p in destructive):
+        raise ProfileError(
+            f"{at}: destructive is true (the verb the name starts with) or the phrases a user says to ask for it, "
+            'e.g. ["cancel", "取消"]'
+        )
+    return tuple(destructive)
+
+
 HTTP_TOOL_KEYS = frozenset({"name", "description", "url", "parameters", "timeout_seconds", "headers", "destructive"})
 
 
@@ -140,9 +155,7 @@ def _http_tools(value: Any, where: str) -> tuple[HttpTool, ...]:
             raise ProfileError(
                 f"{at}: {', '.join(sorted(unknown))} is not a tool's key ({', '.join(sorted(HTTP_TOOL_KEYS))})"
             )
-        destructive = table.get("destructive", [])
-        if not isinstance(destructive, list) or not all(isinstance(p, str) and p.strip() for p in destructive):
-            raise ProfileError(f'{at}: destructive is the phrases a user says to ask for it, e.g. ["cancel", "取消"]')
+        destructive = _asking_phrases(table.get("destructive", False), str(table.get("name", "")), at)
         headers = table.get("headers", {})
         if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
             raise ProfileError(f"{at}: headers is a table of names and text values (env:NAME to read one)")
@@ -154,7 +167,7 @@ def _http_tools(value: Any, where: str) -> tuple[HttpTool, ...]:
                 parameters=table.get("parameters", {"type": "object", "properties": {}}),
                 timeout_seconds=float(table.get("timeout_seconds", 5)),
                 headers=tuple((str(k), _resolved(v, f"{at}, headers.{k}")) for k, v in headers.items()),
-                destructive=tuple(destructive),
+                destructive=destructive,
             )
         except (ValueError, TypeError) as error:
             raise ProfileError(f"{at}: {error}") from None

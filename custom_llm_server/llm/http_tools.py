@@ -67,6 +67,12 @@ class HttpTool:
             raise ValueError("parameters: at most 16 KB of schema")
 
 
+    def secrets(self) -> list[str]:
+        """The headers' values, and the credentials inside them ("Bearer <token>": the token too)."""
+        values = [value for _, value in self.headers]
+        return [*values, *(part for value in values for part in value.split() if len(part) >= 8)]
+
+
 class HttpCaller:
     """Calls an agent's HTTP tools on one connection pool of its own, within the process's cap."""
 
@@ -103,7 +109,7 @@ class HttpCaller:
                 raise ToolFailed(f"its answer is larger than {MAX_ANSWER_BYTES} bytes") from None
             except aiohttp.ClientError as error:
                 raise ToolFailed(f"it could not be reached ({type(error).__name__})") from None
-        answer = Redactor(*(value for _, value in tool.headers)).relayed(raw)
+        answer = Redactor(*tool.secrets()).relayed(raw)
         if 300 <= status < 400:
             raise ToolFailed(f"it answered a redirect (HTTP {status}), which is not followed")
         if status >= 400:
