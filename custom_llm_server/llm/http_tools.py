@@ -66,7 +66,6 @@ class HttpTool:
         if len(orjson.dumps(self.parameters)) > 16_384:
             raise ValueError("parameters: at most 16 KB of schema")
 
-
     def secrets(self) -> list[str]:
         """The headers' values, and the credentials inside them ("Bearer <token>": the token too)."""
         values = [value for _, value in self.headers]
