@@ -177,7 +177,9 @@ def test_engine_fields_stay_on_our_side(http, upstream):
         "output_modalities",
     ):
         assert key not in received, key
-    assert received["messages"] == [
+    said = [m for m in received["messages"] if m["role"] != "tool" and not m.get("tool_calls")]
+    assert said[1]["role"] == "system" and "read_app_state" in said[1]["content"]  # context.presence, as data
+    assert [said[0], *said[2:]] == [
         {"role": "system", "content": "Be brief."},
         {"role": "assistant", "content": "How can I help?"},
         {"role": "user", "content": "Tell me a joke"},
