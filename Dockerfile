@@ -13,7 +13,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md custom_llm.py ./
 COPY custom_llm_server ./custom_llm_server
-RUN pip install -c constraints.txt . && useradd --system --uid 10001 --no-create-home --home-dir /app app && mkdir /data && chown app /data
+RUN pip install -c constraints.txt ".[replicas]" && useradd --system --uid 10001 --no-create-home --home-dir /app app && mkdir /data && chown app /data
 COPY knowledge ./knowledge
 
 USER app

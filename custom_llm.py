@@ -55,6 +55,7 @@ from custom_llm_server.knowledge.rag import Passage, Retriever, retrieve, with_p
 from custom_llm_server.llm.answer import answer, complete
 from custom_llm_server.llm.tools import ToolRegistry
 from custom_llm_server.serving.errors import add_error_handlers
+from custom_llm_server.serving.limits import Limits
 from custom_llm_server.serving.logs import configure_logging
 from custom_llm_server.serving.middleware import BearerAuth, EndsOnShutdown, RequestLog, WithContext
 from custom_llm_server.serving.protocol import GuardedHttpTools
@@ -439,7 +440,9 @@ async def ready(http: Request) -> Response:
             problems.append("no upstream LLM is configured" + named)
         elif svc.llm is None or not await svc.llm.ready():
             problems.append("the upstream LLM does not answer" + named)
-    body = {"status": "unavailable", "problems": problems} if problems else {"status": "ready"}
+    body: dict[str, Any] = {"status": "unavailable", "problems": problems} if problems else {"status": "ready"}
+    if agents.degraded:  # still serving (from memory): said, but no reason to take the replica out
+        body["degraded"] = agents.degraded
     return Response(orjson.dumps(body), status_code=503 if problems else 200, media_type="application/json")
 
 
@@ -501,6 +504,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     gc.freeze()
     yield
     await agents.aclose()
+    await app.state.limits.aclose()
 
 
 def create_app(
@@ -543,7 +547,9 @@ def create_app(
     app.openapi = lambda: openapi_with(app, ChatCompletionRequest, SpeechRequest)  # type: ignore[method-assign]
     access = {path: route.access for route in routes for path in route.paths}
     operators = [key.encode() for key in (*settings.api_keys, *settings.metrics_api_key)]
-    app.add_middleware(BearerAuth, keyring=lambda: agents.keys, operators=operators, access=access)
+    limits = Limits(settings.redis_url, settings.redis_required, settings.redis_timeout_seconds)
+    app.state.limits = limits
+    app.add_middleware(BearerAuth, keyring=lambda: agents.keys, operators=operators, access=access, limits=limits)
     app.add_middleware(EndsOnShutdown)
     app.add_middleware(RequestLog, labels={path: route.label for route in routes for path in route.paths})
     app.add_middleware(WithContext)  # the outermost: every other layer reads the request's context

@@ -67,7 +67,7 @@ def rank(hits: list[tuple[str, str]], labels: list[str]) -> int | None:
 def chunks_of(kb: KnowledgeBase) -> list[tuple[tuple[str, str], str]]:
     """The server's chunks as ((source, heading), heading and text), for bm25s and tantivy."""
     with kb._lock:
-        rows = kb._db.execute("SELECT source, heading, text FROM chunks ORDER BY rowid").fetchall()
+        rows = kb.store._db.execute("SELECT source, heading, text FROM chunks ORDER BY rowid").fetchall()
     return [((source, heading), f"{heading}\n{text}") for source, heading, text in rows]
 
 
@@ -310,10 +310,10 @@ def borrow_vectors(kb: KnowledgeBase, model: BuiltinModel) -> None:
     kb.use_model(model.identity, None)
     with kb._lock:
         for cached in CACHE.glob("*.sqlite3"):
-            kb._db.execute("ATTACH DATABASE ? AS cached", (str(cached),))
-            kb._db.execute("INSERT OR IGNORE INTO embeddings SELECT * FROM cached.embeddings")
-            kb._db.commit()
-            kb._db.execute("DETACH DATABASE cached")
+            kb.store._db.execute("ATTACH DATABASE ? AS cached", (str(cached),))
+            kb.store._db.execute("INSERT OR IGNORE INTO embeddings SELECT * FROM cached.embeddings")
+            kb.store._db.commit()
+            kb.store._db.execute("DETACH DATABASE cached")
 
 
 def small_talk(manuals: Server, help_centre: Server, model: BuiltinModel, rows: list[str]) -> None:
@@ -441,7 +441,7 @@ def scale_one(root: Path) -> None:
 def _embedding_rate(model: BuiltinModel, kb: KnowledgeBase) -> float:
     """Seconds to embed one passage on this core, from 32 of the knowledge base's passages."""
     with kb._lock:
-        texts = [f"{h}\n{t}" for h, t in kb._db.execute("SELECT heading, text FROM chunks LIMIT 32")]
+        texts = [f"{h}\n{t}" for h, t in kb.store._db.execute("SELECT heading, text FROM chunks LIMIT 32")]
     started = time.perf_counter()
     model._handle("passages").passage(texts)
     return (time.perf_counter() - started) / len(texts)

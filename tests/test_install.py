@@ -65,7 +65,7 @@ def image(tmp_path_factory) -> Iterator[Path]:
         subprocess.run([system_python(), "-m", "venv", app / "venv"], check=True)
         (run,) = [arguments for keyword, arguments in instructions() if keyword == "RUN" and "pip install" in arguments]
         install = run.split("&&")[0].strip()
-        assert install == "pip install -c constraints.txt .", install  # what the image installs, as pinned
+        assert install == 'pip install -c constraints.txt ".[replicas]"', install  # what the image installs, as pinned
         subprocess.run([app / "venv" / "bin" / "python", "-m", *shlex.split(install), "--quiet"], cwd=app, check=True)
         yield app
     finally:

@@ -58,18 +58,18 @@ def test_a_late_answer_gets_the_waiting_phrase_first_then_the_answer(make_server
 def test_the_phrase_can_always_come_first_before_retrieval_finishes(make_server, upstream):
     server = make_server(waiting_phrase_after_ms=0)  # the always-on behaviour
     knowledge = server.server.config.app.state.agents.get("default").retriever.base
-    knowledge._lock.acquire()  # retrieval cannot finish while the test holds the index
+    knowledge.store._lock.acquire()  # retrieval cannot finish while the test holds the index
     try:
         with stream(server, "What is the audio format?") as response:
             lines = response.iter_lines()
             assert delta(next(lines)[6:].encode())["content"].rstrip() in PHRASES
             time.sleep(0.1)
             assert upstream.requests == []
-            knowledge._lock.release()
+            knowledge.store._lock.release()
             rest = list(lines)
     finally:
-        if knowledge._lock.locked():
-            knowledge._lock.release()
+        if knowledge.store._lock.locked():
+            knowledge.store._lock.release()
     assert "data: [DONE]" in rest and len(upstream.requests) == 1
 
 
@@ -165,13 +165,13 @@ def test_http_search_returns_the_same_hits(server):
 def test_rag_answers_without_passages_past_the_deadline(make_server, upstream, caplog):
     server = make_server(rag_deadline_ms=50)
     kb = server.server.config.app.state.agents.get("default").retriever.base
-    kb._lock.acquire()  # a search that cannot finish in time
+    kb.store._lock.acquire()  # a search that cannot finish in time
     try:
         with caplog.at_level(logging.WARNING, logger="custom_llm"):
             body = {"stream": True, "messages": [{"role": "user", "content": "What audio format?"}]}
             response = post(server, body, "/rag/chat/completions", timeout=10)
     finally:
-        kb._lock.release()
+        kb.store._lock.release()
     assert response.status_code == 200
     assert [m["role"] for m in upstream.requests[-1]["body"]["messages"]] == ["user"]
     assert "deadline" in caplog.text

@@ -118,7 +118,8 @@ class Service:
 def knowledge_key(settings: Settings) -> tuple[object, ...]:
     """What makes a knowledge base: agents that agree on all of it share one (one index, one indexer)."""
     return (
-        settings.knowledge_dir.resolve(), settings.knowledge_index, settings.data_dir, settings.rag_min_coverage,
+        settings.knowledge_dir.resolve(), settings.knowledge_index, settings.knowledge_store,
+        settings.knowledge_store_timeout_seconds, settings.data_dir, settings.rag_min_coverage,
         settings.knowledge_max_file_bytes, settings.knowledge_file_seconds, settings.embedding_model,
         settings.embedding_base_url or settings.llm_base_url, settings.embedding_api_key or settings.llm_api_key,
         settings.embedding_threads, settings.rag_min_similarity,
@@ -143,11 +144,12 @@ class SharedRetriever:
 
 
 class Key(NamedTuple):
-    """A caller key, the agent it selects, and how many requests it may have in flight (0: any)."""
+    """A caller key, the agent it selects, and its limits (0: none): requests in flight, started a minute."""
 
     secret: bytes
     agent: str
     max_in_flight: int
+    per_minute: int
 
 
 @dataclass
@@ -209,7 +211,7 @@ class Agents:
 
     def keyring(self) -> list[Key]:
         return [
-            Key(key.encode(), name, svc.settings.max_streams_per_key)
+            Key(key.encode(), name, svc.settings.max_streams_per_key, svc.settings.max_requests_per_minute_per_key)
             for name, svc in self.services.items()
             for key in svc.profile.keys
         ]
@@ -220,6 +222,12 @@ class Agents:
     @property
     def ready(self) -> bool:
         return all(knowledge.retriever.ready for knowledge in self.knowledge.values())
+
+    @property
+    def degraded(self) -> list[str]:
+        """What serves from a fallback right now (a knowledge store out of reach), for GET /ready."""
+        found = (getattr(knowledge.retriever, "degraded", None) for knowledge in self.knowledge.values())
+        return [f"knowledge store: {why}" for why in found if why]
 
     async def start(self) -> None:
         for knowledge in self.knowledge.values():

@@ -42,11 +42,13 @@ from custom_llm_server.voice.engines import Bounded, Engine, local_engine, speec
 if TYPE_CHECKING:  # imported where it is made: a server with no documents never loads it
     from custom_llm_server.knowledge.embeddings import Embedder
     from custom_llm_server.knowledge.index import Knowledge
+    from custom_llm_server.knowledge.store import Store
 
 log = logging.getLogger("custom_llm.build")
 
 KNOWLEDGE_SETTINGS = (
-    "knowledge_dir", "knowledge_index", "knowledge_max_file_bytes", "knowledge_file_seconds", "rag_min_coverage",
+    "knowledge_dir", "knowledge_index", "knowledge_store", "knowledge_store_timeout_seconds",
+    "knowledge_max_file_bytes", "knowledge_file_seconds", "rag_min_coverage",
     "embedding_model", "embedding_base_url", "embedding_api_key", "embedding_threads", "rag_min_similarity",
 )  # fmt: skip
 VOICE_SETTINGS = ("tts_engine", "tts_base_url", "tts_api_key", "tts_model", "tts_voice", "tts_sample_rate")
@@ -174,22 +176,34 @@ def tools(
 def retriever(settings: Settings, capacity: Capacity) -> Retriever:
     """The default retriever: the index of KNOWLEDGE_DIR, or nothing at all for a folder with no
     document (then neither the index nor its dictionaries or model are ever loaded)."""
-    if not has_documents(settings.knowledge_dir):
+    if not settings.knowledge_store and not has_documents(settings.knowledge_dir):
         return NoKnowledge(settings.knowledge_dir)
     return knowledge_base(settings, capacity)
 
 
 def knowledge_base(settings: Settings, capacity: Capacity) -> Knowledge:
-    from custom_llm_server.knowledge.index import Knowledge, KnowledgeBase, default_index
+    from custom_llm_server.knowledge.index import Knowledge, KnowledgeBase
 
     base = KnowledgeBase(
         settings.knowledge_dir,
-        settings.knowledge_index or default_index(settings.data_dir, settings.knowledge_dir),
+        store(settings),
         settings.rag_min_coverage,
         settings.knowledge_max_file_bytes,
         settings.knowledge_file_seconds,
     )
     return Knowledge(base, embedder(settings, capacity))
+
+
+def store(settings: Settings) -> Store:
+    """Where the knowledge base is kept: PostgreSQL shared by replicas (KNOWLEDGE_STORE), or the
+    SQLite file of the folder (KNOWLEDGE_INDEX, or one under DATA_DIR/index/)."""
+    from custom_llm_server.knowledge.store import SQLiteStore, default_path
+
+    if settings.knowledge_store:
+        from custom_llm_server.knowledge.postgres import PostgresStore
+
+        return PostgresStore(settings.knowledge_store, settings.knowledge_dir, settings.knowledge_store_timeout_seconds)
+    return SQLiteStore(settings.knowledge_index or default_path(settings.data_dir, settings.knowledge_dir))
 
 
 def embedder(settings: Settings, capacity: Capacity) -> Embedder | None:

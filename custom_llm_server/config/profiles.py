@@ -43,6 +43,9 @@ SERVER_WIDE = frozenset(
         "MAX_HTTP_TOOL_CALLS",
         "CUSTOM_LLM_API_KEY",  # a profile's keys are its `api_keys`
         "METRICS_API_KEY",
+        "REDIS_URL",  # one count of each key across the replicas
+        "REDIS_REQUIRED",
+        "REDIS_TIMEOUT_SECONDS",
     }
 )
 # A placeholder, with the spaces before it (left out with it when it has no value). Only the

@@ -91,6 +91,10 @@ class Settings:
     max_variable_chars: int = setting("MAX_VARIABLE_CHARS", 2000, int)
     max_presence_chars: int = setting("MAX_PRESENCE_CHARS", 4000, int)  # context.presence, as JSON
     max_streams_per_key: int = setting("MAX_STREAMS_PER_KEY", 0, int)  # 0: no limit
+    max_requests_per_minute_per_key: int = setting("MAX_REQUESTS_PER_MINUTE_PER_KEY", 0, int)  # 0: no limit
+    redis_url: str = setting("REDIS_URL", "")  # redis://...: the per-key limits count across replicas
+    redis_required: bool = setting("REDIS_REQUIRED", False, _bool)  # Redis away: refuse (503), not count alone
+    redis_timeout_seconds: float = setting("REDIS_TIMEOUT_SECONDS", 0.5, float)
     max_upstream_streams: int = setting("MAX_UPSTREAM_STREAMS", 1000, int)
     max_speech_streams: int = setting("MAX_SPEECH_STREAMS", 16, int)
     max_http_tool_calls: int = setting("MAX_HTTP_TOOL_CALLS", 100, int)  # agents' HTTP tools, in flight
@@ -100,6 +104,9 @@ class Settings:
     strip_fields: frozenset[str] = setting("STRIP_FIELDS", frozenset(), lambda v: frozenset(_list(v)))
     knowledge_dir: Path = setting("KNOWLEDGE_DIR", Path("knowledge"), Path)
     knowledge_index: str = setting("KNOWLEDGE_INDEX", "")  # empty: one file per folder under DATA_DIR/index/
+    # postgresql://...: the knowledge base in PostgreSQL, shared by replicas (knowledge/postgres.py)
+    knowledge_store: str = setting("KNOWLEDGE_STORE", "")
+    knowledge_store_timeout_seconds: float = setting("KNOWLEDGE_STORE_TIMEOUT_SECONDS", 5.0, float)
     knowledge_max_file_bytes: int = setting("KNOWLEDGE_MAX_FILE_BYTES", 20_000_000, int)
     knowledge_file_seconds: float = setting("KNOWLEDGE_FILE_SECONDS", 10.0, float)  # to read one HTML or PDF file
     rag_top_k: int = setting("RAG_TOP_K", 3, int)

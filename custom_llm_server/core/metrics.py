@@ -65,6 +65,10 @@ TASKS = Gauge(
     "asyncio tasks alive in the worker, read at scrape time (leak check).",
     multiprocess_mode="livesum",
 )
+LIMITS_UNSHARED = Counter(
+    "custom_llm_limits_unshared_total",
+    "Requests whose per-key limits were counted in the process (or refused) because Redis was out of reach.",
+)
 TOOLS = Histogram("custom_llm_tool_seconds", "Server tool runs, by tool and outcome.", ["tool", "ok"], buckets=SECONDS)
 
 

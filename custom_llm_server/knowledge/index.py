@@ -1,11 +1,12 @@
-"""The knowledge base behind /rag: a persistent SQLite index of a folder of documents and its
-search, the default `Retriever` (rag.py holds what /rag does around any retriever).
+"""The knowledge base behind /rag: the index of a folder of documents and its search, the default
+`Retriever` (rag.py holds what /rag does around any retriever).
 
 - Documents (read by documents.py): .md, .txt, .html and .pdf, found recursively, cut along their
   own headings and paragraphs into chunks of bounded size with a little overlap; every chunk keeps
   its file and heading path, so answers can cite where they came from.
-- The index is a SQLite file. A restart with unchanged documents re-indexes nothing; a changed,
-  added or removed file updates only its own chunks (content hashes decide).
+- The index is kept in a store (store.py): a SQLite file by default, or PostgreSQL shared by replicas
+  (postgres.py). A restart with unchanged documents re-indexes nothing; a changed, added or removed
+  file updates only its own chunks (content hashes decide). Search runs in memory.
 - Search ranks by BM25 (ranking.py, in memory) over the words terms.py makes (English stemmed,
   Chinese segmented by jieba, stopwords and question words out), keeping only the passages that
   cover enough of what the question asks: the share of its informative words, each weighted by
@@ -26,7 +27,6 @@ import asyncio
 import bisect
 import hashlib
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +42,7 @@ from custom_llm_server.knowledge.documents import SUFFIXES, Reader, chunk_markdo
 from custom_llm_server.knowledge.embeddings import Embedder, EmbeddingError
 from custom_llm_server.knowledge.rag import Passage
 from custom_llm_server.knowledge.ranking import Postings
+from custom_llm_server.knowledge.store import Chunk, Known, SQLiteStore, Store, default_path
 from custom_llm_server.knowledge.terms import (
     Word,
     asks_something,
@@ -57,7 +58,6 @@ from custom_llm_server.knowledge.terms import (
 
 log = logging.getLogger("custom_llm.knowledge")
 
-SCHEMA_VERSION = 6  # bumped when what the index stores changes: an index made by another version is rebuilt
 HEARD_CREDIT = 0.8  # a word matched only as what it may have been misheard for counts this much
 HEARD_MAX = 3  # known words one unknown word may stand for
 PREFIX_MIN = 4  # an unknown word this long may be the start of a known one, cut off
@@ -71,15 +71,6 @@ MIN_EVIDENCE = 2.5
 # wordfreq) is what it is about: "dictionary" in Python's documentation, "partition" in a Linux
 # manual, "delivery" in a shop's FAQ; "colour", "day" or "life" in none of them.
 TOPICAL_LIFT = 0.7
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, hash TEXT, size INTEGER, mtime REAL);
-CREATE TABLE IF NOT EXISTS chunks (
-    id INTEGER PRIMARY KEY, source TEXT, heading TEXT, text TEXT, hash TEXT, terms TEXT, heading_terms TEXT);
-CREATE INDEX IF NOT EXISTS chunks_by_source ON chunks (source);
-CREATE TABLE IF NOT EXISTS embeddings (hash TEXT PRIMARY KEY, vector BLOB);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-PRAGMA user_version = {SCHEMA_VERSION};
-"""
 SAME_TEXT_SLACK = 4  # passages read per one returned, so that copies of the same text can be left out
 EMBED_BATCH = 8  # passages embedded at a time: a batch is written before the next one starts
 # The ranking when vectors are there: cosine similarity, plus this much for the passage BM25 scores
@@ -196,41 +187,35 @@ def _mask(postings: Postings, terms: list[str], only: str = "") -> np.ndarray:
     return mask
 
 
-def default_index(data_dir: Path, folder: Path) -> Path:
-    """One index file per knowledge folder, under DATA_DIR/index/."""
-    name = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:12]
-    return data_dir / "index" / f"knowledge-{name}.sqlite3"
-
-
 class KnowledgeBase:
-    """A persistent index of one folder; index() and search() are safe from any thread, and a
+    """The index of one folder, kept in a store; index() and search() are safe from any thread, and a
     search waits for the index only while one file's rows are written. Search sees what index()
     wrote once it has finished (written by another process, moments after the next search)."""
 
     def __init__(
         self,
         folder: str | Path,
-        index_path: str | Path | None = None,
+        store: Store | str | Path | None = None,
         min_coverage: float = 0.5,
         max_file_bytes: int = 20_000_000,
         file_seconds: float = 10.0,
     ):
+        """`store`: a Store, or the path of a SQLite file (by default one under ./.custom-llm/index/)."""
         self.folder = Path(folder)
         self.max_file_bytes = max_file_bytes
         self.reader = Reader(max_file_bytes, file_seconds)  # HTML and PDF within file_seconds each
-        self.index_path = str(index_path or default_index(Path(".custom-llm"), self.folder))
+        if store is None or isinstance(store, str | Path):
+            store = SQLiteStore(store or default_path(Path(".custom-llm"), self.folder))
+        self.store: Store = store
         self.min_coverage = min_coverage
         self.min_similarity: float | None = None  # set with use_model(), or calibrated with the vectors
         self._fixed_similarity: float | None = None  # RAG_MIN_SIMILARITY, when set
         self.probes: dict[str, np.ndarray] | None = None  # calibration.embedded(): the threshold is calibrated
-        self._lock = threading.Lock()
         self._running = threading.Lock()  # held by index() from start to end
-        self._db = self._open()
-        self._claim()
+        self.store.claim(str(self.folder.resolve()))
         self.loaded = False
         self._stop = threading.Event()
         self._postings: Postings | None = None  # the index's terms, in memory for search
-        self._loaded_version = -1  # the index file's data_version when they were loaded
         self._reloading = threading.Event()
         self._sorted: list[str] = []  # the index's terms in order, for cut-off words
         self._sounds: dict[str, list[str]] = {}  # how a term sounds -> the index's terms that sound so
@@ -238,52 +223,9 @@ class KnowledgeBase:
         self._vectors: np.ndarray | None = None  # unit vectors, a row per chunk as the postings hold them
         self._vectorless: np.ndarray | None = None  # the chunks with no vector yet (True)
 
-    def _open(self) -> sqlite3.Connection:
-        if self.index_path != ":memory:":
-            Path(self.index_path).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            db = sqlite3.connect(self.index_path, check_same_thread=False, timeout=5)
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if tables and version != SCHEMA_VERSION and version >= 5:
-                # Another version's terms: the documents are indexed again, the vectors (hours of work
-                # at 100,000 chunks, kept by content hash and model) are kept.
-                log.warning("knowledge index %s was made by another version; indexing again", self.index_path)
-                db.executescript("DROP TABLE IF EXISTS files; DROP TABLE IF EXISTS chunks;" + SCHEMA)
-            elif tables and version != SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(f"made by another version ({version}, this is {SCHEMA_VERSION})")
-            if not tables:  # only a new file is written to: a write tells every other worker to reload
-                db.executescript(SCHEMA)
-            db.execute("SELECT hash FROM chunks LIMIT 1").fetchone()
-            return db
-        except sqlite3.DatabaseError as error:  # corrupt, not a database at all, or older: start again
-            log.warning("knowledge index %s is unusable (%s); rebuilding it", self.index_path, error)
-            db.close()
-            Path(self.index_path).unlink(missing_ok=True)
-            db = sqlite3.connect(self.index_path, check_same_thread=False, timeout=5)
-            db.executescript(SCHEMA)
-            return db
-
-    def _claim(self) -> None:
-        """Make the index file this folder's, or refuse one that holds another folder's documents (two
-        agents given one file would read each other's passages)."""
-        folder = str(self.folder.resolve())
-        with self._lock:
-            known = self._db.execute("SELECT value FROM meta WHERE key = 'folder'").fetchone()
-            if known is None:
-                self._db.execute("INSERT INTO meta VALUES ('folder', ?)", (folder,))
-                self._db.commit()
-        if known is not None and known[0] != folder:
-            self._db.close()
-            raise ValueError(
-                f"the index file {Path(self.index_path).name} holds another knowledge folder's documents: "
-                "give this folder its own (KNOWLEDGE_INDEX), or leave it empty"
-            )
-
     @property
     def chunks(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        return self.store.count()
 
     def index(self, progress: Callable[[str, int], None] | None = None) -> IndexReport:
         """Bring the index in step with the folder; only changed, added or removed files are touched.
@@ -292,12 +234,22 @@ class KnowledgeBase:
         a name that is not UTF-8) is skipped with a warning, never fatal. stop() ends a run between
         two files, so a shutdown never waits for indexing."""
         with self._running:
+            if self.store.shared and not self.documents():
+                # A replica without the documents serves the store's knowledge base as it is: an
+                # empty or missing folder here must not empty it for every replica.
+                log.info("knowledge: no documents in %s; serving the store's index as it is", self.folder)
+                return self.load()
             return self._index(progress)
+
+    def load(self) -> IndexReport:
+        """Search what the store holds, without indexing (a replica that another one indexes for)."""
+        self._load_postings()
+        self.loaded = True
+        return IndexReport()
 
     def _index(self, progress: Callable[[str, int], None] | None) -> IndexReport:
         started, report = time.perf_counter(), IndexReport()
-        with self._lock:
-            known = {row[0]: row[1:] for row in self._db.execute("SELECT path, hash, size, mtime FROM files")}
+        known = self.store.files()
         present = set()
         for path in self.documents():
             if self._stop.is_set():
@@ -340,12 +292,11 @@ class KnowledgeBase:
         index file, so a reload that replaces this knowledge base leaves no connection open."""
         self.stop()
         if not self._running.acquire(timeout=seconds):
-            log.warning("knowledge index %s still busy after %g s; left open", self.index_path, seconds)
+            log.warning("knowledge index %s still busy after %g s; left open", self.store.where, seconds)
             return
         try:
             self.reader.close()
-            with self._lock:
-                self._db.close()
+            self.store.close()
         finally:
             self._running.release()
 
@@ -364,44 +315,29 @@ class KnowledgeBase:
                 continue
         return found
 
-    def _index_file(self, path: Path, source: str, known: tuple[str, int, float] | None) -> int | None:
+    def _index_file(self, path: Path, source: str, known: Known | None) -> int | None:
         """(Re)index one file; how many chunks it has, or None when it had not changed."""
         stat = path.stat()
-        if known is not None and known[1:] == (stat.st_size, stat.st_mtime):
+        if known is not None and (known.size, known.mtime) == (stat.st_size, stat.st_mtime):
             return None  # unchanged since the last run: not even read
         raw, stat = read_inside(path, self.folder.resolve(), self.max_file_bytes)
         digest = hashlib.sha256(raw).hexdigest()
-        if known is not None and known[0] == digest:  # touched, not changed
-            with self._lock:
-                self._db.execute(
-                    "UPDATE files SET size = ?, mtime = ? WHERE path = ?", (stat.st_size, stat.st_mtime, source)
-                )
-                self._db.commit()
+        if known is not None and known.hash == digest:  # touched, not changed
+            self.store.touch(source, stat.st_size, stat.st_mtime)
             return None
         chunks = chunk_markdown(self.reader.text(path.suffix, raw))
         if not chunks:
             raise ValueError("no text")
         rows = [
-            (index_terms(text), index_terms(heading), text, source, heading, text_hash(heading, text))
+            Chunk(index_terms(text), index_terms(heading), text, source, heading, text_hash(heading, text))
             for heading, text in chunks
         ]
-        with self._lock:
-            self._db.execute("DELETE FROM chunks WHERE source = ?", (source,))
-            self._db.executemany(
-                "INSERT INTO chunks (terms, heading_terms, text, source, heading, hash) VALUES (?, ?, ?, ?, ?, ?)", rows
-            )
-            self._db.execute(
-                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", (source, digest, stat.st_size, stat.st_mtime)
-            )
-            self._db.commit()
+        self.store.replace(source, Known(digest, stat.st_size, stat.st_mtime), rows)
         return len(rows)
 
     def _forget(self, sources: list[str]) -> int:
-        with self._lock:
-            for source in sources:
-                self._db.execute("DELETE FROM chunks WHERE source = ?", (source,))
-                self._db.execute("DELETE FROM files WHERE path = ?", (source,))
-            self._db.commit()
+        if sources:
+            self.store.forget(sources)
         return len(sources)
 
     def search(self, question: str, limit: int = 3, vector: np.ndarray | None = None) -> list[Passage]:
@@ -467,13 +403,7 @@ class KnowledgeBase:
     ) -> list[Passage]:
         """The chunks at these positions as passages, each text once (the first, best, copy)."""
         rowids = [int(postings.rowids[at]) for at in best]
-        with self._lock:
-            rows: dict[int, tuple[str, str, str]] = {
-                rowid: (text, source, heading)
-                for rowid, text, source, heading in self._db.execute(
-                    f"SELECT id, text, source, heading FROM chunks WHERE id IN ({','.join('?' * len(rowids))})", rowids
-                )
-            }
+        rows = self.store.passages(rowids) if rowids else {}
         passages: dict[str, Passage] = {}  # by text, the best first
         for rowid, at in zip(rowids, best):
             if rowid in rows and rows[rowid][0] not in passages:  # not re-indexed since the postings were loaded
@@ -525,9 +455,7 @@ class KnowledgeBase:
         the background (seconds at 100,000 chunks) and searches use the ones loaded until then."""
         if self._postings is None:
             return self._load_postings()
-        with self._lock:
-            changed = self._db.execute("PRAGMA data_version").fetchone()[0] != self._loaded_version
-        if changed and not self._reloading.is_set():
+        if self.store.changed() and not self._reloading.is_set():
             self._reloading.set()
             threading.Thread(target=self._reload, name="knowledge-reload", daemon=True).start()
         return self._postings
@@ -543,9 +471,7 @@ class KnowledgeBase:
     def _load_postings(self) -> Postings:
         """The index's terms in memory, and which of them sound alike (rebuilt when the index changes)."""
         warm_up()
-        with self._lock:
-            self._loaded_version = self._db.execute("PRAGMA data_version").fetchone()[0]
-            postings = Postings(self._db.execute("SELECT id, terms, heading_terms FROM chunks ORDER BY id"))
+        postings = Postings(self.store.load())
         sounds: dict[str, list[str]] = {}  # the most used first: the likelier meant
         for term in sorted(postings.ids, key=postings.count, reverse=True):
             if len(term) >= 2 and not term.isdigit():
@@ -561,13 +487,7 @@ class KnowledgeBase:
         """Search by this model's vectors from now on; the vectors of another model are deleted. The
         threshold is min_similarity when given, else calibrated once there are vectors and probes."""
         self.min_similarity = self._fixed_similarity = min_similarity
-        with self._lock:
-            known = self._db.execute("SELECT value FROM meta WHERE key = 'embedding_model'").fetchone()
-            if known is None or known[0] != identity:
-                self._db.execute("DELETE FROM embeddings")
-                self._db.execute("DELETE FROM meta WHERE key = 'embedding_dimension'")
-                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('embedding_model', ?)", (identity,))
-                self._db.commit()
+        self.store.use_model(identity)
         self.embedded = identity
 
     @property
@@ -576,40 +496,15 @@ class KnowledgeBase:
 
     def unembedded(self) -> list[tuple[str, str]]:
         """(hash, heading and text) of each text that has no vector yet (a text in two files is embedded once)."""
-        with self._lock:
-            return self._db.execute(
-                "SELECT DISTINCT c.hash, c.heading || char(10) || c.text FROM chunks c"
-                " LEFT JOIN embeddings e ON e.hash = c.hash WHERE e.hash IS NULL"
-            ).fetchall()
+        return self.store.unembedded()
 
     def store_vectors(self, hashes: list[str], vectors: np.ndarray) -> None:
-        """Keep vectors by content hash; all of one size (the first stored sets it), or none is kept."""
-        with self._lock:
-            known = self._db.execute("SELECT value FROM meta WHERE key = 'embedding_dimension'").fetchone()
-            if known is not None and int(known[0]) != vectors.shape[1]:
-                raise EmbeddingError(f"vectors of size {vectors.shape[1]}, where the index holds size {known[0]}")
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('embedding_dimension', ?)", (str(vectors.shape[1]),))
-            self._db.executemany(
-                "INSERT OR REPLACE INTO embeddings VALUES (?, ?)",
-                [(h, np.asarray(v, dtype=np.float32).tobytes()) for h, v in zip(hashes, vectors)],
-            )
-            self._db.commit()
+        self.store.store_vectors(hashes, vectors)
 
     def load_vectors(self, postings: Postings | None = None) -> int:
         """The stored vectors in memory, a row per chunk in the postings' order; how many chunks have one."""
         postings = postings or self._current_postings()
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT c.id, e.vector FROM chunks c JOIN embeddings e ON e.hash = c.hash ORDER BY c.id"
-            ).fetchall()
-            known = self._db.execute("SELECT value FROM meta WHERE key = 'embedding_dimension'").fetchone()
-        size = 4 * int(known[0]) if known else None
-        if any(len(vector) != size for _, vector in rows):  # another size (an index of an older version)
-            rows = [(rowid, vector) for rowid, vector in rows if len(vector) == size]
-            log.warning("knowledge: vectors of another size are left out; their passages are embedded again")
-            with self._lock:
-                self._db.execute("DELETE FROM embeddings WHERE length(vector) != ?", (size or 0,))
-                self._db.commit()
+        rows = self.store.vectors()
         if not rows:
             self._vectors = self._vectorless = None
             return 0
@@ -645,14 +540,28 @@ class Knowledge:
     def ready(self) -> bool:
         return self.started
 
+    @property
+    def degraded(self) -> str | None:
+        """Why the store is out of reach while search goes on from memory (a shared store only)."""
+        return self.base.store.degraded
+
     async def start(self) -> None:
         """Index the folder (only what changed): searchable by words from then on. Then make the vectors
-        of new texts in the background; search uses meaning once they are all there."""
-        await asyncio.to_thread(self.base.index)
-        if self.base.stopped:  # closed while it indexed
-            return
+        of new texts in the background; search uses meaning once they are all there. With a store that
+        replicas share, the one that gets to write does this, and the others load what it writes."""
+        store = self.base.store
+        writes = await asyncio.to_thread(store.writer, False)
+        try:
+            await asyncio.to_thread(self.base.index if writes else self.base.load)
+            if self.base.stopped:  # closed while it indexed
+                return
+        except BaseException:
+            await asyncio.to_thread(store.release)
+            raise
         if self.use_model():
-            self.embedding = asyncio.ensure_future(self.embed())
+            self.embedding = asyncio.ensure_future(self.embed(writes))
+        elif writes:
+            await asyncio.to_thread(store.release)
         self.started = True
 
     def use_model(self) -> bool:
@@ -662,10 +571,19 @@ class Knowledge:
         self.base.use_model(self.embedder.identity, self.embedder.min_similarity)
         return True
 
-    async def embed(self) -> int:
-        """Embed every text that has no vector, a batch at a time; then search by meaning. How many were new."""
+    async def embed(self, writes: bool = True) -> int:
+        """Embed every text that has no vector, a batch at a time (the writer only); then search by
+        meaning. How many were new."""
+        try:
+            return await self._embed(writes)
+        finally:
+            if writes:
+                await asyncio.to_thread(self.base.store.release)
+
+    async def _embed(self, writes: bool) -> int:
         assert self.embedder is not None
-        started, missing = time.perf_counter(), await asyncio.to_thread(self.base.unembedded)
+        started = time.perf_counter()
+        missing = await asyncio.to_thread(self.base.unembedded) if writes else []
         if missing:
             log.info("knowledge: embedding %d passages in the background; until then, search by words", len(missing))
         try:
@@ -679,6 +597,8 @@ class Knowledge:
             log.warning("embedding the knowledge base failed (%s); searching by words", printable(error, 200))
             return 0
         loaded = await asyncio.to_thread(self.base.load_vectors)
+        if missing:
+            await asyncio.to_thread(self.base.store.announce)  # the other replicas load them too
         log.info(
             "knowledge: %d passages searchable by meaning (%d embedded now in %.1f s)",
             *(loaded, len(missing), time.perf_counter() - started),
@@ -712,6 +632,9 @@ class Knowledge:
 async def index_command(knowledge: Knowledge) -> int:
     """Index the folder, printing each file as it goes and a summary."""
     base = knowledge.base
+    if not await asyncio.to_thread(base.store.writer, False):
+        print(f"another replica is indexing {base.store.where}; waiting for it")
+        await asyncio.to_thread(base.store.writer, True)
     report = await asyncio.to_thread(base.index, lambda source, chunks: print(f"  {source}: {chunks} chunks"))
     print(
         f"{report.files} files ({report.indexed} indexed, {report.removed} removed, {len(report.skipped)} skipped), "
@@ -721,6 +644,8 @@ async def index_command(knowledge: Knowledge) -> int:
         print(f"  skipped {skipped}")
     if knowledge.use_model():
         print(f"{await knowledge.embed()} passages embedded ({base.embedded})")
+    else:
+        await asyncio.to_thread(base.store.release)
     await knowledge.aclose()
     return 0
 

@@ -15,6 +15,7 @@ from custom_llm_server.core.context import Context, log_as, stop_logging_as
 from custom_llm_server.core.errors import SHUTTING_DOWN, ApiError
 from custom_llm_server.core.redact import printable
 from custom_llm_server.serving.errors import send_error
+from custom_llm_server.serving.limits import Limits
 
 log = logging.getLogger("custom_llm")
 
@@ -34,7 +35,8 @@ NOT_AN_OPERATOR = ApiError(
 class BearerAuth:
     """Rejects a request without a valid `Authorization: Bearer <key>` before it reaches any endpoint,
     notes the agent the key selects in the request's context, and holds each key to its agent's
-    MAX_STREAMS_PER_KEY requests at once. The keys are read per request: a reload changes them.
+    limits (limits.py: MAX_STREAMS_PER_KEY, MAX_REQUESTS_PER_MINUTE_PER_KEY, across replicas with
+    REDIS_URL). The keys are read per request: a reload changes them.
 
     `access` says who may call each path: "public" (no key), "operator" (the server's own keys,
     never an agent's: /metrics tells about every agent), or "agent" (any caller key; also any path
@@ -43,15 +45,15 @@ class BearerAuth:
     def __init__(
         self,
         app: ASGIApp,
-        keyring: Callable[[], Sequence[tuple[bytes, str, int]]],
+        keyring: Callable[[], Sequence[tuple[bytes, str, int, int]]],
         operators: Sequence[bytes],
         access: Mapping[str, str],
+        limits: Limits,
     ):
-        self.app, self.keyring, self.operators, self.access = app, keyring, operators, access
-        self.in_flight: dict[bytes, int] = {}
+        self.app, self.keyring, self.operators, self.access, self.limits = app, keyring, operators, access, limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        keys = self.keyring()  # (key, agent, requests it may have in flight: 0 for any)
+        keys = self.keyring()  # (key, agent, requests it may have in flight, start a minute: 0 for any)
         access = self.access.get(scope.get("path", ""), "agent")
         if scope["type"] != "http" or access == "public":
             return await self.app(scope, receive, send)
@@ -75,26 +77,14 @@ class BearerAuth:
                 match = key
         if match is None:
             return await send_error(send, INVALID_KEY, close=True)
-        secret, context.agent, limit = match
-        if limit and self.in_flight.get(secret, 0) >= limit:
-            return await send_error(
-                send,
-                ApiError(
-                    429,
-                    f"This key already has {limit} requests in flight.",
-                    "rate_limit_error",
-                    "too_many_concurrent_requests",
-                    headers={"retry-after": "1"},
-                ),
-                close=True,
-            )
-        self.in_flight[secret] = self.in_flight.get(secret, 0) + 1
+        secret, context.agent, in_flight, per_minute = match
+        taken = await self.limits.take(secret, in_flight, per_minute)
+        if isinstance(taken, ApiError):
+            return await send_error(send, taken, close=True)
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_flight[secret] -= 1
-            if not self.in_flight[secret]:
-                del self.in_flight[secret]  # keys come and go with reloads
+            await taken()
 
 
 def _one_of(token: bytes, keys: Sequence[bytes]) -> bool:
