@@ -20,6 +20,7 @@ from custom_llm_server.core.events import (
     Audio,
     End,
     Event,
+    Note,
     Relayed,
     Text,
     ToolCall,
@@ -158,13 +159,22 @@ def spoken_separator(text: str) -> str:
     return "" if CJK.search(text[-1:]) else " "
 
 
-async def words(events: AsyncIterator[Event], held: list[ToolCall]) -> AsyncIterator[str]:
-    """The words of an answer's events; calls to the caller's tools are held for after the speech."""
+async def words(events: AsyncIterator[Event], held: list[ToolCall], notes: list[Note]) -> AsyncIterator[str]:
+    """The words of an answer's events; calls to the caller's tools are held for after the speech,
+    notes (a server tool's call and result, for the playground) for the speech's next step."""
     async for event in events:
         if isinstance(event, ToolCall):
             held.append(event)
+        elif isinstance(event, Note):
+            notes.append(event)
         elif text := words_of(event):
             yield text
+
+
+def taken(notes: list[Note]) -> list[Note]:
+    """The notes gathered so far, each handed over once."""
+    out, notes[:] = notes[:], []
+    return out
 
 
 async def spoken_answer(
@@ -177,14 +187,19 @@ async def spoken_answer(
 
     The caller's tool calls come back after the speech, as on /chat/completions."""
     held: list[ToolCall] = []
-    texts = segments(words(events, held))
+    notes: list[Note] = []  # read ahead of the speech: each goes out with the step after it was read
+    texts = segments(words(events, held, notes))
     if engine is None:
         log.warning("answering /audio with a transcript only: %s", why_silent)
         async for text in texts:
+            for note in taken(notes):
+                yield note
             yield Audio(transcript=text + spoken_separator(text))
     else:
         try:
             async for step in speak(texts, engine, head_start_ms):
+                for note in taken(notes):
+                    yield note
                 if step.transcript is not None:
                     yield Audio(transcript=step.transcript + spoken_separator(step.transcript))
                 else:
@@ -192,6 +207,8 @@ async def spoken_answer(
         except SpeechError as error:
             log.warning("speech failed before any audio: %s", printable(error, 200))
             raise upstream_error(502, "The speech service failed.", "speech_failed") from None
+    for note in taken(notes):
+        yield note
     for call in held:
         yield call
     if not held:
@@ -224,6 +241,9 @@ async def converted_answer(
     async for event in events:
         if isinstance(event, ToolCall):
             held.append(event)
+            continue
+        if isinstance(event, Note):
+            yield event  # a server tool's call, for the playground
             continue
         for payload in event.payloads if isinstance(event, Relayed) else []:
             audio, content = upstream_audio(payload)
