@@ -5,13 +5,10 @@ the reason; nothing is skipped."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -21,6 +18,7 @@ import psycopg
 import pytest
 import redis
 
+from bench.proxy import Proxy
 from custom_llm_server.core import metrics
 from custom_llm_server.knowledge.index import KnowledgeBase
 from custom_llm_server.knowledge.postgres import PostgresStore
@@ -191,46 +189,6 @@ def test_an_index_run_killed_halfway_leaves_every_file_whole(database, tmp_path)
     assert done.returncode == 0 and f"{400 - len(files)} indexed" in done.stdout  # it goes on where it stopped
 
 
-class Proxy:
-    """A TCP relay in front of PostgreSQL that the test can cut and restore: the database out of reach,
-    as a replica sees a network fault or a restart."""
-
-    def __init__(self, target: tuple[str, int]):
-        self.target, self.listener = target, socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.open, self.pairs = threading.Event(), []
-        self.open.set()
-        threading.Thread(target=self.accept, daemon=True).start()
-
-    def accept(self) -> None:
-        while True:
-            client, _ = self.listener.accept()
-            if not self.open.is_set():
-                client.close()
-                continue
-            server = socket.create_connection(self.target)
-            self.pairs.append((client, server))
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self.pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def pipe(source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                sink.sendall(data)
-        for end in (source, sink):
-            with contextlib.suppress(OSError):
-                end.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        self.open.clear()
-        for pair in self.pairs:
-            for end in pair:
-                with contextlib.suppress(OSError):
-                    end.shutdown(socket.SHUT_RDWR)
-        self.pairs.clear()
-
-
 @pytest.mark.slow
 def test_the_store_out_of_reach_later_loses_no_search(database, make_server, tmp_path):
     folder = documents(tmp_path / "shop", **SHOP)
@@ -262,7 +220,14 @@ def test_the_store_out_of_reach_later_loses_no_search(database, make_server, tmp
 def test_streams_per_key_count_across_replicas(make_server, upstream, redis_url, tmp_path):
     key = f"sk-{uuid.uuid4().hex}"
     replicas = [
-        make_server(api_keys=(key,), redis_url=redis_url, max_streams_per_key=2, knowledge_dir=tmp_path) for _ in "ab"
+        make_server(
+            api_keys=(key,),
+            redis_url=redis_url,
+            max_streams_per_key=2,
+            max_requests_per_minute_per_key=100,  # its record stays a minute in Redis: looked at below
+            knowledge_dir=tmp_path,
+        )
+        for _ in "ab"
     ]
     upstream.script.delay = 0.3  # each answer takes a few seconds: all four are in flight at once
     body = {"stream": True, "messages": [{"role": "user", "content": "Count to ten."}]}
@@ -273,6 +238,8 @@ def test_streams_per_key_count_across_replicas(make_server, upstream, redis_url,
             return sorted(response.status_code for response in await asyncio.gather(*calls))
 
     assert asyncio.run(four()) == [200, 200, 429, 429]
+    stored = redis.Redis.from_url(redis_url).keys("custom-llm:*")
+    assert stored and not any(key.encode() in name for name in stored)  # named by a hash of the key
     upstream.script.delay = 0
     assert httpx.post(replicas[1].url + "/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
 
