@@ -286,13 +286,15 @@ def test_start_up_says_what_is_missing(make_server, upstream, tmp_path, caplog):
 
 def test_the_package_declares_everything_the_server_imports():
     """`pip install .` installs pyproject.toml's dependencies only: every package a module of the
-    server imports is declared there."""
+    server imports is declared there (an extra's, such as `replicas`, is imported only when its
+    setting asks for it)."""
     import ast
     import importlib.metadata
     import re
     import tomllib
 
-    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"], *(d for extra in project["optional-dependencies"].values() for d in extra)]
     listed = {re.split(r"[<>=\[ ;]", line.strip())[0].lower().replace("_", "-") for line in declared}
     distributions = importlib.metadata.packages_distributions()
     for module in [ROOT / "custom_llm.py", *(ROOT / "custom_llm_server").rglob("*.py")]:

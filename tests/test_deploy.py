@@ -194,6 +194,7 @@ def process_log_so_far(process: subprocess.Popen) -> str:
     return process.stdout.read() or ""  # type: ignore[union-attr]
 
 
+@pytest.mark.slow
 def test_the_compose_index_command_runs_with_its_settings(database, tmp_path):  # noqa: F811
     service = compose()["services"]["index"]
     env = {**os.environ, **IMAGE_ENV, "DATA_DIR": str(tmp_path), "EMBEDDING_MODEL": "none"}

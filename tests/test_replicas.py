@@ -136,6 +136,7 @@ def test_two_folders_in_one_database_stay_apart(database, tmp_path):
             base.close()
 
 
+@pytest.mark.slow
 def test_a_store_out_of_reach_at_start_is_one_line_and_an_exit(tmp_path):
     folder = documents(tmp_path / "shop", **SHOP)
     secret = "s3cret-password"
