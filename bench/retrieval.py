@@ -495,8 +495,29 @@ def main() -> None:
     print(table)
 
 
+def quick() -> None:
+    """`bench/retrieval.py --quick`: the help centre, the tiny corpus and its FAQs only, in minutes once
+    their vectors are cached; written to bench/results/knowledge-quick.md, not to docs/benchmarks.md."""
+    rows = [f"Knowledge base, the help centre and the tiny corpus, measured {time.strftime('%Y-%m-%d')}."]
+    model = Remembering(BuiltinModel(threads=2))
+    help_centre = corpora.help_centre(fresh(corpora.CACHE / "corpora" / "help"))
+    quality(
+        "Help centre (LibreOffice, English and Chinese)",
+        Server(embedded("help", help_centre, model, rows), model),
+        HELP,
+        rows,
+    )
+    tiny(model, rows)
+    tiny_faqs(model, rows)
+    table = "\n".join(rows) + "\n"
+    save("knowledge-quick.md", table)
+    print(table)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--scale"]:
         scale_one(Path(sys.argv[2]))
+    elif sys.argv[1:2] == ["--quick"]:
+        quick()
     else:
         main()

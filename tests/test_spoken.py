@@ -41,9 +41,10 @@ crontab -r 删除当前用户的全部任务。
 ## 一次性任务
 at 命令在指定时间运行一次任务。
 
-## 作者
-本手册由社区编写，书中的例子和人物都是虚构的。
+## 任务的输出
+定时任务的输出会以邮件发给用户。
 """
+NOVEL = "# 小说\n\n## 作者\n书中的人物都是虚构的。\n"
 
 
 @pytest.fixture
@@ -51,6 +52,7 @@ def kb(tmp_path) -> KnowledgeBase:
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "serving.md").write_text(SERVER_DOCS)
     (tmp_path / "docs" / "cron.md").write_text(SCHEDULING)
+    (tmp_path / "docs" / "novel.md").write_text(NOVEL)
     base = KnowledgeBase(tmp_path / "docs", tmp_path / "index.sqlite3")
     base.index()
     return base
@@ -86,6 +88,7 @@ def test_a_known_word_is_heard_as_a_homophone_only_where_the_knowledge_base_is_a
     # 人物 is in the index once, in passing; 任务, said the same (renwu), in every section: the caller meant 任务
     assert meant(kb, "怎么设置定时人物") == "怎么设置定时任务"
     assert meant(kb, "怎么查看定时任务") is None  # said as meant: nothing to repair
+    assert meant(kb, "小说里的人物是真的吗") is None  # 人物 beside the words it goes with: as heard
 
 
 def test_an_apostrophe_is_no_spelled_letter(kb):
@@ -175,3 +178,38 @@ def test_a_question_asked_again_is_not_embedded_again(make_server, upstream_serv
         ["how do I remove a package?"],
         ["how do I serve files over h t t p", "how do i serve files over http"],
     ]
+
+
+# --- the near miss: just over the threshold, similarity alone is not enough ------------------------
+
+
+@pytest.mark.parametrize(
+    "over, apart, supported, dropped",
+    [
+        (0.005, 0.002, False, True),  # a neighbouring topic: just over, level with the next passage
+        (0.005, 0.002, True, False),  # the question's words are there: an answer
+        (0.005, 0.03, False, False),  # it stands out from the rest: an answer
+        (0.03, 0.002, False, False),  # clearly over the threshold: similarity is enough
+    ],
+)
+def test_a_passage_just_over_the_threshold_needs_more_than_its_similarity(over, apart, supported, dropped):
+    import numpy as np
+
+    from custom_llm_server.knowledge.decision import near_misses
+
+    similarity = np.array([0.87 + over, 0.87 + over - apart, 0.80, 0.78])
+    chinese = np.zeros(4, dtype=bool)
+    support = np.array([supported, False, False, False])
+    assert near_misses(similarity, 0.87, support, chinese, until=1000)[0] == dropped
+
+
+def test_standing_out_is_measured_among_passages_in_the_same_language():
+    """A page's translation is about as close as the page: it is no rival to stand out from."""
+    import numpy as np
+
+    from custom_llm_server.knowledge.decision import near_misses
+
+    similarity = np.array([0.875, 0.873, 0.84, 0.83])
+    chinese = np.array([False, True, False, False])
+    assert not near_misses(similarity, 0.87, np.zeros(4, dtype=bool), chinese, until=1000).any()
+    assert not near_misses(similarity, 0.87, np.zeros(4, dtype=bool), chinese, until=4).any()  # a large one: as it was

@@ -23,9 +23,11 @@ Linear in the question's words: each is looked at once, with dictionary lookups.
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 from custom_llm_server.core.text import CJK as _CJK
 from custom_llm_server.knowledge.ranking import Postings
-from custom_llm_server.knowledge.terms import everyday, said_as, sound, stem
+from custom_llm_server.knowledge.terms import everyday, question_words, said_as, sound, stem
 
 # Spelled digits join the letters or the word before them only as a term the index holds ("diff
 # three": diff3); otherwise "three two" stays words.
@@ -102,6 +104,7 @@ def as_meant(
     out: list[tuple[str, bool]] = []
     brought: list[str] = []
     spelled_out = False
+    asked = {word.term for word in question_words(said)}  # the informative words, as terms
     at, count = 0, len(said)
     while at < count:
         word, chinese = said[at]
@@ -148,7 +151,7 @@ def as_meant(
                 brought.append(term)
                 at += 2
                 continue
-        guess = _meant_word(word, chinese, heard, known, sounds)
+        guess = _meant_word(word, chinese, heard, known, sounds, asked)
         if guess:
             said_so = said_as(guess)
             if out and out[-1][1] == chinese and said_so.startswith(out[-1][0]):
@@ -169,17 +172,23 @@ def as_meant(
 
 
 def _meant_word(
-    word: str, chinese: bool, heard: dict[str, list[str]], known: Postings, sounds: dict[str, list[str]]
+    word: str,
+    chinese: bool,
+    heard: dict[str, list[str]],
+    known: Postings,
+    sounds: dict[str, list[str]],
+    asked: set[str],
 ) -> str | None:
     """The known term a word was misheard for: _heard's first guess for a word the index does not
-    know; for one it knows, a homophone the knowledge base is about where it is not about the word."""
+    know; for one it knows, a homophone the knowledge base is about where it is not about the word,
+    and that the question's other words go with where the word as heard never does."""
     term = _term(word, chinese)
     # A guess in the other language is a coincidence of spelling: an English word too short for a
     # sound code of its own ("bite") is spelt like a pinyin syllable (比特, bite).
     guesses = [guess for guess in heard.get(term, []) if bool(_CJK.search(guess)) == chinese]
     if guesses:
         return guesses[0]
-    if term not in known or (not chinese and len(word) < 4) or (chinese and len(word) < 2):
+    if term not in asked or term not in known or (not chinese and len(word) < 4) or (chinese and len(word) < 2):
         return None
     # The homophone is what the knowledge base is about, far more than the word as heard: said 5 times
     # as much beside everyday language (10^TOPICAL_LIFT), and in 5 times as many passages.
@@ -189,5 +198,17 @@ def _meant_word(
         if known.count(other) < floor:
             return None
         if other != term and bool(_CJK.search(other)) == chinese and known.lift(other, everyday(other)) >= above:
-            return other
+            context = [t for t in asked if t not in (term, other)]
+            # 邮件 (email) is no 右键 (right-click) in a help centre that says 右键 far more: the
+            # document the question sends is said beside 邮件 there too; 人物 never beside 定时
+            if context and not _beside(known, term, context) and _beside(known, other, context):
+                return other
+            return None
     return None
+
+
+def _beside(known: Postings, term: str, others: list[str]) -> bool:
+    """Whether a passage holds the term and any of the others."""
+    holding = np.zeros(known.size, dtype=bool)
+    holding[known.holding(term)] = True
+    return any(holding[known.holding(other)].any() for other in others)
