@@ -178,38 +178,3 @@ def test_a_question_asked_again_is_not_embedded_again(make_server, upstream_serv
         ["how do I remove a package?"],
         ["how do I serve files over h t t p", "how do i serve files over http"],
     ]
-
-
-# --- the near miss: just over the threshold, similarity alone is not enough ------------------------
-
-
-@pytest.mark.parametrize(
-    "over, apart, supported, dropped",
-    [
-        (0.005, 0.002, False, True),  # a neighbouring topic: just over, level with the next passage
-        (0.005, 0.002, True, False),  # the question's words are there: an answer
-        (0.005, 0.03, False, False),  # it stands out from the rest: an answer
-        (0.03, 0.002, False, False),  # clearly over the threshold: similarity is enough
-    ],
-)
-def test_a_passage_just_over_the_threshold_needs_more_than_its_similarity(over, apart, supported, dropped):
-    import numpy as np
-
-    from custom_llm_server.knowledge.decision import near_misses
-
-    similarity = np.array([0.87 + over, 0.87 + over - apart, 0.80, 0.78])
-    chinese = np.zeros(4, dtype=bool)
-    support = np.array([supported, False, False, False])
-    assert near_misses(similarity, 0.87, support, chinese, until=1000)[0] == dropped
-
-
-def test_standing_out_is_measured_among_passages_in_the_same_language():
-    """A page's translation is about as close as the page: it is no rival to stand out from."""
-    import numpy as np
-
-    from custom_llm_server.knowledge.decision import near_misses
-
-    similarity = np.array([0.875, 0.873, 0.84, 0.83])
-    chinese = np.array([False, True, False, False])
-    assert not near_misses(similarity, 0.87, np.zeros(4, dtype=bool), chinese, until=1000).any()
-    assert not near_misses(similarity, 0.87, np.zeros(4, dtype=bool), chinese, until=4).any()  # a large one: as it was

@@ -38,7 +38,6 @@ import numpy as np
 from custom_llm_server.core.redact import printable
 from custom_llm_server.core.text import MAX_QUESTION_CHARS
 from custom_llm_server.knowledge import calibration
-from custom_llm_server.knowledge.decision import near_misses
 from custom_llm_server.knowledge.documents import SUFFIXES, Reader, chunk_markdown, read_inside
 from custom_llm_server.knowledge.embeddings import Embedder, EmbeddingError, RecentQuestions
 from custom_llm_server.knowledge.language import LANGUAGE_WEIGHT, chinese_passages, chinese_question
@@ -449,11 +448,8 @@ class KnowledgeBase:
             answers, rank = lexical, scores
         else:
             answers = self._answers(similarity, lexical)
-            chinese = chinese_passages(postings)
-            if self.min_similarity is not None:  # a near miss just over the threshold needs more (decision.py)
-                answers &= ~near_misses(similarity, self.min_similarity, lexical, chinese, STANDOUT_UNTIL)
             rank = similarity + BM25_WEIGHT * scores / max(float(scores.max()), 1e-9)
-            rank += LANGUAGE_WEIGHT * (chinese == chinese_question(said))
+            rank += LANGUAGE_WEIGHT * (chinese_passages(postings) == chinese_question(said))
         found = np.flatnonzero(answers)
         # A few more than asked: the same text installed twice (a manual page and its alias) is shown once
         best = found[np.argsort(-rank[found], kind="stable")[: limit * SAME_TEXT_SLACK]]
