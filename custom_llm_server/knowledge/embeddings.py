@@ -21,6 +21,7 @@ import importlib.metadata
 import logging
 import os
 import threading
+from collections import OrderedDict
 from typing import Any, Protocol
 
 import aiohttp
@@ -50,6 +51,10 @@ class Embedder(Protocol):
 
     async def query(self, text: str) -> np.ndarray:
         """The unit vector of a question."""
+        ...
+
+    async def queries(self, texts: list[str]) -> np.ndarray:
+        """Unit vectors for questions, one row each, in one call (a question and its repaired reading)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -87,6 +92,9 @@ class BuiltinModel:
 
     async def query(self, text: str) -> np.ndarray:
         return await asyncio.to_thread(lambda: unit(self._handle("query").query(text)))
+
+    async def queries(self, texts: list[str]) -> np.ndarray:
+        return await asyncio.to_thread(lambda: unit(np.atleast_2d(self._handle("query").query(texts))))
 
     async def aclose(self) -> None:
         pass
@@ -136,9 +144,34 @@ class HostedModel:
     async def query(self, text: str) -> np.ndarray:
         return (await self._embed([text]))[0]
 
+    async def queries(self, texts: list[str]) -> np.ndarray:
+        return await self._embed(texts)
+
     async def aclose(self) -> None:
         if self.session is not None:
             await self.session.close()
+
+
+class RecentQuestions:
+    """The vectors of recent questions, by their exact text, least recently used out first: a question
+    asked again (the model's search_knowledge after /rag's search of the same words, a caller who
+    repeats themselves) is not embedded again, and the questions missing are embedded in one call."""
+
+    def __init__(self, embedder: Embedder, size: int = 256):
+        self.embedder, self.size = embedder, size  # 256 vectors of 384 numbers: 400 KB
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    async def vectors(self, texts: list[str]) -> list[np.ndarray]:
+        """The unit vector of each question, in order."""
+        missing = [text for text in dict.fromkeys(texts) if text not in self._vectors]
+        made = dict(zip(missing, await self.embedder.queries(missing), strict=True)) if missing else {}
+        found = [made[text] if text in made else self._vectors[text] for text in texts]
+        for text, vector in zip(texts, found, strict=True):
+            self._vectors[text] = vector
+            self._vectors.move_to_end(text)
+        while len(self._vectors) > self.size:
+            self._vectors.popitem(last=False)
+        return found
 
 
 def vectors_of(body: bytes, count: int) -> np.ndarray:

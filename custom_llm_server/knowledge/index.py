@@ -39,9 +39,11 @@ from custom_llm_server.core.redact import printable
 from custom_llm_server.core.text import MAX_QUESTION_CHARS
 from custom_llm_server.knowledge import calibration
 from custom_llm_server.knowledge.documents import SUFFIXES, Reader, chunk_markdown, read_inside
-from custom_llm_server.knowledge.embeddings import Embedder, EmbeddingError
+from custom_llm_server.knowledge.embeddings import Embedder, EmbeddingError, RecentQuestions
+from custom_llm_server.knowledge.language import LANGUAGE_WEIGHT, chinese_passages, chinese_question
 from custom_llm_server.knowledge.rag import Passage
 from custom_llm_server.knowledge.ranking import Postings
+from custom_llm_server.knowledge.spoken import Meant, as_meant, unquoted
 from custom_llm_server.knowledge.store import Chunk, Known, SQLiteStore, Store, default_path
 from custom_llm_server.knowledge.terms import (
     Word,
@@ -340,13 +342,23 @@ class KnowledgeBase:
             self.store.forget(sources)
         return len(sources)
 
-    def search(self, question: str, limit: int = 3, vector: np.ndarray | None = None) -> list[Passage]:
+    def search(
+        self,
+        question: str,
+        limit: int = 3,
+        vector: np.ndarray | None = None,
+        meant: Meant | None = None,
+        meant_vector: np.ndarray | None = None,
+    ) -> list[Passage]:
         """The passages that answer the question, best first; none when nothing does.
 
         Without a question vector (lexical mode, or while the vectors are being made), the lexical
         decision picks and BM25 ranks. With one, meaning leads: a passage answers when its cosine
         similarity reaches the threshold (calibration.py), or comes close to it (SUPPORT_MARGIN) and holds enough
-        of the question's words; they are ranked by similarity and BM25 together (BM25_WEIGHT)."""
+        of the question's words; they are ranked by similarity and BM25 together (BM25_WEIGHT).
+        meant and meant_vector: the question as meant (meant()) and its vector; a passage that holds
+        what a repair brought in is as close as the nearer of the two readings, and the repair
+        supports it as its words would."""
         said = tokens(question)
         words = question_words(said)
         if limit <= 0 or not words:  # "hello", "thanks", 你好: nothing to look up, by words or by meaning
@@ -356,13 +368,24 @@ class KnowledgeBase:
         share, amount = coverage(words, heard, joined, postings)
         lexical = (share >= self.min_coverage) & (amount >= MIN_EVIDENCE)
         terms = [w.term for w in words] + [t for found in heard.values() for t in found] + list(joined.values())
+        # spelled letters ("h t t p") are a word the question's words lack: the words as meant have a say
+        if meant is not None and meant.spelled and (meant_words := question_words(tokens(meant.text))):
+            share_meant, amount_meant = coverage(meant_words, {}, {}, postings)
+            lexical |= (share_meant >= self.min_coverage) & (amount_meant >= MIN_EVIDENCE)
+            share = np.maximum(share, share_meant)
+            terms += list(meant.terms)
         scores = postings.scores(terms)
         similarity = self._similarity(vector, postings.size)
+        repaired = self._similarity(meant_vector, postings.size) if meant is not None else None
+        if similarity is not None and repaired is not None and meant is not None:
+            holding = _mask(postings, list(meant.terms))
+            similarity = np.where(holding, np.maximum(similarity, repaired), similarity)
         if similarity is None:
             answers, rank = lexical, scores
         else:
             answers = self._answers(similarity, lexical)
             rank = similarity + BM25_WEIGHT * scores / max(float(scores.max()), 1e-9)
+            rank += LANGUAGE_WEIGHT * (chinese_passages(postings) == chinese_question(said))
         found = np.flatnonzero(answers)
         # A few more than asked: the same text installed twice (a manual page and its alias) is shown once
         best = found[np.argsort(-rank[found], kind="stable")[: limit * SAME_TEXT_SLACK]]
@@ -410,6 +433,16 @@ class KnowledgeBase:
                 close = None if similarity is None else float(similarity[at])
                 passages[rows[rowid][0]] = Passage(*rows[rowid], float(scores[at]), rowid, float(share[at]), close)
         return list(passages.values())
+
+    def meant(self, question: str) -> Meant | None:
+        """The question as speech recognition's errors say it was meant (spoken.py), when it differs."""
+        said = tokens(unquoted(question))
+        words = question_words(said)
+        if not words:
+            return None
+        postings = self._current_postings()
+        heard, joined = self._heard(said, words, postings)
+        return as_meant(said, heard, joined, postings, self._sounds)
 
     # --- speech-recognition noise ------------------------------------------------------------------
 
@@ -533,6 +566,7 @@ class Knowledge:
 
     def __init__(self, base: KnowledgeBase, embedder: Embedder | None = None):
         self.base, self.embedder = base, embedder
+        self.queries = RecentQuestions(embedder) if embedder is not None else None
         self.embedding: asyncio.Task[int] | None = None  # the vectors being made
         self.started = False
 
@@ -606,13 +640,16 @@ class Knowledge:
         return len(missing)
 
     async def search(self, question: str, limit: int) -> list[Passage]:
-        question, vector = question[:MAX_QUESTION_CHARS], None  # a tool's query is the model's: any size
-        if self.embedder is not None and self.base.searchable_by_meaning and asks_something(question):
+        """The question as said and as meant (spoken.py), both embedded in one call unless embedded lately."""
+        question = question[:MAX_QUESTION_CHARS]  # a tool's query is the model's: any size
+        vectors: list[np.ndarray | None] = [None, None]  # of the question as said, and as meant
+        meant = await asyncio.to_thread(self.base.meant, question)
+        if self.queries is not None and self.base.searchable_by_meaning and asks_something(question):
             try:
-                vector = await self.embedder.query(question)
+                vectors[: 1 + bool(meant)] = await self.queries.vectors([question] + ([meant.text] if meant else []))
             except EmbeddingError as error:  # the embedding model failing costs this question its meaning only
                 log.warning("question embedding failed (%s); searching by words", printable(error, 200))
-        return await asyncio.to_thread(self.base.search, question, limit, vector)
+        return await asyncio.to_thread(self.base.search, question, limit, vectors[0], meant, vectors[1])
 
     async def aclose(self) -> None:
         self.base.stop()
