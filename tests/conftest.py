@@ -260,6 +260,21 @@ def dominant_frequency(pcm: bytes, rate: int) -> float:
     return float(np.fft.rfftfreq(len(samples), 1 / rate)[spectrum.argmax()])
 
 
+async def request_body(scope, receive, send) -> bytes | None:
+    """For the small ASGI fakes of other services: the request's whole body; None for the lifespan
+    messages, answered here."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return None
+    raw, more = b"", True
+    while more:
+        message = await receive()
+        raw, more = raw + message.get("body", b""), message.get("more_body", False)
+    return raw
+
+
 def sse_events(response: httpx.Response) -> list[bytes]:
     """The data payloads of an SSE response, [DONE] included."""
     events = [block for block in response.read().split(b"\n\n") if block]

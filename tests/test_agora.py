@@ -16,7 +16,7 @@ from hashlib import sha256
 import httpx
 import pytest
 
-from tests.conftest import AUTH, ServerThread, dominant_frequency, metric, post, sse_events, text_of
+from tests.conftest import AUTH, ServerThread, dominant_frequency, metric, post, request_body, sse_events, text_of
 from tests.scripted_llm import ScriptedUpstream
 
 HEARD = "The opening hours are nine to five on "
@@ -242,14 +242,9 @@ class FakeAgora:
         self.bodies: list[dict] = []  # the JSON bodies of the calls that send one (speak)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            return await send({"type": "lifespan.shutdown.complete"})
-        raw, more = b"", True
-        while more:
-            message = await receive()
-            raw, more = raw + message.get("body", b""), message.get("more_body", False)
+        raw = await request_body(scope, receive, send)
+        if raw is None:
+            return
         if raw.strip():
             self.bodies.append(json.loads(raw))
         headers = dict(scope["headers"])

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ServerThread, sse_events, text_of
+from tests.conftest import ServerThread, request_body, sse_events, text_of
 from tests.test_agora import FakeAgora, wait_for
 
 ORDER_ARGS = json.dumps({"order_id": "A-1042"})
@@ -25,14 +25,9 @@ class ToolEndpoint:
         self.status, self.answer, self.delay, self.headers = 200, b'{"status": "shipped"}', 0.0, []
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            return await send({"type": "lifespan.shutdown.complete"})
-        raw, more = b"", True
-        while more:
-            message = await receive()
-            raw, more = raw + message.get("body", b""), message.get("more_body", False)
+        raw = await request_body(scope, receive, send)
+        if raw is None:
+            return
         self.requests.append(
             {"headers": {k.decode(): v.decode() for k, v in scope["headers"]}, "body": json.loads(raw)}
         )
