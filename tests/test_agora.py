@@ -639,17 +639,32 @@ def test_the_apps_state_reaches_the_model_as_data_and_the_tools_through_the_cont
     assert seen == presence
 
 
+def deeply_nested(depth: int) -> dict:
+    nested: dict = {}
+    for _ in range(depth):
+        nested = {"a": nested}
+    return nested
+
+
 @pytest.mark.parametrize(
     ("context", "code"),
     [
         ({"presence": {"u": {"state": "x" * 5000}}}, "presence_too_large"),
         ({"presence": ["not", "an", "object"]}, "invalid_presence"),
+        ({"presence": {"u": deeply_nested(300)}}, "too_deeply_nested"),
     ],
 )
 def test_the_apps_state_is_bounded(make_server, upstream, context, code):
     server = make_server()
     answer = post(server, {"context": context, "messages": [{"role": "user", "content": "Hi"}]})
     assert answer.status_code == 400 and answer.json()["error"]["code"] == code and upstream.requests == []
+
+
+def test_the_apps_state_is_counted_in_characters(make_server, upstream):
+    server = make_server()
+    chinese = {"presence": {"u": {"selected": "选" * 1400}}}  # 4,200 bytes of UTF-8, 1,400 characters
+    answer = post(server, {"context": chinese, "messages": [{"role": "user", "content": "Hi"}]})
+    assert answer.status_code == 200
 
 
 def test_a_phone_call_is_hung_up_with_agoras_telephony_api(make_server, agora, upstream):

@@ -177,14 +177,20 @@ def test_a_destructive_declared_tool_runs_only_when_the_user_asks(
         ("timeout_seconds = 600", "timeout_seconds"),
         ("destructive = 3", "destructive is true"),
         ('colour = "blue"', "colour is not a tool's key"),
+        ('parameters = { type = "object", properties = "oops" }', "parameters.properties"),
+        ('parameters = { type = "object", properties = { id = { type = "string" } }, required = "id" }', "required"),
+        ('name = "calculate"', "the name of a server tool"),
+        ('name = "end_call"', "the name of a server tool"),
     ],
 )
 def test_a_declared_tool_that_cannot_be_used_stops_the_server_with_the_reason(
     make_server, upstream_server, upstream, tmp_path, tool, said
 ):
     path = tmp_path / "agents.toml"
+    name = "" if tool.startswith("name") else 'name = "t"\n'
     path.write_text(
-        f'[agents.shop]\napi_keys = ["k"]\n[[agents.shop.tools]]\nname = "t"\n{tool}\n'
+        f'[agents.shop]\napi_keys = ["k"]\nagora_app_id = "app"\nagora_customer_id = "c"\n'
+        f'agora_customer_secret = "s"\n[[agents.shop.tools]]\n{name}{tool}\n'
         + ('url = "https://example.com/t"\n' if "description" not in tool else 'url = "ftp://x"\n')
     )
     with pytest.raises(ValueError, match=said):
@@ -296,3 +302,75 @@ def test_a_slow_tool_is_pending_once_a_channel_and_dropped_when_the_call_ends(
     time.sleep(5)  # past the tool's answer
     assert [path for _, path, _ in agora.calls if "/speak" in path] == []
     assert any(path.endswith("/leave?") for _, path, _ in agora.calls)
+
+
+def test_only_a_headers_credentials_are_scrubbed_from_its_answer(
+    make_server, upstream_server, upstream, tool_server, endpoint, tmp_path, monkeypatch
+):
+    """The token an Authorization header carries is scrubbed; a version or an Accept header is no
+    secret, and the dates and types a tool answers reach the model whole."""
+    monkeypatch.setenv("SHOP_TOKEN", "Bearer shop-secret-token")
+    path = agents_file(tmp_path, upstream_server.url, tool_server.url)
+    path.write_text(
+        path.read_text().replace(
+            'headers = { Authorization = "env:SHOP_TOKEN" }',
+            'headers = { Authorization = "env:SHOP_TOKEN", X-Api-Version = "2024-01-02", Accept = "application/json" }',
+        )
+    )
+    server = make_server(agents_file=path)
+    endpoint.answer = b'{"shipped": "2024-01-02", "type": "application/json", "echo": "shop-secret-token"}'
+    upstream.script.turns = [{"calls": [("order_status", ORDER_ARGS)]}, {"say": ["Shipped."]}]
+    ask(server).read()
+    assert tool_result(upstream) == {"shipped": "2024-01-02", "type": "application/json", "echo": "[redacted]"}
+
+
+def test_too_many_tool_calls_at_once_are_a_result_and_no_traceback(
+    make_server, upstream_server, upstream, tool_server, endpoint, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setenv("SHOP_TOKEN", "t")
+    server = make_server(agents_file=agents_file(tmp_path, upstream_server.url, tool_server.url), max_http_tool_calls=1)
+    endpoint.delay = 0.5
+    two = [("order_status", ORDER_ARGS), ("order_status", json.dumps({"order_id": "B-7"}))]
+    upstream.script.turns = [{"calls": two}, {"say": ["One of them."]}]
+    ask(server).read()
+    results = [m["content"] for m in upstream.requests[1]["body"]["messages"] if m["role"] == "tool"]
+    assert len(results) == 2 and sum("too many tool calls" in r for r in results) == 1
+    assert "Traceback" not in caplog.text
+
+
+def test_results_of_calls_long_over_let_their_channels_go(monkeypatch):
+    """Most calls end with a hang-up, not end_call: their kept results must not fill the table of
+    channels, or every slow call after the thousandth channel would be told the server is busy."""
+    from custom_llm_server.core.context import Context
+    from custom_llm_server.llm import later
+
+    monkeypatch.setattr(later, "MAX_CHANNELS", 3)
+    monkeypatch.setattr(later, "KEPT_SECONDS", 0.2)
+    said: list[str] = []
+
+    async def say(context, text):
+        said.append(context.channel)
+        return "spoken"
+
+    async def phrase(messages):
+        return "It is ready."
+
+    async def run() -> str:
+        results = later.Later(1, say, phrase)
+
+        async def done() -> str:
+            return '{"status": "ready"}'
+
+        for n in range(3):
+            context = Context(f"r{n}", engine={"channel": f"room-{n}"})
+            results.adopt(f"call-{n}", "t", "{}", asyncio.ensure_future(done()), context)
+        await asyncio.sleep(0.1)
+        assert len(results.kept) == 3
+        await asyncio.sleep(0.2)  # every kept result is now older than KEPT_SECONDS
+        fresh = Context("r9", engine={"channel": "room-9"})
+        told = results.adopt("call-9", "t", "{}", asyncio.ensure_future(done()), fresh)
+        await asyncio.sleep(0.05)
+        await results.aclose()
+        return told
+
+    assert json.loads(asyncio.run(run()))["status"] == "still running" and "room-9" in said

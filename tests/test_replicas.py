@@ -98,9 +98,11 @@ def test_replicas_share_one_index_and_follow_its_changes(database, tmp_path):
         question = "how long does delivery take?"
         assert texts(replica.search(question)) == texts(writer.search(question)) != []
         (folder / "delivery.md").write_text("# Delivery\n\nParcels now arrive the next day by bicycle courier.\n")
+        loaded = replica._postings
         assert writer.index().indexed == 1
-        assert eventually(replica.store.changed, 5)  # told by NOTIFY, not by reading the folder
-        assert eventually(lambda: "next day" in " ".join(texts(replica.search(question))), 5)
+        # Told by NOTIFY, the replica reloads by itself: no search, no look at the folder.
+        assert eventually(lambda: replica._postings is not loaded, 10)
+        assert "next day" in " ".join(texts(replica.search(question)))
         writer.store.release()
         assert replica.store.writer(wait=False)  # the writer's turn is over: another may take it
     finally:
@@ -336,3 +338,69 @@ def test_vectors_are_made_once_for_every_replica(database, tmp_path):
     assert found and "delivered within three working days" in found[0]
     with psycopg.connect(database) as db:
         assert db.execute("SELECT count(*) FROM kb_vectors").fetchone() == (2,)
+
+
+def test_a_lease_given_back_while_redis_was_away_is_given_back_when_it_returns(redis_url):
+    """Two requests end while Redis is cut: once it answers again their places are free at once,
+    not 30 seconds later when their leases expire."""
+    proxy = Proxy(("127.0.0.1", int(redis_url.split(":")[2].split("/")[0])))
+
+    async def run() -> object:
+        limits = Limits(f"redis://127.0.0.1:{proxy.port}/0")
+        key = uuid.uuid4().bytes
+        held = [await limits.take(key, 2, 0) for _ in range(2)]
+        proxy.cut()
+        for release in held:
+            await release()  # Redis away: remembered
+        proxy.open.set()
+        limits.away_until = 0.0  # as after RETRY_SECONDS
+        taken = await limits.take(key, 2, 0)
+        await limits.aclose()
+        return taken
+
+    assert callable(asyncio.run(run()))
+
+
+def test_the_minute_limit_follows_a_reload_that_raises_it():
+    from custom_llm_server.serving.limits import InProcess
+
+    counts, key = InProcess(), b"sk-test"
+    assert [callable(counts.take(key, 0, 3)) for _ in range(4)] == [True, True, True, False]
+    assert [callable(counts.take(key, 0, 5)) for _ in range(3)] == [True, True, False]  # 5 a minute now
+
+
+@pytest.mark.slow
+def test_a_replica_started_before_the_index_follows_its_vectors(database, tmp_path):
+    """On a first deployment the replicas and the index job start together: a replica that finds the
+    store empty (and another process writing) still searches by meaning once the vectors are there."""
+    from custom_llm_server.knowledge.embeddings import BuiltinModel
+    from custom_llm_server.knowledge.index import Knowledge
+
+    folder = documents(tmp_path / "shop", **SHOP)
+    empty = tmp_path / "empty-copy"  # the replica's own folder: nothing in it
+    empty.mkdir()
+
+    async def run() -> tuple[bool, list[str]]:
+        writer = Knowledge(KnowledgeBase(folder, PostgresStore(database, folder)), BuiltinModel(1, None))
+        assert writer.base.store.writer(wait=False)  # the job has the lock when the replica starts
+        replica = Knowledge(KnowledgeBase(folder, PostgresStore(database, folder)), BuiltinModel(1, None))
+        try:
+            await replica.start()
+            await replica.embedding
+            assert replica.base.chunks == 0
+            writer.base.store.release()
+            await writer.start()
+            await writer.embedding
+            deadline = time.monotonic() + 20
+            while not replica.base.searchable_by_meaning and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)  # no search needed: the store hears the change, the replica reloads
+                await asyncio.sleep(0.1)
+            found = await replica.search("my parcel, when does it come?", 3)
+            return replica.base.searchable_by_meaning, [p.text for p in found]
+        finally:
+            await writer.aclose()
+            await replica.aclose()
+
+    meaning, found = asyncio.run(run())
+    assert meaning, found
+    assert found and "three working days" in found[0], found

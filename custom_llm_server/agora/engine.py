@@ -87,7 +87,11 @@ def presence_of(context: Any, max_chars: int) -> dict[str, Any]:
         raise bad_request(
             "context.presence: an object of users and their states is expected.", "invalid_presence", "context.presence"
         )
-    if len(orjson.dumps(presence)) > max_chars:  # a body's JSON is already bounded: this is what the model may read
+    try:
+        written = orjson.dumps(presence).decode()
+    except TypeError:  # deeper than orjson writes (254 levels): no state a model could read
+        raise bad_request("context.presence: nested too deeply.", "too_deeply_nested", "context.presence") from None
+    if len(written) > max_chars:  # a body's JSON is already bounded: this is what the model may read
         raise bad_request(
             f"context.presence: more than {max_chars} characters of JSON (MAX_PRESENCE_CHARS).",
             "presence_too_large",

@@ -25,12 +25,14 @@ from custom_llm_server.core.redact import printable
 from custom_llm_server.core.wording import Wording
 from custom_llm_server.knowledge.rag import Retriever
 from custom_llm_server.llm.answer import ToolLoop
-from custom_llm_server.llm.http_tools import HttpCaller
+from custom_llm_server.llm.http_tools import MAX_TIMEOUT_SECONDS, HttpCaller
 from custom_llm_server.llm.tools import ToolRegistry
 from custom_llm_server.llm.upstream import LLM
 from custom_llm_server.voice.engines import Bounded, Engine
 
 log = logging.getLogger("custom_llm.agents")
+
+LATER_SECONDS = MAX_TIMEOUT_SECONDS + 30  # a slow tool's longest run, then the sentence made and said
 
 
 @dataclass
@@ -287,6 +289,10 @@ class Agents:
             knowledge[key].start()
         await asyncio.gather(*(svc.start() for svc in fresh.values()))
         retired = [svc for name, svc in self.services.items() if name not in kept]
+        for name, svc in fresh.items():  # the channels' results that came late stay theirs
+            old = self.services.get(name)
+            if old is not None and old.loop.later is not None and svc.loop.later is not None:
+                svc.loop.later.kept = old.loop.later.kept
         self.services = {**kept, **fresh}
         used = {id(svc.retriever) for svc in self.services.values()}
         unused = [k for k in knowledge.values() if id(k.retriever) not in used]
@@ -308,6 +314,9 @@ class Agents:
                     await svc.idle.wait()
             except TimeoutError:
                 log.warning("agent %s was replaced; %d answers still used it when it closed", svc.name, svc.users)
+        # A slow tool's promise made by a replaced agent is kept: its result is still said (within the
+        # tool's own timeout and Agora's), into the results the agent's successor reads.
+        await asyncio.gather(*(svc.loop.later.drain(LATER_SECONDS) for svc in services if svc.loop.later))
         await asyncio.gather(*(svc.aclose() for svc in services), return_exceptions=True)
         await asyncio.gather(*(k.aclose() for k in knowledge), return_exceptions=True)
 

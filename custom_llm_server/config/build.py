@@ -160,6 +160,8 @@ def tools(
     registry = (given or sample_tools(search_knowledge_tool(retriever))).select(settings.server_tools)
     for tool in declared:
         assert caller is not None
+        if tool.name in registry.tools or tool.name == "end_call":
+            raise ValueError(f"the agents file's tool {tool.name} has the name of a server tool: give it another")
         registry.declare(
             tool.name, tool.description, tool.parameters, caller.function(tool), tool.timeout_seconds, tool.destructive
         )

@@ -170,6 +170,7 @@ def _http_tools(value: Any, where: str) -> tuple[HttpTool, ...]:
                 parameters=table.get("parameters", {"type": "object", "properties": {}}),
                 timeout_seconds=float(table.get("timeout_seconds", 5)),
                 headers=tuple((str(k), _resolved(v, f"{at}, headers.{k}")) for k, v in headers.items()),
+                from_env=frozenset(str(k) for k, v in headers.items() if v.startswith("env:")),
                 destructive=destructive,
             )
         except (ValueError, TypeError) as error:

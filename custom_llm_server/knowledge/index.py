@@ -214,7 +214,9 @@ class KnowledgeBase:
         self._fixed_similarity: float | None = None  # RAG_MIN_SIMILARITY, when set
         self.probes: dict[str, np.ndarray] | None = None  # calibration.embedded(): the threshold is calibrated
         self._running = threading.Lock()  # held by index() from start to end
+        self._loading = threading.RLock()  # held while the terms and vectors in memory are replaced
         self.store.claim(str(self.folder.resolve()))
+        self.store.on_change = self._reload_soon
         self.loaded = False
         self._stop = threading.Event()
         self._postings: Postings | None = None  # the index's terms, in memory for search
@@ -240,6 +242,13 @@ class KnowledgeBase:
                 # A replica without the documents serves the store's knowledge base as it is: an
                 # empty or missing folder here must not empty it for every replica.
                 log.info("knowledge: no documents in %s; serving the store's index as it is", self.folder)
+                if not self.chunks:  # the folder's path names its base: another path is another base
+                    log.warning(
+                        "knowledge store %s holds nothing for %s: run `custom-llm index` with this KNOWLEDGE_DIR, "
+                        "or give it the path the index was made with",
+                        self.store.where,
+                        self.folder.resolve(),
+                    )
                 return self.load()
             return self._index(progress)
 
@@ -488,10 +497,16 @@ class KnowledgeBase:
         the background (seconds at 100,000 chunks) and searches use the ones loaded until then."""
         if self._postings is None:
             return self._load_postings()
-        if self.store.changed() and not self._reloading.is_set():
+        if self.store.changed():
+            self._reload_soon()
+        return self._postings
+
+    def _reload_soon(self) -> None:
+        """Reload in the background, unless a reload is running (it reads the change too) or nothing
+        was loaded yet. A store that hears of changes (postgres.py) calls this as soon as it does."""
+        if self._postings is not None and not self._reloading.is_set():
             self._reloading.set()
             threading.Thread(target=self._reload, name="knowledge-reload", daemon=True).start()
-        return self._postings
 
     def _reload(self) -> None:
         try:
@@ -502,17 +517,19 @@ class KnowledgeBase:
             self._reloading.clear()
 
     def _load_postings(self) -> Postings:
-        """The index's terms in memory, and which of them sound alike (rebuilt when the index changes)."""
+        """The index's terms in memory, and which of them sound alike (rebuilt when the index changes).
+        One load at a time: a reload and an index run finishing together swap in one whole state."""
         warm_up()
-        postings = Postings(self.store.load())
-        sounds: dict[str, list[str]] = {}  # the most used first: the likelier meant
-        for term in sorted(postings.ids, key=postings.count, reverse=True):
-            if len(term) >= 2 and not term.isdigit():
-                sounds.setdefault(sound(said_as(term)), []).append(term)
-        if self.embedded:  # the vectors follow the chunks
-            self.load_vectors(postings)
-        self._postings, self._sounds, self._sorted = postings, sounds, sorted(postings.ids)
-        return postings
+        with self._loading:
+            postings = Postings(self.store.load())
+            sounds: dict[str, list[str]] = {}  # the most used first: the likelier meant
+            for term in sorted(postings.ids, key=postings.count, reverse=True):
+                if len(term) >= 2 and not term.isdigit():
+                    sounds.setdefault(sound(said_as(term)), []).append(term)
+            if self.embedded:  # the vectors follow the chunks
+                self.load_vectors(postings)
+            self._postings, self._sounds, self._sorted = postings, sounds, sorted(postings.ids)
+            return postings
 
     # --- vectors (semantic search) --------------------------------------------------------------
 
@@ -536,7 +553,10 @@ class KnowledgeBase:
 
     def load_vectors(self, postings: Postings | None = None) -> int:
         """The stored vectors in memory, a row per chunk in the postings' order; how many chunks have one."""
-        postings = postings or self._current_postings()
+        with self._loading:
+            return self._load_vectors(postings or self._current_postings())
+
+    def _load_vectors(self, postings: Postings) -> int:
         rows = self.store.vectors()
         if not rows:
             self._vectors = self._vectorless = None
@@ -599,8 +619,10 @@ class Knowledge:
         self.started = True
 
     def use_model(self) -> bool:
-        """Point the index at the embedding model's vectors, when there is one and something to embed."""
-        if self.embedder is None or not self.base.chunks:
+        """Point the index at the embedding model's vectors, when there is one and something to embed
+        (or, with a store replicas share, might be: a replica that starts first follows the vectors
+        another one writes)."""
+        if self.embedder is None or not (self.base.store.shared or self.base.chunks):
             return False
         self.base.use_model(self.embedder.identity, self.embedder.min_similarity)
         return True

@@ -16,9 +16,11 @@ indexes and embeds at a time, the others load what it wrote and follow its chang
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,7 @@ LOCK_CLASS = 0x636C  # the first key of the advisory locks this server takes ("c
 MIGRATION_LOCK = 0
 STATEMENT_SECONDS = 120  # one statement at most: loading 100,000 chunks takes seconds, not minutes
 BACKOFF_SECONDS = (0.5, 30.0)  # the listener's reconnection, doubling from the first to the last
+PING_SECONDS = 5.0  # the listener asks the database something this often: a silent loss is found
 
 MIGRATIONS = (
     """
@@ -92,8 +95,17 @@ class PostgresStore:
         self._writing: psycopg.Connection[Any] | None = None  # holds the writer's lock
         self.model = ""
         self.base = 0
+        self.on_change: Callable[[], None] = lambda: None
         options = f"-c statement_timeout={STATEMENT_SECONDS * 1000}"
-        self._connect: dict[str, Any] = {"connect_timeout": max(1, round(timeout)), "options": options}
+        self._connect: dict[str, Any] = {
+            "connect_timeout": max(1, round(timeout)),
+            "options": options,
+            # A connection lost without a word (a NAT's idle drop, a failover) is found in seconds.
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+        }
         try:
             self.pool = ConnectionPool(
                 url,
@@ -107,13 +119,14 @@ class PostgresStore:
             self.pool.open(wait=True, timeout=timeout)
             with self.pool.connection() as db:
                 migrate(db)
-            listening = self._listening()
         except Exception as error:  # psycopg's and the pool's errors alike: said in one line
             self._closed.set()
             if hasattr(self, "pool"):
                 self.pool.close()
             raise unreachable(self.where, error) from None
-        self._listener = threading.Thread(target=self._listen, args=(listening,), name="knowledge-listen", daemon=True)
+        self._listener = threading.Thread(
+            target=lambda: asyncio.run(self._follow()), name="knowledge-listen", daemon=True
+        )
         self._listener.start()
 
     # --- the base ---------------------------------------------------------------------------------
@@ -183,11 +196,15 @@ class PostgresStore:
 
     def load(self) -> list[tuple[int, str, str]]:
         self._changed.clear()  # a change written while this reads is loaded next time
-        with self.pool.connection() as db:
-            rows = db.execute(
-                "SELECT id, terms, heading_terms, text, source, heading FROM kb_chunks WHERE base = %s ORDER BY id",
-                (self.base,),
-            ).fetchall()
+        try:
+            with self.pool.connection() as db:
+                rows = db.execute(
+                    "SELECT id, terms, heading_terms, text, source, heading FROM kb_chunks WHERE base = %s ORDER BY id",
+                    (self.base,),
+                ).fetchall()
+        except BaseException:
+            self._changed.set()  # not loaded: still to do
+            raise
         with self._lock:
             self._texts = {row[0]: row[3:] for row in rows}
         return [row[:3] for row in rows]
@@ -196,37 +213,53 @@ class PostgresStore:
         with self._lock:  # from memory: search never waits for the database
             return {rowid: self._texts[rowid] for rowid in ids if rowid in self._texts}
 
-    def _listening(self) -> psycopg.Connection[Any]:
-        db = psycopg.connect(self.url, autocommit=True, **self._connect)
-        db.execute(f"LISTEN {CHANNEL}")
-        return db
+    def _listen(self) -> None:
+        asyncio.run(self._follow())
 
-    def _listen(self, db: psycopg.Connection[Any]) -> None:
-        """Mark the base changed when a replica writes to it; reconnect with backoff while the database
-        is out of reach, and reload once back (what changed meanwhile was not heard)."""
+    async def _follow(self) -> None:
+        """LISTEN for the replicas' writes to this base, and mark it changed: on each notification and
+        on each (re)connection, since what was written while not listening was not heard. A
+        connection that fails, or stops answering (a NAT that drops it without a word), is replaced,
+        with backoff, and `degraded` says why meanwhile."""
         wait = BACKOFF_SECONDS[0]
         while not self._closed.is_set():
+            db = None
             try:
-                if db.closed:
-                    db = self._listening()
+                async with asyncio.timeout(self.timeout * 2):
+                    db = await psycopg.AsyncConnection.connect(self.url, autocommit=True, **self._connect)
+                    await db.execute(f"LISTEN {CHANNEL}")
+                if self.degraded is not None:
                     log.info("knowledge store %s reachable again; reloading what changed", self.where)
-                    self.degraded, wait = None, BACKOFF_SECONDS[0]
-                    self._changed.set()
-                for note in db.notifies(timeout=1.0):
-                    if note.payload == str(self.base):
-                        self._changed.set()
-            except psycopg.Error as error:
+                self.degraded, wait = None, BACKOFF_SECONDS[0]
+                self._heard()
+                await self._hear(db)
+            except (psycopg.Error, OSError, TimeoutError) as error:
                 if self.degraded is None:
+                    why = printable(error, 200) or "it stopped answering"
                     log.warning(
-                        "knowledge store %s unreachable (%s); searching what is loaded, retrying",
-                        self.where,
-                        printable(error, 200),
+                        "knowledge store %s unreachable (%s); searching what is loaded, retrying", self.where, why
                     )
-                self.degraded = f"unreachable since {type(error).__name__}; answering from memory"
-                db.close()
-                self._closed.wait(wait)
+                self.degraded = f"unreachable ({type(error).__name__}); answering from memory"
+                await asyncio.sleep(wait)
                 wait = min(wait * 2, BACKOFF_SECONDS[1])
-        db.close()
+            finally:
+                if db is not None:
+                    with contextlib.suppress(Exception):
+                        await db.close()
+
+    def _heard(self) -> None:
+        self._changed.set()
+        self.on_change()  # the knowledge base reloads now, not at its next search
+
+    async def _hear(self, db: psycopg.AsyncConnection[Any]) -> None:
+        """Mark the base changed for each notification about it, and ask the database a question now
+        and then: a connection that does not answer within the timeout is a lost one."""
+        while not self._closed.is_set():
+            async for note in db.notifies(timeout=PING_SECONDS):
+                if note.payload == str(self.base):
+                    self._heard()
+            async with asyncio.timeout(self.timeout):
+                await db.execute("SELECT 1")
 
     # --- vectors -----------------------------------------------------------------------------------
 
@@ -273,7 +306,11 @@ class PostgresStore:
             return True
         db = psycopg.connect(self.url, autocommit=True, connect_timeout=self._connect["connect_timeout"])
         take = "pg_advisory_lock" if wait else "pg_try_advisory_lock"
-        row = db.execute(f"SELECT {take}(%s, %s)", (LOCK_CLASS, self.base)).fetchone()
+        try:
+            row = db.execute(f"SELECT {take}(%s, %s)", (LOCK_CLASS, self.base)).fetchone()
+        except BaseException:
+            db.close()
+            raise
         if wait or (row is not None and row[0]):
             self._writing = db
             self._renew_terms(db)

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -64,6 +64,7 @@ class Store(Protocol):
     where: str  # for log lines: the file's name, or the database's host and name (never a password)
     shared: bool  # replicas share it: one of them writes at a time, the others follow its changes
     degraded: str | None  # why it is out of reach, while search goes on from memory
+    on_change: Callable[[], None]  # called when it hears that another process wrote (if it can hear)
 
     def claim(self, folder: str) -> None:
         """Make the store this folder's, or refuse one that holds another folder's documents."""
@@ -124,6 +125,7 @@ class SQLiteStore:
 
     shared = False
     degraded: str | None = None
+    on_change: Callable[[], None] = staticmethod(lambda: None)  # changes are read from data_version
 
     def __init__(self, path: str | Path):
         self.path = str(path)

@@ -18,6 +18,7 @@ tool answers, so a tool that echoes its token shows it to nobody.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,11 +30,13 @@ import yarl
 
 from custom_llm_server.core.bounds import Slots, TooLarge, read_at_most
 from custom_llm_server.core.context import Context
+from custom_llm_server.core.errors import ApiError
 from custom_llm_server.core.redact import Redactor
 
 MAX_ANSWER_BYTES = 64 << 10  # what the model is handed of a tool's answer
 MAX_TIMEOUT_SECONDS = 60.0
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+SECRET_HEADER = re.compile(r"auth|cookie|key|token|secret|password|signature", re.I)
 
 
 class ToolFailed(ValueError):
@@ -52,6 +55,7 @@ class HttpTool:
     timeout_seconds: float = 5.0
     headers: tuple[tuple[str, str], ...] = ()
     destructive: tuple[str, ...] = ()  # phrases a user says to ask for it; empty: not destructive
+    from_env: frozenset[str] = frozenset()  # the headers whose values were read from the environment
 
     def __post_init__(self) -> None:
         if not NAME.fullmatch(self.name):
@@ -65,10 +69,18 @@ class HttpTool:
             raise ValueError("parameters: a JSON schema of type object")
         if len(orjson.dumps(self.parameters)) > 16_384:
             raise ValueError("parameters: at most 16 KB of schema")
+        properties = self.parameters.get("properties", {})
+        if not isinstance(properties, dict) or not all(isinstance(p, dict) for p in properties.values()):
+            raise ValueError("parameters.properties: a table of the arguments' schemas")
+        required = self.parameters.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(r, str) and r in properties for r in required):
+            raise ValueError("parameters.required: a list of the names in parameters.properties")
 
     def secrets(self) -> list[str]:
-        """The headers' values, and the credentials inside them ("Bearer <token>": the token too)."""
-        values = [value for _, value in self.headers]
+        """The values of the headers that hold a credential (read with env:, or named like one), and
+        the credentials inside them ("Bearer <token>": the token too). An `Accept` or a version
+        header is no secret: scrubbing it would cut every date or type out of the tool's answers."""
+        values = [value for name, value in self.headers if name in self.from_env or SECRET_HEADER.search(name)]
         return [*values, *(part for value in values for part in value.split() if len(part) >= 8)]
 
 
@@ -93,15 +105,20 @@ class HttpCaller:
             self.session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False)
         body = {"arguments": arguments, "context": sent_context(context)}
         headers = {"accept-encoding": "identity", **dict(tool.headers)}
-        with self.slots.take():
+        with contextlib.ExitStack() as slot:  # the call's time is the registry's: the tool's timeout_seconds
+            try:
+                slot.enter_context(self.slots.take())
+            except ApiError:  # MAX_HTTP_TOOL_CALLS in flight: a result the model reads, not an error of ours
+                raise ToolFailed("too many tool calls are in flight on this server; try again shortly") from None
             try:
                 async with self.session.post(
                     tool.url,
                     data=orjson.dumps(body),
                     headers={"content-type": "application/json", **headers},
                     allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(total=tool.timeout_seconds),
                 ) as response:
+                    if response.headers.get("content-encoding", "identity").lower() != "identity":
+                        raise ToolFailed("it answered compressed, though asked not to")  # never inflated here
                     raw = await read_at_most(response, MAX_ANSWER_BYTES)
                     status = response.status
             except TooLarge:

@@ -80,6 +80,7 @@ class Later:
         if (channel, name) in self.pending:
             task.cancel()
             return ALREADY_RUNNING
+        self._sweep()
         if len(self.pending) + len(self.kept) >= MAX_CHANNELS and channel not in self.kept:
             task.cancel()
             return orjson.dumps({"error": f"{name} is busy for too many calls; try again shortly."}).decode()
@@ -106,7 +107,9 @@ class Later:
             {"role": "assistant", "content": None, "tool_calls": [call]},
             {"role": "tool", "tool_call_id": call_id, "content": result},
         ]
+        self._sweep()
         if channel not in self.kept and len(self.kept) >= MAX_CHANNELS:
+            log.warning("tool %s result dropped: results kept for too many channels", printable(name, 64))
             return
         kept = [k for k in self.kept.get(channel, []) if time.monotonic() - k.at < KEPT_SECONDS]
         self.kept[channel] = [*kept, Kept(messages)][-MAX_KEPT:]
@@ -118,6 +121,13 @@ class Later:
         log.info("tool %s result: %s", printable(name, 64), printable(done, 200))
         if "gone" in done:  # the call ended meanwhile
             self.forget(context)
+
+    def _sweep(self) -> None:
+        """Forget the channels whose results are all older than KEPT_SECONDS (most calls end with a
+        hang-up, not end_call: nothing else would ever let them go). At most MAX_CHANNELS to look at."""
+        now = time.monotonic()
+        for channel in [c for c, kept in self.kept.items() if all(now - k.at >= KEPT_SECONDS for k in kept)]:
+            del self.kept[channel]
 
     def with_results(self, messages: list[dict[str, Any]], context: Context) -> list[dict[str, Any]]:
         """The messages with the channel's later results, before the user's latest words."""
@@ -134,6 +144,12 @@ class Later:
             if where == channel:
                 task.cancel()
         self.kept.pop(channel, None)
+
+    async def drain(self, seconds: float) -> None:
+        """Let the results still running arrive and be said (an agent replaced by a reload keeps its
+        promises), for at most `seconds`."""
+        if self.pending:
+            await asyncio.wait(list(self.pending.values()), timeout=seconds)
 
     async def aclose(self) -> None:
         tasks = list(self.pending.values())

@@ -32,6 +32,7 @@ log = logging.getLogger("custom_llm.limits")
 
 LEASE_SECONDS = 30.0  # a dead replica's requests stop counting this long after its last renewal
 RETRY_SECONDS = 5.0  # Redis found out of reach: counted in the process until then
+MAX_UNRELEASED = 10_000  # leases remembered to give back once Redis answers (the rest expire)
 MINUTE_MS = 60_000
 
 # KEYS: leases, last minute. ARGV: in flight allowed (0: any), a minute allowed (0: any), lease id,
@@ -111,7 +112,9 @@ class InProcess:
         if streams and self.in_flight.get(key, 0) >= streams:
             return too_many_in_flight(streams)
         if per_minute:
-            now, recent = time.monotonic(), self.recent.setdefault(key, deque(maxlen=per_minute))
+            now, recent = time.monotonic(), self.recent.get(key)
+            if recent is None or recent.maxlen != per_minute:  # new, or its limit changed with a reload
+                recent = self.recent[key] = deque(recent or (), maxlen=per_minute)
             while recent and now - recent[0] >= 60:
                 recent.popleft()
             if len(recent) >= per_minute:
@@ -126,11 +129,6 @@ class InProcess:
 
         return release
 
-    def forget(self, keys: set[bytes]) -> None:
-        """Drop the minute counts of keys no agent has any more (a reload removed them)."""
-        for key in self.recent.keys() - keys:
-            del self.recent[key]
-
 
 class Limits:
     """Takes a request's place within its key's limits, in Redis when REDIS_URL is set."""
@@ -141,6 +139,7 @@ class Limits:
         self.redis: Any = None  # redis.asyncio.Redis, made in the event loop that uses it
         self.away_until = 0.0  # Redis out of reach: in the process until then
         self.leases: dict[str, set[str]] = {}  # the leases this replica holds, by Redis key
+        self.unreleased: set[tuple[str, str]] = set()  # leases given back while Redis was away
         self._renewing: asyncio.Task[None] | None = None
 
     async def take(self, key: bytes, streams: int, per_minute: int) -> ApiError | Release:
@@ -160,7 +159,9 @@ class Limits:
 
     async def _take_shared(self, key: bytes, streams: int, per_minute: int) -> ApiError | Release:
         redis = self._client()
-        name = "custom-llm:" + hashlib.sha256(key).hexdigest()[:32]
+        if self.unreleased:  # first: they would count against this request
+            await self._release_late()
+        name = "custom-llm:{" + hashlib.sha256(key).hexdigest()[:32] + "}"  # one slot in a Redis Cluster
         leases, minute, lease = f"{name}:in-flight", f"{name}:minute", uuid.uuid4().hex
         async with asyncio.timeout(self.timeout):
             taken, wait_ms = await redis.eval(TAKE, 2, leases, minute, streams, per_minute, lease, self.lease * 1000)
@@ -181,11 +182,29 @@ class Limits:
             held.discard(lease)
             if not held:
                 self.leases.pop(leases, None)
-            with contextlib.suppress(Exception):  # Redis away: the lease expires by itself
+            try:
                 async with asyncio.timeout(self.timeout):
                     await redis.zrem(leases, lease)
+            except Exception as error:  # given back when Redis answers again (else it expires)
+                if len(self.unreleased) < MAX_UNRELEASED:
+                    self.unreleased.add((leases, lease))
+                self._away(error)
 
         return release
+
+    async def _release_late(self) -> None:
+        """Give back the leases whose release Redis missed, so they do not hold their key's places
+        until they expire."""
+        late, self.unreleased = self.unreleased, set()
+        try:
+            async with asyncio.timeout(self.timeout * 4):
+                pipe = self._client().pipeline(transaction=False)
+                for leases, lease in late:
+                    pipe.zrem(leases, lease)
+                await pipe.execute()
+        except Exception:
+            self.unreleased |= late
+            raise  # Redis still away: take() counts in the process
 
     def _client(self) -> Any:
         if self.redis is None:
