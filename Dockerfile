@@ -4,7 +4,11 @@
 #
 #   docker build -t custom-llm .                  # INDEX=1: index knowledge/ (words and vectors) now,
 #   docker run -p 8000:8000 -e LLM_API_KEY custom-llm   so a new replica starts searchable by meaning
-FROM python:3.11-slim-bookworm
+#
+# BASE: any image with Python 3.11 and pip on Debian bookworm; where no registry is reachable,
+# deploy/container.sh makes one with debootstrap and builds this file on it with Podman.
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
 
 # espeak-ng: the offline voice (broadcasts in files mode, TTS_ENGINE=espeak).
 RUN apt-get update && apt-get install -y --no-install-recommends espeak-ng && rm -rf /var/lib/apt/lists/*
