@@ -46,6 +46,7 @@ bench: $(VENV)/.bench
 
 bench-knowledge: $(VENV)/.bench
 	$(PY) bench/retrieval.py
+	$(PY) bench/turn.py
 
 soak: $(VENV)/.dev
 	$(PY) bench/soak.py

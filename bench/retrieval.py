@@ -68,7 +68,7 @@ def rank(hits: list[tuple[str, str]], labels: list[str]) -> int | None:
 
 def chunks_of(kb: KnowledgeBase) -> list[tuple[tuple[str, str], str]]:
     """The server's chunks as ((source, heading), heading and text), for bm25s and tantivy."""
-    with kb._lock:
+    with kb.store._lock:
         rows = kb.store._db.execute("SELECT source, heading, text FROM chunks ORDER BY rowid").fetchall()
     return [((source, heading), f"{heading}\n{text}") for source, heading, text in rows]
 
@@ -329,7 +329,7 @@ def borrowed(folder: Path, index: Path, model: Remembering, probes: dict) -> Ser
 def borrow_vectors(kb: KnowledgeBase, model: BuiltinModel | Remembering) -> None:
     """The vectors the benchmark's cached indexes hold, for a knowledge base made of the same texts."""
     kb.use_model(model.identity, None)
-    with kb._lock:
+    with kb.store._lock:
         for cached in CACHE.glob("*.sqlite3"):
             kb.store._db.execute("ATTACH DATABASE ? AS cached", (str(cached),))
             kb.store._db.execute("INSERT OR IGNORE INTO embeddings SELECT * FROM cached.embeddings")
@@ -417,7 +417,6 @@ def transfer(servers: dict[str, Server], sets: dict[str, dict], rows: list[str])
 def scale(manuals: Path, help_centre: Path, rows: list[str]) -> None:
     sizes = {"1,000": [help_centre / "en-US"], "10,000": [manuals, manuals, help_centre], "100,000": [manuals] * 23}
     rows += [
-        "",
         "Cost, each size in a process of its own pinned to one core (`taskset`, one embedding thread; the "
         "copies of the manuals share their vectors, so vectors are made once and the time to make them all "
         "is the measured rate times the chunks):",
@@ -449,7 +448,7 @@ def scale_one(root: Path) -> None:
     model = BuiltinModel(threads=1)
     borrow_vectors(kb, model)
     kb.probes = asyncio.run(calibration.embedded(model))
-    handle = model._handle("query")
+    handle = model._handle()
     kb.load_vectors()
     rate = _embedding_rate(model, kb)
     questions = [q["q"] for q in QUESTIONS["answerable"] + QUESTIONS["unanswerable"] + HELP["answerable"]]
@@ -465,10 +464,10 @@ def scale_one(root: Path) -> None:
 
 def _embedding_rate(model: BuiltinModel, kb: KnowledgeBase) -> float:
     """Seconds to embed one passage on this core, from 32 of the knowledge base's passages."""
-    with kb._lock:
+    with kb.store._lock:
         texts = [f"{h}\n{t}" for h, t in kb.store._db.execute("SELECT heading, text FROM chunks LIMIT 32")]
     started = time.perf_counter()
-    model._handle("passages").passage(texts)
+    model._handle().passage(texts)
     return (time.perf_counter() - started) / len(texts)
 
 
@@ -494,11 +493,14 @@ def main() -> None:
     tiny(model, rows)
     tiny_faqs(model, rows)
     small_talk(manual_server, help_server, model, rows)
-    if "--no-scale" not in sys.argv:  # quality alone: minutes, where the costs at 100,000 chunks take an hour
-        scale(manuals, help_centre, rows)
     table = "\n".join(rows) + "\n"
     save("knowledge.md", table)
     print(table)
+    if "--no-scale" not in sys.argv:  # quality alone: minutes, where the costs at 100,000 chunks take an hour
+        costs: list[str] = []
+        scale(manuals, help_centre, costs)
+        save("knowledge-cost.md", "\n".join(costs) + "\n")
+        print("\n".join(costs))
 
 
 def quick() -> None:

