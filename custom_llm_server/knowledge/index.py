@@ -404,9 +404,7 @@ class KnowledgeBase:
         if similarity is None:
             answers, rank = lexical, scores
         else:
-            if not _point_known(words, heard, joined, postings, meant):  # the words are the domain's, not the answer's
-                lexical = np.zeros_like(lexical)
-            answers = self._answers(similarity, lexical)
+            answers = self._answers(similarity, lexical, _point_known(words, heard, joined, postings, meant))
             rank = similarity + BM25_WEIGHT * scores / max(float(scores.max()), 1e-9)
             rank += LANGUAGE_WEIGHT * (chinese_passages(postings) == chinese_question(said))
         found = np.flatnonzero(answers)
@@ -428,14 +426,15 @@ class KnowledgeBase:
             return None
         return vectors @ np.asarray(vector, dtype=np.float32)
 
-    def _answers(self, similarity: np.ndarray, lexical: np.ndarray) -> np.ndarray:
-        """Which chunks answer, by meaning with the words' support (see search)."""
+    def _answers(self, similarity: np.ndarray, lexical: np.ndarray, point_known: bool) -> np.ndarray:
+        """Which chunks answer, by meaning with the words' support (see search); the words support a
+        passage below the threshold only when the knowledge base says the question's point."""
         threshold = self.min_similarity
         if threshold is None:  # a hosted model nobody calibrated: its vectors only rank
             return lexical
         assert self._vectorless is not None
         close = similarity >= threshold - SUPPORT_MARGIN
-        answers = (similarity >= threshold) | (close & lexical) | (self._vectorless & lexical)
+        answers = (similarity >= threshold) | (close & lexical & point_known) | (self._vectorless & lexical)
         best = float(similarity.max())
         others = similarity[similarity < best - 1e-6]  # copies of the best text share its vector
         among = others.size if others.size < STANDOUT_UNTIL else 0
