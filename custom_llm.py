@@ -567,10 +567,12 @@ def with_a_key(settings: Settings) -> Settings:
     if settings.api_keys or settings.allow_unauthenticated or settings.agents_file is not None:
         return settings
     key, path, made = stored_key(settings.data_dir)
-    # Printed on purpose: a server is never open by accident, and the developer needs this value for
-    # the agent's llm.api_key. The file keeps it across restarts.
+    # A server is never open by accident, and the developer needs the key for the agent's llm.api_key:
+    # the file keeps it across restarts, and a terminal shows it; a log collector (a container's, a
+    # service manager's) gets only where it is.
     said = "made one and kept it in" if made else "using the one kept in"
-    print(f"CUSTOM_LLM_API_KEY is not set; {said} {path}: callers must send {key}", file=sys.stderr, flush=True)
+    shown = f": callers must send {key}" if sys.stderr.isatty() else " (callers send what it holds)"
+    print(f"CUSTOM_LLM_API_KEY is not set; {said} {path}{shown}", file=sys.stderr, flush=True)
     os.environ["CUSTOM_LLM_API_KEY"] = key
     return dataclasses.replace(settings, api_keys=(key,))
 

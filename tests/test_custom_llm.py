@@ -111,9 +111,9 @@ def test_two_workers_with_no_key_configured_share_one_key_and_log_every_request(
     server = Started([sys.executable, "custom_llm.py"], env)
     try:
         server.wait_ready()
-        keys = server.wait_for_lines("callers must send", 1)
-        assert len(keys) == 1, keys  # made once, by the parent, before the workers start
-        headers = {"authorization": f"Bearer {keys[0].rsplit(' ', 1)[1].strip()}"}
+        said = server.wait_for_lines("CUSTOM_LLM_API_KEY is not set", 1)
+        assert len(said) == 1, said  # made once, by the parent, before the workers start
+        headers = {"authorization": f"Bearer {(tmp_path / 'data' / 'api-key').read_text().strip()}"}
         for _ in range(20):  # new connections, spread over both workers by the kernel
             with httpx.Client() as client:
                 assert client.post(server.url + "/chat/completions", json=ASK, headers=headers).status_code == 200
@@ -315,11 +315,6 @@ def test_the_package_declares_everything_the_server_imports():
 # --- the process: a key that survives restarts, workers that agree, a shutdown that ends cleanly ------
 
 
-def first_key(server: Started) -> str:
-    (line,) = server.wait_for_lines("callers must send", 1)
-    return line.rsplit(" ", 1)[1].strip()
-
-
 @pytest.mark.slow
 def test_the_generated_key_survives_a_restart(upstream_server, upstream, tmp_path):
     env = {"CUSTOM_LLM_API_KEY": "", "DATA_DIR": str(tmp_path / "data"), "LLM_BASE_URL": f"{upstream_server.url}/v1"}
@@ -328,8 +323,8 @@ def test_the_generated_key_survives_a_restart(upstream_server, upstream, tmp_pat
         server = Started([sys.executable, "custom_llm.py"], env)
         try:
             server.wait_ready()
-            keys.append(first_key(server))
-            said.append(server.wait_for_lines("callers must send", 1)[0])
+            said.append(server.wait_for_lines("CUSTOM_LLM_API_KEY is not set", 1)[0])
+            keys.append((tmp_path / "data" / "api-key").read_text().strip())
             headers = {"authorization": f"Bearer {keys[-1]}"}
             assert httpx.post(server.url + "/v1/chat/completions", json=ASK, headers=headers).status_code == 200
         finally:
@@ -337,6 +332,7 @@ def test_the_generated_key_survives_a_restart(upstream_server, upstream, tmp_pat
     assert keys[0] == keys[1] and len(keys[0]) >= 32
     assert "made one and kept it in" in said[0] and "using the one kept in" in said[1]
     assert str(tmp_path / "data" / "api-key") in said[0]  # the log names the file
+    assert keys[0] not in "".join(said)  # and keeps the key out of a log that is not a terminal
     assert (tmp_path / "data" / "api-key").stat().st_mode & 0o777 == 0o600
 
 
@@ -413,3 +409,24 @@ def test_sigterm_mid_stream_ends_it_cleanly_and_leaves_nothing_behind(upstream_s
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
     assert "shut down before this answer was complete" in log
     assert set(Path(tempfile.gettempdir()).glob("custom-llm-metrics-*")) <= before
+
+
+def test_a_terminal_is_shown_the_generated_key_and_a_log_only_where_it_is(tmp_path, monkeypatch):
+    """The developer at a terminal needs the key for the agent's llm.api_key; a container's or a
+    service manager's log collector keeps what it is sent, so it gets only the file's name."""
+    import dataclasses
+    import io
+
+    from custom_llm import with_a_key
+    from custom_llm_server.config.settings import Settings
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        monkeypatch.delenv("CUSTOM_LLM_API_KEY", raising=False)
+        (key,) = with_a_key(dataclasses.replace(Settings(), data_dir=tmp_path)).api_keys
+        said = stream.getvalue()
+        assert str(tmp_path / "api-key") in said and (key in said) == shown, said
