@@ -40,7 +40,9 @@ class Script:
     # "first_delay" in a turn holds that turn's first event back (a slow round).
     turns: list[dict[str, Any]] = field(default_factory=list)
     speech_status: int = 200  # the speech endpoint's answer
-    speech_fail_after: int | None = None  # the speech endpoint breaks off after this many requests' audio began
+    # the speech endpoint breaks off, its answer begun, for a text holding one of these (by text, not by
+    # order: the server asks for the next sentence while the first is playing, and either may arrive first)
+    speech_fail_for: tuple[str, ...] = ()
     speech_delay: float = 0.0  # seconds between 100 ms pieces of speech
     speech_tone: float = 440.0  # the pitch of the scripted voice (Hz)
     embedding_status: int = 200
@@ -341,7 +343,7 @@ class ScriptedUpstream:
 
     async def _speech(self, request: dict[str, Any], receive, send) -> None:
         self.speech_requests.append(request)
-        number, script = len(self.speech_requests), self.script
+        script = self.script
         if script.speech_error_bytes:
             await send({"type": "http.response.start", "status": 500, "headers": [(b"content-type", b"text/plain")]})
             key = dict(request.get("_headers", {})).get("authorization", "")
@@ -361,7 +363,7 @@ class ScriptedUpstream:
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"audio/pcm")]})
             piece = self.SPEECH_RATE // 10 * 2
             for offset in range(0, len(pcm), piece):
-                if script.speech_fail_after is not None and number > script.speech_fail_after:
+                if any(part in request["input"] for part in script.speech_fail_for):
                     raise RuntimeError("scripted speech failure")  # the connection breaks mid-answer
                 await send({"type": "http.response.body", "body": pcm[offset : offset + piece], "more_body": True})
                 if script.speech_delay:

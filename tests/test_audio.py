@@ -196,7 +196,7 @@ def test_speech_failure_before_audio_is_a_502(make_server, upstream_server, upst
 
 def test_speech_failure_after_audio_leaves_subtitles(make_server, upstream_server, upstream, caplog):
     upstream.script.words = ["First sentence here. ", "Second one. ", "Third one."]
-    upstream.script.speech_fail_after = 1
+    upstream.script.speech_fail_for = ("Second", "Third")
     server = tts_server(make_server, upstream_server)
     with caplog.at_level(logging.WARNING, logger="custom_llm"):
         steps = audio_of(
