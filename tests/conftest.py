@@ -122,6 +122,17 @@ fallback_server = pytest.fixture(scope="session", name="fallback_server")(script
 
 
 @pytest.fixture
+def agora():
+    """A fake of Agora's REST API on loopback (tests/test_agora.py's FakeAgora), recording each call."""
+    from tests.test_agora import FakeAgora
+
+    fake = FakeAgora()
+    with ServerThread(fake) as server:
+        fake.url = server.url
+        yield fake
+
+
+@pytest.fixture
 def upstream(upstream_server) -> ScriptedUpstream:
     """The scripted LLM behind LLM_BASE_URL, reset for each test."""
     upstream_server.upstream.reset()

@@ -16,7 +16,7 @@ from hashlib import sha256
 import httpx
 import pytest
 
-from tests.conftest import AUTH, ServerThread, dominant_frequency, metric, post, request_body, sse_events, text_of
+from tests.conftest import AUTH, dominant_frequency, metric, post, request_body, sse_events, text_of
 from tests.scripted_llm import ScriptedUpstream
 
 HEARD = "The opening hours are nine to five on "
@@ -262,14 +262,6 @@ class FakeAgora:
     def paths(self) -> list[tuple[str, str]]:
         """The calls as (method, path with the query), from_time left out (it is the time of the call)."""
         return [(method, re.sub(r"&from_time=\d+", "", path)) for method, path, _ in self.calls]
-
-
-@pytest.fixture
-def agora():
-    fake = FakeAgora()
-    with ServerThread(fake) as server:
-        fake.url = server.url
-        yield fake
 
 
 def hanging_up(make_server, agora, upstream, goodbye: str = "Goodbye!", calls: int = 1, **settings):

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import ServerThread, request_body, sse_events, text_of
-from tests.test_agora import FakeAgora, wait_for
+from tests.test_agora import wait_for
 
 ORDER_ARGS = json.dumps({"order_id": "A-1042"})
 
@@ -49,14 +49,6 @@ def tool_server():
 def endpoint(tool_server) -> ToolEndpoint:
     tool_server.endpoint.__init__()
     return tool_server.endpoint
-
-
-@pytest.fixture
-def agora():
-    fake = FakeAgora()
-    with ServerThread(fake) as server:
-        fake.url = server.url
-        yield fake
 
 
 def agents_file(tmp_path: Path, upstream_url: str, tool_url: str, extra: str = "", tool_extra: str = "") -> Path:
