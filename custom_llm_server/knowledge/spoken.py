@@ -108,33 +108,12 @@ def as_meant(
     at, count = 0, len(said)
     while at < count:
         word, chinese = said[at]
-        if _letter(said[at]):
-            end = at
-            while end < count and _letter(said[end]):
-                end += 1
-            letters = [w for w, _ in said[at:end]]
-            if len(letters) >= 2:
-                # "a" and "i" before spelled letters are the article and the pronoun ("use a p d f",
-                # "can i s s h"), unless the index knows the letters with them as one word
-                if letters[0] in ("a", "i") and len(letters) >= 3 and stem("".join(letters)) not in known:
-                    out.append((letters.pop(0), False))
-                spelled = "".join(letters)
-                while end < count and (digit := _digit(said[end])) and len(spelled) < 12:  # "m d 5"
-                    spelled += digit
-                    end += 1
-                out.append((spelled, False))
-                brought.append(stem(spelled))
-                spelled_out = True
-                at = end
-                continue
-            following = said[at + 1] if at + 1 < count else None
-            # "s diff": sdiff; never "a" or "i", words of their own ("set a time out" is no atime)
-            if word not in ("a", "i") and following and not following[1] and stem(word + following[0]) in known:
-                out.append((word + following[0], False))
-                brought.append(stem(word + following[0]))
-                spelled_out = True
-                at += 2
-                continue
+        if _letter(said[at]) and (found := _spelled_at(said, at, known)):
+            at, words, term = found
+            out += [(spelled, False) for spelled in words]
+            brought.append(term)
+            spelled_out = True
+            continue
         following = said[at + 1] if at + 1 < count else None
         if following is not None and following[1] == chinese:
             together = word + following[0]
@@ -163,12 +142,43 @@ def as_meant(
         at += 1
     if not brought:
         return None
+    return Meant(_text(out), tuple(dict.fromkeys(brought)), spelled_out)
+
+
+def _spelled_at(said: list[tuple[str, bool]], at: int, known: Postings) -> tuple[int, list[str], str] | None:
+    """Letters spelled out from `at` ("h t t p", "m d 5"), or a letter joined to the word after it
+    ("s diff"): where the question goes on, the words they say, and the term they bring; None when
+    they are neither."""
+    end, count = at, len(said)
+    while end < count and _letter(said[end]):
+        end += 1
+    letters = [w for w, _ in said[at:end]]
+    if len(letters) >= 2:
+        words = []
+        # "a" and "i" before spelled letters are the article and the pronoun ("use a p d f",
+        # "can i s s h"), unless the index knows the letters with them as one word
+        if letters[0] in ("a", "i") and len(letters) >= 3 and stem("".join(letters)) not in known:
+            words.append(letters.pop(0))
+        spelled = "".join(letters)
+        while end < count and (digit := _digit(said[end])) and len(spelled) < 12:  # "m d 5"
+            spelled += digit
+            end += 1
+        return end, [*words, spelled], stem(spelled)
+    word, following = letters[0], said[at + 1] if at + 1 < count else None
+    # "s diff": sdiff; never "a" or "i", words of their own ("set a time out" is no atime)
+    if word not in ("a", "i") and following and not following[1] and stem(word + following[0]) in known:
+        return at + 2, [word + following[0]], stem(word + following[0])
+    return None
+
+
+def _text(words: list[tuple[str, bool]]) -> str:
+    """The words as one text: a space between two, except between two Chinese words."""
     text = ""
-    for position, (word, chinese) in enumerate(out):
-        if position and not (chinese and out[position - 1][1]):
+    for position, (word, chinese) in enumerate(words):
+        if position and not (chinese and words[position - 1][1]):
             text += " "
         text += word
-    return Meant(text, tuple(dict.fromkeys(brought)), spelled_out)
+    return text
 
 
 def _meant_word(
