@@ -549,7 +549,14 @@ def create_app(
     operators = [key.encode() for key in (*settings.api_keys, *settings.metrics_api_key)]
     limits = Limits(settings.redis_url, settings.redis_required, settings.redis_timeout_seconds)
     app.state.limits = limits
-    app.add_middleware(BearerAuth, keyring=lambda: agents.keys, operators=operators, access=access, limits=limits)
+    app.add_middleware(
+        BearerAuth,
+        keyring=lambda: agents.keys,
+        operators=operators,
+        access=access,
+        limits=limits,
+        drain_bytes=settings.max_body_bytes,
+    )
     app.add_middleware(EndsOnShutdown)
     app.add_middleware(RequestLog, labels={path: route.label for route in routes for path in route.paths})
     app.add_middleware(WithContext)  # the outermost: every other layer reads the request's context

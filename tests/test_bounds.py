@@ -225,6 +225,35 @@ def test_a_slow_body_without_a_key_is_answered_and_closed_at_once(server):
     assert time.monotonic() - started < 20  # none waited for BODY_TIMEOUT_SECONDS (30 s)
 
 
+def answer_to(connection: socket.socket) -> bytes:
+    """One answer's head and JSON body, from a connection the server may keep open."""
+    received = b""
+    while not (b"\r\n\r\n" in received and received.endswith(b"}")):
+        piece = connection.recv(65536)
+        if not piece:
+            break
+        received += piece
+    return received
+
+
+@pytest.mark.parametrize("size", [1_000, 300_000, 3_000_000])
+def test_a_refused_body_is_read_so_the_answer_arrives(server, size):
+    """Closed with bytes unread, a connection is reset and the 401 queued to send is lost: the body
+    is read first (up to MAX_BODY_BYTES), and the connection stays open for the next request."""
+    body = b'{"messages": [{"role": "user", "content": "' + b"a" * size + b'"}]}'
+    head = b"POST /chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer wrong\r\ncontent-length: %d\r\n\r\n"
+    for _ in range(5):
+        connection = raw(server)
+        connection.sendall(head % len(body) + body)
+        answer = answer_to(connection)
+        assert (
+            answer.startswith(b"HTTP/1.1 401") and b"invalid_api_key" in answer and b"connection: close" not in answer
+        )
+        connection.sendall(head % len(body) + body)  # the same connection serves the next one
+        assert answer_to(connection).startswith(b"HTTP/1.1 401")
+        connection.close()
+
+
 def test_a_slow_body_with_a_key_meets_the_body_deadline(make_server):
     server = make_server(body_timeout_seconds=0.5)
     connection = raw(server)

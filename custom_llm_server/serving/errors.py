@@ -1,6 +1,7 @@
 """Errors in OpenAI's shape: one exception (core.errors.ApiError), answered with its status before the
 first byte; FastAPI's own errors and anything unexpected answered the same way."""
 
+import asyncio
 import logging
 from typing import Any
 
@@ -10,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Message, Send
+from starlette.types import Message, Receive, Send
 
 from custom_llm_server.core.errors import ApiError, bad_request, internal_error
 
@@ -26,9 +27,39 @@ def error_response(error: ApiError, close: bool = False) -> Response:
 
 async def send_error(send: Send, error: ApiError, close: bool = False) -> None:
     """Answer an ASGI request with an error, for middleware that runs before the app. `close`: the
-    body was not read, so the connection closes after the answer (a client sending its body slowly
-    keeps nothing open)."""
+    connection closes after the answer."""
     await error_response(error, close)({"type": "http"}, no_receive, send)
+
+
+DRAIN_SECONDS = 1.0  # how long a refused request's body is waited for; a slower one is cut off
+
+
+async def refuse(receive: Receive, send: Send, error: ApiError, drain_bytes: int) -> None:
+    """Answer with an error a request whose body will not be used (no key, a wrong key, over a
+    limit). The body is read and dropped first: a connection closed with bytes it has not read is
+    reset by the kernel, which throws away the answer still queued to send, so the client (the
+    OpenAI SDKs, who then retry) sees a dropped connection instead of the 401 or 429. Up to
+    `drain_bytes` and DRAIN_SECONDS: the connection stays open; a body larger or slower than that
+    (a client sending it slowly keeps nothing open): the answer, then the connection closed."""
+    try:
+        whole = await asyncio.wait_for(_drained(receive, drain_bytes), DRAIN_SECONDS)
+    except TimeoutError:
+        whole = False
+    await send_error(send, error, close=not whole)
+
+
+async def _drained(receive: Receive, most: int) -> bool:
+    """Read the request's body to its end, dropping it: False past `most` bytes or a disconnect."""
+    read = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False
+        read += len(message.get("body", b""))
+        if read > most:
+            return False
+        if not message.get("more_body"):
+            return True
 
 
 async def no_receive() -> Message:

@@ -14,7 +14,7 @@ from custom_llm_server.core import metrics
 from custom_llm_server.core.context import Context, log_as, stop_logging_as
 from custom_llm_server.core.errors import SHUTTING_DOWN, ApiError
 from custom_llm_server.core.redact import printable
-from custom_llm_server.serving.errors import send_error
+from custom_llm_server.serving.errors import refuse, send_error
 from custom_llm_server.serving.limits import Limits
 
 log = logging.getLogger("custom_llm")
@@ -49,8 +49,10 @@ class BearerAuth:
         operators: Sequence[bytes],
         access: Mapping[str, str],
         limits: Limits,
+        drain_bytes: int,
     ):
         self.app, self.keyring, self.operators, self.access, self.limits = app, keyring, operators, access, limits
+        self.drain_bytes = drain_bytes  # a refused request's body is read up to this (errors.refuse)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         keys = self.keyring()  # (key, agent, requests it may have in flight, start a minute: 0 for any)
@@ -64,23 +66,23 @@ class BearerAuth:
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer" or not token.strip():
-            return await send_error(send, MISSING_KEY, close=True)
+            return await refuse(receive, send, MISSING_KEY, self.drain_bytes)
         token = token.strip()
         if access == "operator":
             if _one_of(token, self.operators):
                 return await self.app(scope, receive, send)
             known = any(hmac.compare_digest(token, key[0]) for key in keys)
-            return await send_error(send, NOT_AN_OPERATOR if known else INVALID_KEY, close=True)
+            return await refuse(receive, send, NOT_AN_OPERATOR if known else INVALID_KEY, self.drain_bytes)
         match = None
         for key in keys:  # every key compared, in constant time
             if hmac.compare_digest(token, key[0]):
                 match = key
         if match is None:
-            return await send_error(send, INVALID_KEY, close=True)
+            return await refuse(receive, send, INVALID_KEY, self.drain_bytes)
         secret, context.agent, in_flight, per_minute = match
         taken = await self.limits.take(secret, in_flight, per_minute)
         if isinstance(taken, ApiError):
-            return await send_error(send, taken, close=True)
+            return await refuse(receive, send, taken, self.drain_bytes)
         try:
             await self.app(scope, receive, send)
         finally:
