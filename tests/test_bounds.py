@@ -254,6 +254,19 @@ def test_a_refused_body_is_read_so_the_answer_arrives(server, size):
         connection.close()
 
 
+def test_a_refused_client_waiting_to_send_its_body_is_answered_at_once(server):
+    """`Expect: 100-continue` (curl's habit for large bodies): the refusal comes without asking for
+    the body, so none of it is sent."""
+    connection = raw(server)
+    connection.sendall(
+        b"POST /chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer wrong\r\n"
+        b"expect: 100-continue\r\ncontent-length: 3000000\r\n\r\n"
+    )
+    answer = read_all(connection)  # the server closes: the body it did not ask for is not coming
+    assert answer.startswith(b"HTTP/1.1 401") and b"100 Continue" not in answer and b"invalid_api_key" in answer
+    connection.close()
+
+
 def test_a_slow_body_with_a_key_meets_the_body_deadline(make_server):
     server = make_server(body_timeout_seconds=0.5)
     connection = raw(server)

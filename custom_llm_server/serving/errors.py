@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Message, Receive, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from custom_llm_server.core.errors import ApiError, bad_request, internal_error
 
@@ -34,13 +34,17 @@ async def send_error(send: Send, error: ApiError, close: bool = False) -> None:
 DRAIN_SECONDS = 1.0  # how long a refused request's body is waited for; a slower one is cut off
 
 
-async def refuse(receive: Receive, send: Send, error: ApiError, drain_bytes: int) -> None:
+async def refuse(scope: Scope, receive: Receive, send: Send, error: ApiError, drain_bytes: int) -> None:
     """Answer with an error a request whose body will not be used (no key, a wrong key, over a
     limit). The body is read and dropped first: a connection closed with bytes it has not read is
     reset by the kernel, which throws away the answer still queued to send, so the client (the
     OpenAI SDKs, who then retry) sees a dropped connection instead of the 401 or 429. Up to
     `drain_bytes` and DRAIN_SECONDS: the connection stays open; a body larger or slower than that
-    (a client sending it slowly keeps nothing open): the answer, then the connection closed."""
+    (a client sending it slowly keeps nothing open): the answer, then the connection closed. A
+    client that waits for `100 Continue` before it sends its body is answered at once: asking for
+    the body would only have it sent for nothing."""
+    if (b"expect", b"100-continue") in [(name, value.lower()) for name, value in scope["headers"]]:
+        return await send_error(send, error, close=True)
     try:
         whole = await asyncio.wait_for(_drained(receive, drain_bytes), DRAIN_SECONDS)
     except TimeoutError:

@@ -66,23 +66,23 @@ class BearerAuth:
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer" or not token.strip():
-            return await refuse(receive, send, MISSING_KEY, self.drain_bytes)
+            return await refuse(scope, receive, send, MISSING_KEY, self.drain_bytes)
         token = token.strip()
         if access == "operator":
             if _one_of(token, self.operators):
                 return await self.app(scope, receive, send)
             known = any(hmac.compare_digest(token, key[0]) for key in keys)
-            return await refuse(receive, send, NOT_AN_OPERATOR if known else INVALID_KEY, self.drain_bytes)
+            return await refuse(scope, receive, send, NOT_AN_OPERATOR if known else INVALID_KEY, self.drain_bytes)
         match = None
         for key in keys:  # every key compared, in constant time
             if hmac.compare_digest(token, key[0]):
                 match = key
         if match is None:
-            return await refuse(receive, send, INVALID_KEY, self.drain_bytes)
+            return await refuse(scope, receive, send, INVALID_KEY, self.drain_bytes)
         secret, context.agent, in_flight, per_minute = match
         taken = await self.limits.take(secret, in_flight, per_minute)
         if isinstance(taken, ApiError):
-            return await refuse(receive, send, taken, self.drain_bytes)
+            return await refuse(scope, receive, send, taken, self.drain_bytes)
         try:
             await self.app(scope, receive, send)
         finally:
