@@ -254,6 +254,24 @@ def test_a_refused_body_is_read_so_the_answer_arrives(server, size):
         connection.close()
 
 
+def test_a_refused_client_that_leaves_mid_body_is_logged_as_gone(server, caplog):
+    """Left while its body was being read: nothing is sent, and the log shows no status (the metrics
+    count a 499), not a 401 it never got."""
+    with caplog.at_level(logging.INFO, logger="custom_llm"):
+        connection = raw(server)
+        connection.sendall(
+            b"POST /chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer wrong\r\n"
+            b"content-length: 1000000\r\n\r\n" + b"a" * 1000
+        )
+        time.sleep(0.2)
+        connection.close()
+        deadline = time.monotonic() + 10
+        while "path=/chat/completions" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    (line,) = [line for line in caplog.text.splitlines() if "path=/chat/completions" in line]
+    assert " status=- " in line and " chunks=0 " in line
+
+
 def test_a_refused_client_waiting_to_send_its_body_is_answered_at_once(server):
     """`Expect: 100-continue` (curl's habit for large bodies): the refusal comes without asking for
     the body, so none of it is sent."""

@@ -49,16 +49,17 @@ async def refuse(scope: Scope, receive: Receive, send: Send, error: ApiError, dr
         whole = await asyncio.wait_for(_drained(receive, drain_bytes), DRAIN_SECONDS)
     except TimeoutError:
         whole = False
-    await send_error(send, error, close=not whole)
+    if whole is not None:  # None: the client left, and the request log counts a 499
+        await send_error(send, error, close=not whole)
 
 
-async def _drained(receive: Receive, most: int) -> bool:
-    """Read the request's body to its end, dropping it: False past `most` bytes or a disconnect."""
+async def _drained(receive: Receive, most: int) -> bool | None:
+    """Read the request's body to its end, dropping it: False past `most` bytes, None on a disconnect."""
     read = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            return False
+            return None
         read += len(message.get("body", b""))
         if read > most:
             return False
