@@ -108,6 +108,13 @@ def start_servers(label: str, **server_env: str) -> tuple[int, int, subprocess.P
     return up_port, sv_port, upstream, server
 
 
+def publish(name: str, rows: list[str]) -> None:
+    """A bench's table, one row a line: saved (save) and printed."""
+    table = "\n".join(rows) + "\n"
+    save(name, table)
+    print(table)
+
+
 def save(name: str, table: str) -> None:
     """Write a results table to bench/results/<name> (git-ignored), and into docs/benchmarks.md between
     its markers (`<!-- bench:<stem> ... -->`), stamped with the date and the machine."""

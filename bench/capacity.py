@@ -15,7 +15,7 @@ import random
 import time
 from pathlib import Path
 
-from bench import body, cpu_seconds, ms, pct, save, start_servers, stop, stream
+from bench import body, cpu_seconds, ms, pct, publish, start_servers, stop, stream
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,9 +125,7 @@ def main() -> None:
     if capacity:
         rows.append(f"| with `MAX_UPSTREAM_STREAMS={streams}`, twice as many calls: |  |  |  |  |  |  |  |")
         asyncio.run(overload(capacity, streams, rows))
-    table = "\n".join(rows) + "\n"
-    save("capacity.md", table)
-    print(table)
+    publish("capacity.md", rows)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import corpora
 import numpy as np
 from retrieval import CACHE, HELP, QUESTIONS, chunks_of, rank
 
-from bench import save
+from bench import publish
 from custom_llm_server.knowledge.index import KnowledgeBase
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,9 +109,7 @@ def main() -> None:
             check=True,
         )
         rows.append(done.stdout.strip().splitlines()[-1])
-    table = "\n".join(rows) + "\n"
-    save("embedders.md", table)
-    print(table)
+    publish("embedders.md", rows)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import alternatives
 import corpora
 import numpy as np
 
-from bench import pct, save
+from bench import pct, publish
 from custom_llm_server.core.text import is_cjk
 from custom_llm_server.knowledge import calibration
 from custom_llm_server.knowledge.embeddings import BuiltinModel
@@ -493,14 +493,11 @@ def main() -> None:
     tiny(model, rows)
     tiny_faqs(model, rows)
     small_talk(manual_server, help_server, model, rows)
-    table = "\n".join(rows) + "\n"
-    save("knowledge.md", table)
-    print(table)
+    publish("knowledge.md", rows)
     if "--no-scale" not in sys.argv:  # quality alone: minutes, where the costs at 100,000 chunks take an hour
         costs: list[str] = []
         scale(manuals, help_centre, costs)
-        save("knowledge-cost.md", "\n".join(costs) + "\n")
-        print("\n".join(costs))
+        publish("knowledge-cost.md", costs)
 
 
 def quick() -> None:
@@ -517,9 +514,7 @@ def quick() -> None:
     )
     tiny(model, rows)
     tiny_faqs(model, rows)
-    table = "\n".join(rows) + "\n"
-    save("knowledge-quick.md", table)
-    print(table)
+    publish("knowledge-quick.md", rows)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 import corpora
 import httpx
 
-from bench import KEY, free_port, save, stop, wait_for_port, wait_until_ready
+from bench import KEY, free_port, publish, stop, wait_for_port, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -218,9 +218,7 @@ def main() -> None:
             server = None
     finally:
         stop(*busy, upstream, *([server] if server else []))
-    table = "\n".join(rows) + "\n"
-    save("turn.md", table)
-    print(table)
+    publish("turn.md", rows)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from bench import KEY, pct, save, start_servers, stop
+from bench import KEY, pct, publish, start_servers, stop
 from custom_llm_server.core.text import sentence_end
 from custom_llm_server.core.wording import WAITING_PHRASES
 
@@ -106,9 +106,7 @@ def main() -> None:
             f"| {label} | {said} of {len(results)} | {sum(answers) / len(answers):.2f} / {pct(list(answers), 90):.2f} | "
             f"{pct(list(sounds), 90):.2f} / {max(sounds):.2f} |"
         )
-    table = "\n".join(rows) + "\n"
-    save("waiting.md", table)
-    print(table)
+    publish("waiting.md", rows)
 
 
 if __name__ == "__main__":
