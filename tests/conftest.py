@@ -307,6 +307,30 @@ def sse_events(response: httpx.Response) -> list[bytes]:
     return [block[6:] for block in events]
 
 
+def eventually(condition, seconds: float = 3.0) -> bool:
+    """Whether the condition holds within the time, asked every 20 ms."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def raw_connection(server: ServerThread) -> socket.socket:
+    """A plain TCP connection to a server under test, for what no HTTP client would send."""
+    host, port = server.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=5)
+
+
+def read_until_closed(connection: socket.socket) -> bytes:
+    """What the server sends before it closes the connection (b"" if it only closes)."""
+    received = b""
+    while piece := connection.recv(65536):
+        received += piece
+    return received
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """Say loudly what did not run and why (a machine without espeak-ng, Node.js or Chromium skips
     those tests; .ci/run installs them)."""

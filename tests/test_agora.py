@@ -16,7 +16,7 @@ from hashlib import sha256
 import httpx
 import pytest
 
-from tests.conftest import AUTH, dominant_frequency, metric, post, request_body, sse_events, text_of
+from tests.conftest import AUTH, dominant_frequency, eventually, metric, post, request_body, sse_events, text_of
 from tests.scripted_llm import ScriptedUpstream
 
 HEARD = "The opening hours are nine to five on "
@@ -283,12 +283,6 @@ def bye(channel: str | None = "room-1", **fields) -> dict:
     return {**body, "channel": channel} if channel is not None else body
 
 
-def wait_for(condition, seconds: float = 3.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
 LIST = ("GET", "/v2/projects/app-1/agents?channel=room-1&state=2")
 LEAVE = ("POST", "/v2/projects/app-1/agents/agent-42/leave?")
 
@@ -313,7 +307,7 @@ def test_end_call_says_goodbye_uninterruptibly_then_stops_the_agent(make_server,
         first = json.loads(events[0])
         assert first["object"] == "chat.completion.custom_metadata" and first["metadata"] == {"interruptable": False}
         assert first["choices"] == [] and text_of(events) == "Goodbye!" and events[-1] == b"[DONE]"
-        wait_for(lambda: "end_call: agent agent-42 stopped" in caplog.text)
+        eventually(lambda: "end_call: agent agent-42 stopped" in caplog.text)
     auth = "Basic " + base64.b64encode(b"cust:secret").decode()
     assert agora.paths() == [LIST, LEAVE] and {call[2] for call in agora.calls} == {auth}
     # List agents finds only the last 2 hours' agents unless told otherwise: a long call is still found.
@@ -330,7 +324,7 @@ def test_the_hang_up_waits_for_the_goodbye_to_be_sent(make_server, agora, upstre
     with httpx.stream("POST", server.url + "/chat/completions", json=bye(), headers=AUTH, timeout=10) as response:
         for _ in response.iter_bytes():
             assert agora.calls == []  # nothing is stopped while the goodbye is still being sent
-    wait_for(lambda: len(agora.calls) == 2)
+    eventually(lambda: len(agora.calls) == 2)
     assert agora.paths() == [LIST, LEAVE]
 
 
@@ -374,7 +368,7 @@ def test_token_authentication_signs_for_the_agents_channel_and_uid(make_server, 
     server = hanging_up(make_server, agora, upstream, agora_app_id=APP_ID, agora_app_certificate=CERTIFICATE)
     with caplog.at_level(logging.INFO, logger="custom_llm"):
         post(server, bye(agent_uid=1001)).read()
-        wait_for(lambda: "end_call: agent agent-42 stopped" in caplog.text)
+        eventually(lambda: "end_call: agent agent-42 stopped" in caplog.text)
     assert [path.replace(APP_ID, "app-1") for _, path in agora.paths()] == [LIST[1], LEAVE[1]]
     for _, _, authorization in agora.calls:
         claims = token_claims(authorization)
@@ -396,7 +390,7 @@ def test_token_authentication_signs_for_the_agents_channel_and_uid(make_server, 
         {"say": ["Bye!"]},
     ]
     post(server, bye(channel="room-2")).read()
-    wait_for(lambda: len(agora.calls) == 1)
+    eventually(lambda: len(agora.calls) == 1)
     assert token_claims(agora.calls[0][2])["channel"] == "room-2" and token_claims(agora.calls[0][2])["uid"] == "0"
 
 
@@ -420,7 +414,7 @@ def test_token_settings_that_cannot_sign_are_refused_at_start(settings, upstream
 def test_an_agent_id_from_llm_params_is_stopped_when_it_runs_in_the_channel(make_server, agora, upstream):
     server = hanging_up(make_server, agora, upstream)
     post(server, bye(agent_id="agent-42")).read()
-    wait_for(lambda: len(agora.calls) == 2)
+    eventually(lambda: len(agora.calls) == 2)
     assert agora.paths() == [LIST, LEAVE]
     assert "agent_id" not in upstream.requests[-1]["body"]  # a routing id, never sent to the model
 
@@ -433,7 +427,7 @@ def test_a_callers_agent_id_cannot_steer_the_credentials(make_server, agora, ups
     server = hanging_up(make_server, agora, upstream)
     with caplog.at_level(logging.INFO, logger="custom_llm"):
         post(server, bye(agent_id=agent_id)).read()
-        wait_for(lambda: "end_call:" in caplog.text)
+        eventually(lambda: "end_call:" in caplog.text)
     # Only the list call, under AGORA_API_BASE; no agent that the channel does not run is stopped.
     assert all(path.startswith("/v2/projects/app-1/agents?") for _, path in agora.paths())
     assert "nothing done" in caplog.text or "not an Agora id" in caplog.text
@@ -445,11 +439,11 @@ def test_a_callers_agent_uid_that_is_not_a_uid_signs_nothing(make_server, agora,
     server = hanging_up(make_server, agora, upstream, agora_app_id=APP_ID, agora_app_certificate=CERTIFICATE)
     with caplog.at_level(logging.INFO, logger="custom_llm"):
         post(server, bye(agent_uid=agent_uid)).read()
-        wait_for(lambda: "end_call:" in caplog.text)
+        eventually(lambda: "end_call:" in caplog.text)
     if agent_uid:
         assert agora.calls == [] and "not an Agora uid: nothing done" in caplog.text
     else:  # an empty uid is no uid: AGORA_AGENT_UID signs
-        wait_for(lambda: len(agora.calls) == 2)
+        eventually(lambda: len(agora.calls) == 2)
         assert token_claims(agora.calls[0][2])["uid"] == "0"
 
 
@@ -457,7 +451,7 @@ def test_a_call_without_a_channel_stops_nothing(make_server, agora, upstream, ca
     server = hanging_up(make_server, agora, upstream)
     with caplog.at_level(logging.INFO, logger="custom_llm"):
         post(server, bye(channel=None, agent_id="agent-42")).read()
-        wait_for(lambda: "end_call:" in caplog.text)
+        eventually(lambda: "end_call:" in caplog.text)
     assert agora.calls == [] and "no valid channel" in caplog.text
 
 
@@ -467,7 +461,7 @@ def test_one_end_call_per_answer_and_per_channel(make_server, agora, upstream, c
     for _ in range(5):
         upstream.script.turns = list(turns)
         post(server, bye()).read()
-    wait_for(lambda: len(agora.calls) >= 2)
+    eventually(lambda: len(agora.calls) >= 2)
     time.sleep(0.3)
     assert agora.paths() == [LIST, LEAVE]  # 5 answers asking 16 times each: one hang-up
     assert caplog.text.count("tool name=end_call ok=true") == 5 * 16  # every call answered, none run twice
@@ -481,7 +475,7 @@ def test_pending_hang_ups_are_bounded(make_server, agora, upstream, caplog):
             upstream.script.turns = list(turns)
             post(server, bye(channel=f"room-{n}")).read()
         assert "2 hang-ups are pending already" in caplog.text
-    wait_for(lambda: len(agora.calls) >= 4, 6)
+    eventually(lambda: len(agora.calls) >= 4, 6)
     assert sorted({path for _, path in agora.paths() if "channel=" in path}) == [
         "/v2/projects/app-1/agents?channel=room-0&state=2",
         "/v2/projects/app-1/agents?channel=room-1&state=2",
@@ -493,7 +487,7 @@ def test_busy_rest_calls_are_retried(make_server, agora, upstream, caplog):
     server = hanging_up(make_server, agora, upstream)
     with caplog.at_level(logging.INFO, logger="custom_llm"):
         post(server, bye()).read()
-        wait_for(lambda: "end_call: agent agent-42 stopped" in caplog.text, 6)
+        eventually(lambda: "end_call: agent agent-42 stopped" in caplog.text, 6)
     assert agora.paths() == [LIST, LIST, LIST, LEAVE]
 
 
@@ -512,7 +506,7 @@ def test_rest_failures_still_end_with_the_goodbye(make_server, agora, upstream, 
     with caplog.at_level(logging.INFO, logger="custom_llm"):
         events = sse_events(post(server, bye()))
         assert text_of(events) == "Goodbye!" and events[-1] == b"[DONE]"
-        wait_for(lambda: said in caplog.text)
+        eventually(lambda: said in caplog.text)
     assert said in caplog.text
 
 
@@ -546,7 +540,7 @@ def test_end_call_runs_only_when_the_users_words_ask_for_it(make_server, agora, 
 def test_users_ways_of_saying_goodbye_end_the_call(make_server, agora, upstream, words):
     server = hanging_up(make_server, agora, upstream)
     post(server, {"stream": True, "channel": "room-1", "messages": [{"role": "user", "content": words}]}).read()
-    wait_for(lambda: len(agora.calls) == 2)
+    eventually(lambda: len(agora.calls) == 2)
     assert agora.paths() == [LIST, LEAVE]
 
 
@@ -667,7 +661,7 @@ def test_a_phone_call_is_hung_up_with_agoras_telephony_api(make_server, agora, u
         make_server, agora, upstream, agora_telephony=True, agora_app_id=APP_ID, agora_app_certificate=CERTIFICATE
     )
     post(server, bye()).read()
-    wait_for(lambda: len(agora.calls) == 2)
+    eventually(lambda: len(agora.calls) == 2)
     assert [path.replace(APP_ID, "app-1") for _, path in agora.paths()] == [
         LIST[1],
         "/v2/projects/app-1/calls/agent-42/hangup?",

@@ -19,7 +19,17 @@ from urllib.parse import quote, unquote
 import httpx
 import pytest
 
-from tests.conftest import AUTH, UPSTREAM_KEY, error_of, post, sse_events, text_of
+from tests.conftest import (
+    AUTH,
+    UPSTREAM_KEY,
+    error_of,
+    eventually,
+    post,
+    raw_connection,
+    read_until_closed,
+    sse_events,
+    text_of,
+)
 
 ASK = {"stream": True, "messages": [{"role": "user", "content": "Say something."}]}
 
@@ -198,34 +208,21 @@ def test_a_voice_that_never_ends_is_cut_off(make_server, upstream):
 # --- connections: no key, no time -----------------------------------------------------------------
 
 
-def raw(server) -> socket.socket:
-    host, port = server.url.removeprefix("http://").split(":")
-    connection = socket.create_connection((host, int(port)), timeout=5)
-    return connection
-
-
-def read_all(connection: socket.socket) -> bytes:
-    received = b""
-    while piece := connection.recv(65536):
-        received += piece
-    return received
-
-
 def test_a_slow_body_without_a_key_is_answered_and_closed_at_once(server):
     connections = []
     started = time.monotonic()
     for _ in range(20):
-        connection = raw(server)
+        connection = raw_connection(server)
         connection.sendall(b"POST /chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{")
         connections.append(connection)
     for connection in connections:
-        answer = read_all(connection)  # returns only once the server has closed the connection
+        answer = read_until_closed(connection)  # returns only once the server has closed the connection
         assert answer.startswith(b"HTTP/1.1 401") and b"connection: close" in answer
         connection.close()
     assert time.monotonic() - started < 20  # none waited for BODY_TIMEOUT_SECONDS (30 s)
 
 
-def answer_to(connection: socket.socket) -> bytes:
+def one_answer(connection: socket.socket) -> bytes:
     """One answer's head and JSON body, from a connection the server may keep open."""
     received = b""
     while not (b"\r\n\r\n" in received and received.endswith(b"}")):
@@ -243,14 +240,14 @@ def test_a_refused_body_is_read_so_the_answer_arrives(server, size):
     body = b'{"messages": [{"role": "user", "content": "' + b"a" * size + b'"}]}'
     head = b"POST /chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer wrong\r\ncontent-length: %d\r\n\r\n"
     for _ in range(5):
-        connection = raw(server)
+        connection = raw_connection(server)
         connection.sendall(head % len(body) + body)
-        answer = answer_to(connection)
+        answer = one_answer(connection)
         assert (
             answer.startswith(b"HTTP/1.1 401") and b"invalid_api_key" in answer and b"connection: close" not in answer
         )
         connection.sendall(head % len(body) + body)  # the same connection serves the next one
-        assert answer_to(connection).startswith(b"HTTP/1.1 401")
+        assert one_answer(connection).startswith(b"HTTP/1.1 401")
         connection.close()
 
 
@@ -258,16 +255,14 @@ def test_a_refused_client_that_leaves_mid_body_is_logged_as_gone(server, caplog)
     """Left while its body was being read: nothing is sent, and the log shows no status (the metrics
     count a 499), not a 401 it never got."""
     with caplog.at_level(logging.INFO, logger="custom_llm"):
-        connection = raw(server)
+        connection = raw_connection(server)
         connection.sendall(
             b"POST /chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer wrong\r\n"
             b"content-length: 1000000\r\n\r\n" + b"a" * 1000
         )
         time.sleep(0.2)
         connection.close()
-        deadline = time.monotonic() + 10
-        while "path=/chat/completions" not in caplog.text and time.monotonic() < deadline:
-            time.sleep(0.05)
+        eventually(lambda: "path=/chat/completions" in caplog.text, 10)
     (line,) = [line for line in caplog.text.splitlines() if "path=/chat/completions" in line]
     assert " status=- " in line and " chunks=0 " in line
 
@@ -275,19 +270,19 @@ def test_a_refused_client_that_leaves_mid_body_is_logged_as_gone(server, caplog)
 def test_a_refused_client_waiting_to_send_its_body_is_answered_at_once(server):
     """`Expect: 100-continue` (curl's habit for large bodies): the refusal comes without asking for
     the body, so none of it is sent."""
-    connection = raw(server)
+    connection = raw_connection(server)
     connection.sendall(
         b"POST /chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer wrong\r\n"
         b"expect: 100-continue\r\ncontent-length: 3000000\r\n\r\n"
     )
-    answer = read_all(connection)  # the server closes: the body it did not ask for is not coming
+    answer = read_until_closed(connection)  # the server closes: the body it did not ask for is not coming
     assert answer.startswith(b"HTTP/1.1 401") and b"100 Continue" not in answer and b"invalid_api_key" in answer
     connection.close()
 
 
 def test_a_slow_body_with_a_key_meets_the_body_deadline(make_server):
     server = make_server(body_timeout_seconds=0.5)
-    connection = raw(server)
+    connection = raw_connection(server)
     connection.sendall(
         b"POST /chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer test-key\r\n"
         b"content-type: application/json\r\ncontent-length: 1000\r\n\r\n{"
@@ -299,7 +294,9 @@ def test_a_slow_body_with_a_key_meets_the_body_deadline(make_server):
             time.sleep(0.2)
     except (BrokenPipeError, ConnectionResetError):
         pass
-    assert read_all(connection).startswith(b"HTTP/1.1 408") and time.monotonic() - started < 15  # the body never ends
+    assert (
+        read_until_closed(connection).startswith(b"HTTP/1.1 408") and time.monotonic() - started < 15
+    )  # the body never ends
     connection.close()
 
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ServerThread, request_body, sse_events, text_of
-from tests.test_agora import wait_for
+from tests.conftest import ServerThread, eventually, request_body, sse_events, text_of
 
 ORDER_ARGS = json.dumps({"order_id": "A-1042"})
 
@@ -214,7 +213,7 @@ def test_a_slow_tool_is_answered_after_the_turn_in_the_callers_channel(
     assert time.monotonic() - started < 5  # not the tool's 6 s
     assert tool_result(upstream)["status"] == "still running"
     upstream.script.turns = [{"say": ["Good news: order A-1042 has shipped and arrives tomorrow."]}]
-    wait_for(lambda: any(path.endswith("/speak?") for _, path, _ in agora.calls), 20)
+    eventually(lambda: any(path.endswith("/speak?") for _, path, _ in agora.calls), 20)
     assert agora.bodies[-1] == {
         "text": "Good news: order A-1042 has shipped and arrives tomorrow.",
         "priority": "APPEND",
@@ -260,7 +259,7 @@ def test_a_changed_tool_is_picked_up_by_a_reload(
         ask(server).read()
         return [t["function"]["name"] for t in upstream.requests[0]["body"].get("tools", [])]
 
-    wait_for(lambda: offered() == ["track"], 5)
+    eventually(lambda: offered() == ["track"], 5)
     assert offered() == ["track"]
     upstream.reset()
     upstream.script.turns = [{"calls": [("track", ORDER_ARGS)]}, {"say": ["Shipped."]}]
@@ -290,7 +289,7 @@ def test_a_slow_tool_is_pending_once_a_channel_and_dropped_when_the_call_ends(
     goodbye = ("end_call", json.dumps({"goodbye": "Goodbye!", "reason": "The user said bye."}))
     upstream.script.turns = [{"calls": [goodbye]}, {"say": ["Goodbye!"]}]
     ask(server, "Thanks, bye!").read()
-    wait_for(lambda: any(path.endswith("/leave?") for _, path, _ in agora.calls), 5)
+    eventually(lambda: any(path.endswith("/leave?") for _, path, _ in agora.calls), 5)
     time.sleep(5)  # past the tool's answer
     assert [path for _, path, _ in agora.calls if "/speak" in path] == []
     assert any(path.endswith("/leave?") for _, path, _ in agora.calls)

@@ -24,7 +24,7 @@ from custom_llm_server.knowledge.index import KnowledgeBase
 from custom_llm_server.knowledge.postgres import PostgresStore
 from custom_llm_server.knowledge.store import StoreUnavailable
 from custom_llm_server.serving.limits import Limits
-from tests.conftest import API_KEY, AUTH
+from tests.conftest import API_KEY, AUTH, eventually
 
 POSTGRES = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -69,15 +69,6 @@ SHOP = {
     "delivery.md": "# Delivery\n\nParcels are delivered within three working days by courier.\n",
     "returns.md": "# Returns\n\nUnworn shoes can be returned within thirty days for a full refund.\n",
 }
-
-
-def eventually(condition, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def texts(passages) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 
@@ -13,7 +12,7 @@ import openai
 import pytest
 
 import custom_llm
-from tests.conftest import API_KEY, AUTH, hold_a_stream, metric, post
+from tests.conftest import API_KEY, AUTH, hold_a_stream, metric, post, raw_connection, read_until_closed
 
 USER = [{"role": "user", "content": "Hi"}]
 ASK = {"messages": USER, "stream": True}
@@ -265,19 +264,6 @@ def test_shutdown_closes_long_streams_with_an_error_and_done(make_server, upstre
 # --- hostile clients, before any key is checked ------------------------------------------------------
 
 
-def raw_connection(server) -> socket.socket:
-    host, port = server.url.removeprefix("http://").split(":")
-    return socket.create_connection((host, int(port)), timeout=5)
-
-
-def answer_to(connection: socket.socket) -> bytes:
-    """What the server sends before it closes the connection (b"" if it only closes)."""
-    received = b""
-    while chunk := connection.recv(65536):
-        received += chunk
-    return received
-
-
 @pytest.mark.parametrize("path", ["/health", "/chat/completions"])
 def test_a_header_that_never_ends_gets_431_and_costs_nothing(make_server, path):
     server = make_server(max_header_bytes=64 * 1024)
@@ -288,7 +274,7 @@ def test_a_header_that_never_ends_gets_431_and_costs_nothing(make_server, path):
                 connection.sendall(b"a" * 65536)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server closed the connection: what we want
-        assert answer_to(connection).startswith(b"HTTP/1.1 431 ")
+        assert read_until_closed(connection).startswith(b"HTTP/1.1 431 ")
     assert httpx.get(server.url + "/health").status_code == 200
 
 
@@ -298,7 +284,7 @@ def test_connections_that_send_nothing_or_a_partial_head_are_closed(make_server,
     with raw_connection(server) as connection:
         connection.sendall(sent)
         started = time.monotonic()
-        assert answer_to(connection) in (
+        assert read_until_closed(connection) in (
             b"",
             b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
         )
@@ -316,7 +302,7 @@ def test_a_header_a_second_does_not_hold_a_connection(make_server):
                 time.sleep(0.2)
         except (BrokenPipeError, ConnectionResetError):
             pass
-        assert answer_to(connection).startswith(b"HTTP/1.1 408") and time.monotonic() - started < 15
+        assert read_until_closed(connection).startswith(b"HTTP/1.1 408") and time.monotonic() - started < 15
     with raw_connection(server) as connection:  # a kept-alive connection is held to the same bound
         connection.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
         received = connection.recv(65536)
@@ -324,7 +310,7 @@ def test_a_header_a_second_does_not_hold_a_connection(make_server):
             received += connection.recv(65536)
         assert b"200 OK" in received
         connection.sendall(b"GET /health HTTP/1.1\r\n")
-        assert answer_to(connection).startswith(b"HTTP/1.1 408")
+        assert read_until_closed(connection).startswith(b"HTTP/1.1 408")
 
 
 def test_nothing_a_caller_sends_can_forge_or_bloat_a_log_line(server, upstream, caplog):
