@@ -555,7 +555,7 @@ def create_app(
         operators=operators,
         access=access,
         limits=limits,
-        drain_bytes=settings.max_body_bytes,
+        drain=(settings.max_body_bytes, settings.refused_body_seconds),
     )
     app.add_middleware(EndsOnShutdown)
     app.add_middleware(RequestLog, labels={path: route.label for route in routes for path in route.paths})

@@ -33,6 +33,7 @@ SERVER_WIDE = frozenset(
         "MAX_HEADER_BYTES",
         "HEADER_TIMEOUT_SECONDS",
         "BODY_TIMEOUT_SECONDS",
+        "REFUSED_BODY_SECONDS",
         "SHUTDOWN_GRACE_SECONDS",
         "PLAYGROUND",
         "AGENTS_FILE",

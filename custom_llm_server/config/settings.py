@@ -86,6 +86,7 @@ class Settings:
     max_header_bytes: int = setting("MAX_HEADER_BYTES", 64 * 1024, int)
     header_timeout_seconds: float = setting("HEADER_TIMEOUT_SECONDS", 10.0, float)
     body_timeout_seconds: float = setting("BODY_TIMEOUT_SECONDS", 30.0, float)
+    refused_body_seconds: float = setting("REFUSED_BODY_SECONDS", 1.0, float)  # serving/errors.py refuse()
     max_messages: int = setting("MAX_MESSAGES", 2048, int)
     max_variables: int = setting("MAX_VARIABLES", 64, int)  # per-call variables in one request
     max_variable_chars: int = setting("MAX_VARIABLE_CHARS", 2000, int)

@@ -31,22 +31,21 @@ async def send_error(send: Send, error: ApiError, close: bool = False) -> None:
     await error_response(error, close)({"type": "http"}, no_receive, send)
 
 
-DRAIN_SECONDS = 1.0  # how long a refused request's body is waited for; a slower one is cut off
-
-
-async def refuse(scope: Scope, receive: Receive, send: Send, error: ApiError, drain_bytes: int) -> None:
+async def refuse(
+    scope: Scope, receive: Receive, send: Send, error: ApiError, drain_bytes: int, drain_seconds: float
+) -> None:
     """Answer with an error a request whose body will not be used (no key, a wrong key, over a
     limit). The body is read and dropped first: a connection closed with bytes it has not read is
     reset by the kernel, which throws away the answer still queued to send, so the client (the
     OpenAI SDKs, who then retry) sees a dropped connection instead of the 401 or 429. Up to
-    `drain_bytes` and DRAIN_SECONDS: the connection stays open; a body larger or slower than that
-    (a client sending it slowly keeps nothing open): the answer, then the connection closed. A
-    client that waits for `100 Continue` before it sends its body is answered at once: asking for
-    the body would only have it sent for nothing."""
+    `drain_bytes` and `drain_seconds` (MAX_BODY_BYTES, REFUSED_BODY_SECONDS): the connection stays
+    open; a body larger or slower than that (a client sending it slowly keeps nothing open): the
+    answer, then the connection closed. A client that waits for `100 Continue` before it sends its
+    body is answered at once: asking for the body would only have it sent for nothing."""
     if (b"expect", b"100-continue") in [(name, value.lower()) for name, value in scope["headers"]]:
         return await send_error(send, error, close=True)
     try:
-        whole = await asyncio.wait_for(_drained(receive, drain_bytes), DRAIN_SECONDS)
+        whole = await asyncio.wait_for(_drained(receive, drain_bytes), drain_seconds)
     except TimeoutError:
         whole = False
     if whole is not None:  # None: the client left, and the request log counts a 499

@@ -49,10 +49,10 @@ class BearerAuth:
         operators: Sequence[bytes],
         access: Mapping[str, str],
         limits: Limits,
-        drain_bytes: int,
+        drain: tuple[int, float],
     ):
         self.app, self.keyring, self.operators, self.access, self.limits = app, keyring, operators, access, limits
-        self.drain_bytes = drain_bytes  # a refused request's body is read up to this (errors.refuse)
+        self.drain = drain  # a refused request's body is read up to these bytes and seconds (errors.refuse)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         keys = self.keyring()  # (key, agent, requests it may have in flight, start a minute: 0 for any)
@@ -66,23 +66,23 @@ class BearerAuth:
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer" or not token.strip():
-            return await refuse(scope, receive, send, MISSING_KEY, self.drain_bytes)
+            return await refuse(scope, receive, send, MISSING_KEY, *self.drain)
         token = token.strip()
         if access == "operator":
             if _one_of(token, self.operators):
                 return await self.app(scope, receive, send)
             known = any(hmac.compare_digest(token, key[0]) for key in keys)
-            return await refuse(scope, receive, send, NOT_AN_OPERATOR if known else INVALID_KEY, self.drain_bytes)
+            return await refuse(scope, receive, send, NOT_AN_OPERATOR if known else INVALID_KEY, *self.drain)
         match = None
         for key in keys:  # every key compared, in constant time
             if hmac.compare_digest(token, key[0]):
                 match = key
         if match is None:
-            return await refuse(scope, receive, send, INVALID_KEY, self.drain_bytes)
+            return await refuse(scope, receive, send, INVALID_KEY, *self.drain)
         secret, context.agent, in_flight, per_minute = match
         taken = await self.limits.take(secret, in_flight, per_minute)
         if isinstance(taken, ApiError):
-            return await refuse(scope, receive, send, taken, self.drain_bytes)
+            return await refuse(scope, receive, send, taken, *self.drain)
         try:
             await self.app(scope, receive, send)
         finally:
