@@ -78,6 +78,15 @@ def wait_until_ready(port: int, process: subprocess.Popen) -> None:
     raise RuntimeError("the server never became ready")
 
 
+def wait_until_searchable(process: subprocess.Popen, log: Path, seconds: float = 300) -> None:
+    """Wait for the server's log to say it searches by meaning: ready, it searches by words while it
+    loads the vectors."""
+    deadline = time.monotonic() + seconds
+    while "searchable by meaning" not in log.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.05)
+
+
 def start_servers(label: str, **server_env: str) -> tuple[int, int, subprocess.Popen, subprocess.Popen]:
     """The paced upstream (CPU 0) and the server under test (CPU 1, `python3 custom_llm.py` as a user
     runs it) on free ports, ready; their logs go to bench/results/<label>-*.log."""

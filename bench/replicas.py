@@ -29,7 +29,18 @@ import numpy as np
 import psycopg
 from proxy import Proxy
 
-from bench import KEY, free_port, knowledge_corpus, rss_mb, save, start, stop, wait_for_port, wait_until_ready
+from bench import (
+    KEY,
+    free_port,
+    knowledge_corpus,
+    rss_mb,
+    save,
+    start,
+    stop,
+    wait_for_port,
+    wait_until_ready,
+    wait_until_searchable,
+)
 from custom_llm_server.knowledge.embeddings import BuiltinModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,10 +106,7 @@ def serve(label: str, cpu: int, env: dict[str, str]) -> tuple[subprocess.Popen, 
         [CUSTOM_LLM, "serve"], {"HOST": "127.0.0.1", "PORT": str(port), **env}, cpu, RESULTS / f"replicas-{label}.log"
     )
     wait_until_ready(port, process)
-    log = RESULTS / f"replicas-{label}.log"
-    while "searchable by meaning" not in log.read_text():  # ready searches by words; then by meaning too
-        assert process.poll() is None and time.perf_counter() - started < 300, log.read_text()[-2000:]
-        time.sleep(0.05)
+    wait_until_searchable(process, RESULTS / f"replicas-{label}.log")
     url = f"http://127.0.0.1:{port}"
     searched = httpx.get(url + "/knowledge/search", params={"q": "warm up"}, headers=auth(), timeout=60)
     assert searched.status_code == 200  # the first search loads the question model

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import sqlite3
-import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import corpora
 import httpx
 
-from bench import KEY, free_port, publish, stop, wait_for_port, wait_until_ready
+from bench import KEY, free_port, pct, publish, stop, wait_for_port, wait_until_ready, wait_until_searchable
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -129,9 +128,7 @@ def serve(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
         stderr=subprocess.STDOUT,
     )
     wait_until_ready(port, process)
-    while "searchable by meaning" not in log.read_text():
-        assert process.poll() is None, log.read_text()[-2000:]
-        time.sleep(0.05)
+    wait_until_searchable(process, log)
     url = f"http://127.0.0.1:{port}"
     for question in WARM_UP:  # the first question loads the question model
         httpx.get(url + "/knowledge/search", params={"q": question}, headers=AUTH, timeout=60).raise_for_status()
@@ -166,8 +163,7 @@ def turns(url: str, log: Path) -> tuple[list[float], int]:
 
 
 def percentiles(took: list[float]) -> str:
-    ordered = sorted(took)
-    return f"{statistics.median(ordered):.1f} / {ordered[max(0, round(len(ordered) * 0.99) - 1)]:.1f} ms"
+    return f"{pct(took, 50):.1f} / {pct(took, 99):.1f} ms"
 
 
 def main() -> None:
